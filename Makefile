@@ -1,0 +1,34 @@
+# One command sets up and runs the main job; one runs the whole test suite.
+# Both create .venv (or reuse it) and install lorank into it; torch==2.13.0 is pinned so pip
+# takes the CPU wheel instead of a multi-GB CUDA build.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: venv install dev demo test lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e .
+
+dev: install
+	$(BIN)/pip install -q -e ".[dev,plot]"
+
+demo: install
+	$(BIN)/lorank train configs/mnist-mlp-dense.toml --out runs/demo-mnist-mlp --overwrite
+
+test: dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/pytest -q
+
+lint: dev
+	$(BIN)/ruff check src tests benchmarks && $(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,236 @@
+"""Model surgery: ``convert`` dense layers to low-rank ones, ``merge`` them back.
+
+Targets are matched peft-style on module names from ``model.named_modules()``: a string is a
+regular expression that must match the whole name; a list matches a name equal to an entry
+or ending in ``"." + entry``. Hugging Face GPT-2 ``Conv1D`` layers (which store Wᵀ) are
+treated as Linear layers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from lorank.errors import LorankError
+from lorank.layers import CoreKind, LowRankConv2d, LowRankLayer, LowRankLinear
+from lorank.rank import resolve_rank
+
+# The layer parametrization each method trains (``LowRankConfig.method`` picks the default).
+METHOD_CORES: dict[str, CoreKind] = {
+    "factorized": "none",
+    "svd": "diag",
+    "nnsvd": "diag",
+    "dlrt": "full",
+    "oialr": "full",
+}
+
+
+class LowRankConfig(BaseModel):
+    """Which layers become low-rank, at which rank, in which parametrization."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int | float = Field(0.25, description="int rank, or a fraction of each layer's full rank")
+    method: str | None = Field(None, description="picks the core kind this method trains")
+    core: Literal["full", "diag", "none"] | None = Field(
+        None, description="U S Vᵀ with a full or diagonal S, or U Vᵀ; default from method"
+    )
+    init: Literal["svd", "random"] = Field("svd", description="SVD of the existing weight or random")
+    target_modules: list[str] | str | None = Field(
+        None, description="names (suffix list) or a regex; default: every Linear/Conv2d"
+    )
+    exclude_modules: list[str] | str | None = Field(None, description="names never converted")
+    keep_first_dense: bool = Field(False, description="leave the first candidate layer dense")
+    keep_last_dense: bool = Field(False, description="leave the last candidate (e.g. output) dense")
+    skip_if_no_savings: bool = Field(True, description="leave layers dense when r(m+n) ≥ mn")
+    rank_pattern: dict[str, int | float] = Field(
+        default_factory=dict, description="per-layer ranks by exact name or suffix"
+    )
+
+    def core_kind(self) -> CoreKind:
+        if self.core is not None:
+            return self.core
+        return METHOD_CORES.get(self.method or "", "diag")
+
+
+@dataclass
+class LayerConversion:
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    rank: int | None
+    status: Literal["converted", "kept", "skipped"]
+    reason: str = ""
+    params_before: int = 0
+    params_after: int = 0
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did to each candidate layer."""
+
+    layers: list[LayerConversion] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[LayerConversion]:
+        return [e for e in self.layers if e.status == "converted"]
+
+    @property
+    def params_before(self) -> int:
+        return sum(e.params_before for e in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(e.params_after for e in self.layers)
+
+    def to_dict(self) -> dict:
+        return {"layers": [e.__dict__ | {"shape": list(e.shape)} for e in self.layers],
+                "params_before": self.params_before, "params_after": self.params_after}
+
+    def __str__(self) -> str:
+        rows = [f"{'layer':<32} {'shape':>13} {'rank':>6} {'params':>19}  status"]
+        for e in self.layers:
+            shape = f"{e.shape[0]}x{e.shape[1]}"
+            rank = "-" if e.rank is None else str(e.rank)
+            params = f"{e.params_before}->{e.params_after}"
+            note = e.status + (f" ({e.reason})" if e.reason else "")
+            rows.append(f"{e.name:<32} {shape:>13} {rank:>6} {params:>19}  {note}")
+        return "\n".join(rows)
+
+
+def matches(name: str, patterns: list[str] | str | None) -> bool:
+    """peft-style name matching: regex full match for a string, suffix match for a list."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def is_convertible(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear | nn.Conv2d) or _is_hf_conv1d(module)
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D, matched by name so transformers stays optional.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def candidate_layers(model: nn.Module, config: LowRankConfig) -> list[tuple[str, nn.Module]]:
+    """Layers the config targets, in ``named_modules`` order (before keep-first/last)."""
+    out = []
+    for name, module in model.named_modules():
+        if not is_convertible(module):
+            continue
+        if config.target_modules is not None and not matches(name, config.target_modules):
+            continue
+        if matches(name, config.exclude_modules):
+            continue
+        out.append((name, module))
+    return out
+
+
+def _matrix_shape(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return module.out_channels, module.in_channels * kh * kw // module.groups
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    return module.nf, module.weight.shape[0]  # HF Conv1D: weight is (in, out)
+
+
+def _rank_for(name: str, config: LowRankConfig) -> int | float:
+    for key, rank in config.rank_pattern.items():
+        if name == key or name.endswith("." + key):
+            return rank
+    return config.rank
+
+
+def low_rank_from(
+    module: nn.Module, rank: int | float, core: CoreKind = "diag", init: str = "svd"
+) -> LowRankLayer:
+    """The low-rank version of one Linear / Conv2d / HF Conv1D module."""
+    if isinstance(module, nn.Conv2d):
+        layer: LowRankLayer = LowRankConv2d.from_conv(module, rank, core)
+    elif isinstance(module, nn.Linear):
+        layer = LowRankLinear.from_linear(module, rank, core)
+    elif _is_hf_conv1d(module):
+        linear = nn.Linear(module.weight.shape[0], module.nf, bias=module.bias is not None)
+        linear.to(module.weight)
+        linear.weight.data.copy_(module.weight.data.T)
+        if module.bias is not None:
+            linear.bias.data.copy_(module.bias.data)
+        layer = LowRankLinear.from_linear(linear, rank, core)
+    else:
+        raise LorankError(f"cannot factorize a {type(module).__name__}")
+    if init == "random":
+        layer.reset_parameters()
+    return layer
+
+
+def convert(model: nn.Module, config: LowRankConfig | None = None) -> ConversionReport:
+    """Replace the targeted Linear/Conv2d layers of ``model`` in place by low-rank layers.
+
+    Example::
+
+        report = lorank.convert(model, lorank.LowRankConfig(method="svd", rank=0.25,
+                                                            keep_last_dense=True))
+        print(report)
+    """
+    config = config or LowRankConfig()
+    core = config.core_kind()
+    candidates = candidate_layers(model, config)
+    if config.target_modules is not None and not candidates:
+        raise LorankError(f"target_modules {config.target_modules!r} matched no Linear/Conv2d "
+                          "layer; check the names with `print(model)`")
+    report = ConversionReport()
+    last = len(candidates) - 1
+    for i, (name, module) in enumerate(candidates):
+        m, n = _matrix_shape(module)
+        before = sum(p.numel() for p in module.parameters())
+        entry = LayerConversion(name, type(module).__name__, (m, n), None, "kept", "",
+                                before, before)
+        report.layers.append(entry)
+        if (config.keep_first_dense and i == 0) or (config.keep_last_dense and i == last):
+            entry.reason = "kept dense by keep_first_dense/keep_last_dense"
+            continue
+        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+            if config.target_modules is not None:
+                low_rank_from(module, 1, core)  # raises the explanatory LorankError
+            entry.status, entry.reason = "skipped", "grouped or non-zero-padded conv"
+            continue
+        rank = resolve_rank(_rank_for(name, config), min(m, n))
+        cost = rank * (m + n) + (rank * rank if core == "full" else 0)
+        if config.skip_if_no_savings and cost >= m * n:
+            entry.rank, entry.status = rank, "skipped"
+            entry.reason = f"rank {rank} saves no parameters"
+            continue
+        layer = low_rank_from(module, rank, core, config.init)
+        _set_submodule(model, name, layer)
+        entry.rank, entry.status, entry.params_after = rank, "converted", layer.params_eval
+    return report
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Turn every low-rank layer of ``model`` back into a plain ``nn.Linear``/``nn.Conv2d``."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankLayer):
+            _set_submodule(model, name, module.to_dense())
+    return model
+
+
+def low_rank_layers(model: nn.Module) -> dict[str, LowRankLayer]:
+    """``{name: layer}`` for every low-rank layer of ``model``, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLayer)}
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    if not name:
+        raise LorankError("cannot replace the root module; wrap the layer in a container")
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

@@ -1,0 +1,57 @@
+"""Evaluate a saved model (a run directory or a checkpoint) on its dataset's test split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lorank.config import RunConfig, load_config, validate_config
+from lorank.data import load_dataset
+from lorank.errors import LorankError
+from lorank.io import load, read_metadata
+from lorank.metrics import parameter_counts, ranks
+from lorank.train import evaluate, resolve_device
+
+
+def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """(checkpoint stem, run directory or None) for a run directory or checkpoint path."""
+    path = Path(path)
+    if path.is_dir():
+        stem = path / "model"
+        if not stem.with_suffix(".json").is_file():
+            raise LorankError(f"{path} holds no model.json/model.safetensors; is it a finished "
+                              "lorank run directory?")
+        return stem, path
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    if not stem.with_suffix(".json").is_file():
+        raise LorankError(f"checkpoint {path} not found; pass a run directory or model.safetensors")
+    run_dir = stem.parent if (stem.parent / "config.json").is_file() else None
+    return stem, run_dir
+
+
+def run_config_of(run_dir: Path | None, config_path: str | None) -> RunConfig:
+    if config_path:
+        return load_config(config_path)
+    if run_dir is None:
+        raise LorankError("this checkpoint is not inside a run directory; pass --config with "
+                          "the [data] section to evaluate it on")
+    try:
+        raw = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LorankError(f"{run_dir / 'config.json'} is unreadable ({e})") from None
+    return validate_config(raw)
+
+
+def evaluate_checkpoint(
+    path: str | Path, data_dir: str | Path | None = None, config_path: str | None = None
+) -> dict[str, Any]:
+    stem, run_dir = locate_checkpoint(path)
+    read_metadata(stem)  # fail early, with a clear message, on a foreign or corrupt file
+    config = run_config_of(run_dir, config_path)
+    device = resolve_device(config.train.device)
+    data = load_dataset(config.data, device=device, data_dir=data_dir)
+    model = load(stem).to(device)
+    test = evaluate(model, data.eval_batches("test"))
+    return {"checkpoint": str(stem.with_suffix(".safetensors")), "test_loss": test["loss"],
+            "test_acc": test["acc"], **parameter_counts(model), "ranks": ranks(model)}

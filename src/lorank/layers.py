@@ -1,0 +1,412 @@
+r"""Factorized layers: ``LowRankLinear`` and ``LowRankConv2d``.
+
+A dense layer with weight :math:`W \in \mathbb{R}^{m \times n}` (m outputs, n inputs) is stored
+as
+
+.. math:: W = U\,S\,V^\top,\qquad U \in \mathbb{R}^{m\times r},\ V \in \mathbb{R}^{n\times r},
+
+where the core ``S`` is one of
+
+* ``"full"``: a trainable r×r matrix (DLRT, OIALR),
+* ``"diag"``: a vector of r singular values, ``S = diag(s)`` (Yang et al.'s SVD training),
+* ``"none"``: no core, ``W = U Vᵀ`` (vanilla factorization).
+
+The forward never forms W: for a batch ``x`` (b×n) it computes ``(x V)(U S)ᵀ + bias``, costing
+about ``2b·r(m+n)`` multiply-adds instead of ``2b·mn``. A Conv2d with a k×k kernel is
+factorized over channels: ``Vᵀ`` is a k×k convolution from ``C_in`` to r channels (keeping
+stride, padding and dilation), the core and ``U`` act as one 1×1 convolution from r to
+``C_out``. For every SVD the conv weight is viewed as the matrix ``C_out × (C_in·k·k)``.
+
+The active rank is the number of columns of ``U``; methods change it with
+:meth:`LowRankLayer.set_factors`, which returns the ``{old: new}`` parameter mapping that
+:func:`lorank.optim.swap_parameters` needs to keep the optimizer consistent.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorank.errors import LorankError
+from lorank.rank import resolve_rank
+
+CoreKind = Literal["full", "diag", "none"]
+CORE_KINDS: tuple[str, ...] = ("full", "diag", "none")
+
+
+def orthonormal_(n_rows: int, n_cols: int, generator: torch.Generator | None = None) -> Tensor:
+    """An n_rows×n_cols matrix with orthonormal columns (QR of a Gaussian matrix)."""
+    g = torch.randn(n_rows, n_cols, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    # Fix the sign ambiguity of QR so the distribution is Haar.
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return q.to(torch.get_default_dtype())
+
+
+class LowRankLayer(nn.Module):
+    """Shared machinery of factorized layers (factors, rank, SVD, counts, rank changes).
+
+    Subclasses define :meth:`forward`, :meth:`to_dense` and how the matrix view maps to their
+    dense counterpart.
+    """
+
+    U: nn.Parameter
+    V: nn.Parameter
+    S: nn.Parameter | None
+    bias: nn.Parameter | None
+
+    def __init__(
+        self, out_dim: int, in_dim: int, rank: int, core: CoreKind, bias: bool
+    ) -> None:
+        super().__init__()
+        if core not in CORE_KINDS:
+            raise LorankError(f"core must be one of {', '.join(CORE_KINDS)}, got {core!r}")
+        self.out_dim, self.in_dim, self.core = out_dim, in_dim, core
+        rank = resolve_rank(rank, min(out_dim, in_dim))
+        self.U = nn.Parameter(torch.empty(out_dim, rank))
+        self.V = nn.Parameter(torch.empty(in_dim, rank))
+        if core == "full":
+            self.S = nn.Parameter(torch.empty(rank, rank))
+        elif core == "diag":
+            self.S = nn.Parameter(torch.empty(rank))
+        else:
+            self.register_parameter("S", None)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_dim))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ initialisation
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Random init: orthonormal U, V; S scaled so the output variance matches the dense
+        PyTorch default (weights uniform in ±1/√n, i.e. ‖W‖²_F ≈ m/3)."""
+        r = self.rank
+        scale = math.sqrt(self.out_dim / (3.0 * r))
+        with torch.no_grad():
+            self.U.copy_(orthonormal_(self.out_dim, r, generator))
+            self.V.copy_(orthonormal_(self.in_dim, r, generator))
+            if self.core == "full":
+                self.S.copy_(torch.eye(r) * scale)
+            elif self.core == "diag":
+                self.S.fill_(scale)
+            else:
+                self.U.mul_(math.sqrt(scale))
+                self.V.mul_(math.sqrt(scale))
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(self.in_dim)
+                if generator is None:
+                    self.bias.uniform_(-bound, bound)
+                else:
+                    self.bias.copy_((torch.rand(self.out_dim, generator=generator) * 2 - 1) * bound)
+
+    def load_svd_(self, u: Tensor, sigma: Tensor, v: Tensor) -> None:
+        """Set the factors from a (truncated) SVD ``W ≈ u diag(sigma) vᵀ`` of matching rank."""
+        self.set_factors(*self._factors_from_svd(u, sigma, v))
+
+    def _factors_from_svd(
+        self, u: Tensor, sigma: Tensor, v: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        if self.core == "full":
+            return u, torch.diag(sigma), v
+        if self.core == "diag":
+            return u, sigma, v
+        root = sigma.clamp_min(0).sqrt()
+        return u * root, None, v * root
+
+    # ------------------------------------------------------------------ views
+    @property
+    def rank(self) -> int:
+        """The active rank r (columns of U)."""
+        return self.U.shape[1]
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.out_dim, self.in_dim)
+
+    def core_matrix(self) -> Tensor:
+        """The r×r core S (identity when the layer has no core)."""
+        if self.core == "full":
+            return self.S
+        if self.core == "diag":
+            return torch.diag(self.S)
+        return torch.eye(self.rank, dtype=self.U.dtype, device=self.U.device)
+
+    def output_factor(self) -> Tensor:
+        """U S (m×r), the factor the forward applies after projecting onto V."""
+        if self.core == "full":
+            return self.U @ self.S
+        if self.core == "diag":
+            return self.U * self.S
+        return self.U
+
+    def weight_matrix(self) -> Tensor:
+        """The dense m×n matrix U S Vᵀ (for diagnostics and merging; not used in forward)."""
+        return self.output_factor() @ self.V.T
+
+    @torch.no_grad()
+    def svd(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Exact thin SVD of U S Vᵀ, returning (Uo m×r, σ r, Vo n×r) without forming W.
+
+        QR of U and V (O((m+n)r²)), then the SVD of the small r×r matrix R_U S R_Vᵀ.
+        """
+        qu, ru = torch.linalg.qr(self.U.double())
+        qv, rv = torch.linalg.qr(self.V.double())
+        p, sigma, qt = torch.linalg.svd(ru @ self.core_matrix().double() @ rv.T)
+        dtype = self.U.dtype
+        return (qu @ p).to(dtype), sigma.to(dtype), (qv @ qt.T).to(dtype)
+
+    def singular_values(self) -> Tensor:
+        """Singular values of U S Vᵀ in descending order."""
+        return self.svd()[1]
+
+    # ------------------------------------------------------------------ counts
+    @property
+    def params_eval(self) -> int:
+        """What inference needs: r(m+n) (+r² for a full core) + bias."""
+        r = self.rank
+        n = r * (self.out_dim + self.in_dim) + (r * r if self.core == "full" else 0)
+        return n + (self.out_dim if self.bias is not None else 0)
+
+    @property
+    def params_train(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @property
+    def params_dense(self) -> int:
+        return self.out_dim * self.in_dim + (self.out_dim if self.bias is not None else 0)
+
+    # ------------------------------------------------------------------ rank changes
+    def set_factors(
+        self, U: Tensor, S: Tensor | None, V: Tensor
+    ) -> dict[nn.Parameter, nn.Parameter]:
+        """Replace the factors (any rank) by new parameters; return ``{old: new}``.
+
+        The new parameters keep the old ones' ``requires_grad`` flags, so a frozen basis stays
+        frozen. Pass the mapping to :func:`lorank.optim.swap_parameters`.
+        """
+        r = U.shape[1]
+        if U.shape != (self.out_dim, r) or V.shape != (self.in_dim, r):
+            raise ValueError(f"factor shapes {tuple(U.shape)}, {tuple(V.shape)} do not fit")
+        if not 1 <= r <= self.full_rank:
+            raise LorankError(f"rank {r} is outside [1, {self.full_rank}] for this layer")
+        expected = {"full": (r, r), "diag": (r,), "none": None}[self.core]
+        if (None if S is None else tuple(S.shape)) != expected:
+            raise ValueError(f"core of shape {None if S is None else tuple(S.shape)} for core "
+                             f"kind {self.core!r}, expected {expected}")
+        mapping: dict[nn.Parameter, nn.Parameter] = {}
+        for name, value in (("U", U), ("S", S), ("V", V)):
+            if value is None:
+                continue
+            old = getattr(self, name)
+            new = nn.Parameter(value.detach().to(old).contiguous().clone(),
+                               requires_grad=old.requires_grad)
+            setattr(self, name, new)
+            mapping[old] = new
+        return mapping
+
+    @torch.no_grad()
+    def truncate(self, rank: int) -> dict[nn.Parameter, nn.Parameter]:
+        """Keep the best rank-``rank`` approximation (Eckart–Young) in SVD form.
+
+        Afterwards U and V have orthonormal columns and S holds the kept singular values, so
+        the spectral error is exactly σ_{rank+1}.
+        """
+        u, sigma, v = self.svd()
+        rank = max(1, min(rank, sigma.numel()))
+        return self.set_factors(*self._factors_from_svd(u[:, :rank], sigma[:rank], v[:, :rank]))
+
+    def freeze_bases(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) U and V; S and the bias stay trainable."""
+        self.U.requires_grad_(not frozen)
+        self.V.requires_grad_(not frozen)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # noqa: ANN001
+        # A checkpoint may hold a different active rank: resize our factors to match it
+        # before the copy, so shapes rebuild from the weights themselves.
+        for name in ("U", "S", "V"):
+            key = prefix + name
+            param = getattr(self, name)
+            if key in state_dict and param is not None and state_dict[key].shape != param.shape:
+                setattr(self, name, nn.Parameter(torch.empty_like(state_dict[key], dtype=param.dtype,
+                                                                  device=param.device),
+                                                 requires_grad=param.requires_grad))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"out={self.out_dim}, in={self.in_dim}, rank={self.rank}, core={self.core}"
+
+
+class LowRankLinear(LowRankLayer):
+    """A Linear layer stored as ``W = U S Vᵀ``; forward ``y = (x V)(U S)ᵀ + b``.
+
+    Example::
+
+        layer = LowRankLinear.from_linear(nn.Linear(784, 500), rank=32)
+        dense = layer.to_dense()       # nn.Linear with W = U S Vᵀ
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int | float,
+        bias: bool = True,
+        core: CoreKind = "diag",
+    ) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        super().__init__(out_features, in_features, rank, core, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.V.T), self.output_factor(), self.bias)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(
+        cls, linear: nn.Linear, rank: int | float, core: CoreKind = "diag"
+    ) -> LowRankLinear:
+        """Best rank-``rank`` approximation of ``linear`` by truncated SVD of its weight."""
+        weight = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None, core)
+        layer.to(device=weight.device, dtype=weight.dtype)
+        u, sigma, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+        r = layer.rank
+        layer.load_svd_(u[:, :r].to(weight), sigma[:r].to(weight), vh[:r].T.to(weight))
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias)
+        return layer
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with ``W = U S Vᵀ``."""
+        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None)
+        dense.to(device=self.U.device, dtype=self.U.dtype)
+        dense.weight.copy_(self.weight_matrix())
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+        return dense
+
+    def spec(self) -> dict:
+        return {"type": "linear", "in_features": self.in_features,
+                "out_features": self.out_features, "rank": self.rank, "core": self.core,
+                "bias": self.bias is not None, "frozen": _frozen_names(self)}
+
+
+class LowRankConv2d(LowRankLayer):
+    """A Conv2d factorized over channels: k×k conv C_in→r (Vᵀ), then 1×1 conv r→C_out (U S).
+
+    The matrix view is ``W ∈ ℝ^{C_out × (C_in·kh·kw)}``, i.e. ``conv.weight.flatten(1)``.
+    Only ``groups=1`` and ``padding_mode="zeros"`` are supported.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        rank: int | float,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        core: CoreKind = "diag",
+    ) -> None:
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = (int(kh), int(kw))
+        self.stride = _pair(stride)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.dilation = _pair(dilation)
+        super().__init__(out_channels, in_channels * kh * kw, rank, core, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = self.rank
+        spatial = self.V.T.reshape(r, self.in_channels, *self.kernel_size)
+        h = F.conv2d(x, spatial, None, self.stride, self.padding, self.dilation)
+        return F.conv2d(h, self.output_factor().reshape(self.out_channels, r, 1, 1), self.bias)
+
+    @classmethod
+    @torch.no_grad()
+    def from_conv(
+        cls, conv: nn.Conv2d, rank: int | float, core: CoreKind = "diag"
+    ) -> LowRankConv2d:
+        """Best rank-``rank`` channel factorization of ``conv`` by truncated SVD."""
+        if conv.groups != 1:
+            raise LorankError(
+                f"Conv2d with groups={conv.groups} cannot be factorized over channels; "
+                "exclude it from conversion (exclude_modules) or use groups=1"
+            )
+        if conv.padding_mode != "zeros":
+            raise LorankError(
+                f"Conv2d with padding_mode={conv.padding_mode!r} is not supported; "
+                "exclude it from conversion or use padding_mode='zeros'"
+            )
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank, conv.stride,
+                    conv.padding, conv.dilation, conv.bias is not None, core)
+        weight = conv.weight.detach()
+        layer.to(device=weight.device, dtype=weight.dtype)
+        u, sigma, vh = torch.linalg.svd(weight.flatten(1).double(), full_matrices=False)
+        r = layer.rank
+        layer.load_svd_(u[:, :r].to(weight), sigma[:r].to(weight), vh[:r].T.to(weight))
+        if conv.bias is not None:
+            layer.bias.copy_(conv.bias)
+        return layer
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` with weight U S Vᵀ reshaped to (C_out, C_in, kh, kw)."""
+        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                          self.padding, self.dilation, bias=self.bias is not None)
+        dense.to(device=self.U.device, dtype=self.U.dtype)
+        dense.weight.copy_(self.weight_matrix().reshape(dense.weight.shape))
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+        return dense
+
+    def spec(self) -> dict:
+        return {"type": "conv2d", "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "kernel_size": list(self.kernel_size),
+                "stride": list(self.stride),
+                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                "dilation": list(self.dilation), "rank": self.rank, "core": self.core,
+                "bias": self.bias is not None, "frozen": _frozen_names(self)}
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, rank={self.rank}, "
+                f"core={self.core}")
+
+
+def layer_from_spec(spec: dict) -> LowRankLayer:
+    """Rebuild an (uninitialised) low-rank layer from :meth:`LowRankLayer.spec`."""
+    kind = spec.get("type")
+    if kind == "linear":
+        layer: LowRankLayer = LowRankLinear(spec["in_features"], spec["out_features"],
+                                            spec["rank"], spec["bias"], spec["core"])
+    elif kind == "conv2d":
+        padding = spec["padding"]
+        layer = LowRankConv2d(spec["in_channels"], spec["out_channels"],
+                              tuple(spec["kernel_size"]), spec["rank"], tuple(spec["stride"]),
+                              padding if isinstance(padding, str) else tuple(padding),
+                              tuple(spec["dilation"]), spec["bias"], spec["core"])
+    else:
+        raise LorankError(f"unknown low-rank layer type {kind!r} in checkpoint metadata")
+    for name in spec.get("frozen", []):
+        getattr(layer, name).requires_grad_(False)
+    return layer
+
+
+def _frozen_names(layer: nn.Module) -> list[str]:
+    return [n for n, p in layer.named_parameters(recurse=False) if not p.requires_grad]
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    return (int(v[0]), int(v[1]))

@@ -1,0 +1,409 @@
+"""The model zoo: small reference networks for the low-rank benchmarks.
+
+Every weight matrix lives in an ``nn.Linear`` or ``nn.Conv2d`` (plus embeddings and norms), so
+the low-rank conversion can find and replace layers by type and by name. Each model has its own
+pydantic config with a ``name`` discriminator, so a saved JSON config rebuilds the same network.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from torch import Tensor, nn
+
+from lorank.data import DatasetInfo
+from lorank.errors import LorankError
+
+__all__ = [
+    "CharTransformer",
+    "CharTransformerConfig",
+    "LeNet5",
+    "LeNet5Config",
+    "MLP",
+    "MLPConfig",
+    "ModelConfig",
+    "ResNet20",
+    "ResNet20Config",
+    "VGG",
+    "VGGConfig",
+    "build_model",
+    "model_config_from_dict",
+]
+
+
+class MLPConfig(BaseModel):
+    """Fully connected network on the flattened input."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["mlp"] = "mlp"
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [500, 500, 500, 500],
+        description="Hidden layer widths; the default is the DLRT 784-500-500-500-500-10 net.",
+    )
+    activation: Literal["relu", "tanh", "gelu"] = Field("relu", description="Hidden activation.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout after each activation.")
+
+
+class LeNet5Config(BaseModel):
+    """Classic LeNet-5 (ReLU, max pooling) for 28x28 or 32x32 images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["lenet5"] = "lenet5"
+
+
+class ResNet20Config(BaseModel):
+    """CIFAR ResNet-20 of He et al. (2016) with parameter-free (option A) shortcuts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["resnet20"] = "resnet20"
+    width: int = Field(16, ge=1, description="Channels of the first stage (then 2x, 4x).")
+
+
+class VGGConfig(BaseModel):
+    """Small VGG-style CNN: conv3x3+BN+ReLU blocks, max pooling, two-layer classifier.
+
+    The default (32-64-128-128-256 channels, ~0.7M parameters) is sized so a CIFAR-10 epoch
+    takes a few minutes on a 2-core CPU.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["vgg"] = "vgg"
+    channels: list[Annotated[int, Field(ge=1)] | Literal["M"]] = Field(
+        default_factory=lambda: [32, "M", 64, "M", 128, 128, "M", 256, "M"],
+        min_length=1,
+        description='Feature layers: an int is a conv3x3+BN+ReLU with that many channels, "M" a '
+        "2x2 max pool.",
+    )
+    hidden: int = Field(256, ge=1, description="Width of the classifier's hidden layer.")
+
+
+class CharTransformerConfig(BaseModel):
+    """Small decoder-only (GPT-like, pre-LayerNorm) character language model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["char_transformer"] = "char_transformer"
+    n_layer: int = Field(4, ge=1, description="Number of transformer blocks.")
+    n_head: int = Field(4, ge=1, description="Attention heads; must divide d_model.")
+    d_model: int = Field(128, ge=1, description="Embedding / residual stream width.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention and residuals.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> CharTransformerConfig:
+        if self.d_model % self.n_head != 0:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})"
+            )
+        return self
+
+
+ModelConfig = Annotated[
+    MLPConfig | LeNet5Config | ResNet20Config | VGGConfig | CharTransformerConfig,
+    Field(discriminator="name"),
+]
+
+_MODEL_CONFIG_ADAPTER: TypeAdapter[Any] = TypeAdapter(ModelConfig)
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """Validate a model config read back from JSON (the ``name`` key picks the model)."""
+    try:
+        return _MODEL_CONFIG_ADAPTER.validate_python(d)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'model'}: {err['msg']}" for err in e.errors()
+        )
+        raise LorankError(f"invalid model config: {problems}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Classification models
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear/activation layers in ``layers`` (named input to output)."""
+
+    def __init__(self, cfg: MLPConfig, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        modules: list[nn.Module] = []
+        width = in_features
+        for h in cfg.hidden:
+            modules += [nn.Linear(width, h), _ACTIVATIONS[cfg.activation]()]
+            if cfg.dropout > 0:
+                modules.append(nn.Dropout(cfg.dropout))
+            width = h
+        modules.append(nn.Linear(width, num_classes))
+        self.layers = nn.Sequential(*modules)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x.flatten(1))
+
+
+def _image_shape(info: DatasetInfo, model: str) -> tuple[int, int, int]:
+    if info.task != "classification" or len(info.input_shape) != 3:
+        raise LorankError(
+            f"model {model} needs image data (C, H, W), but {info.name} has inputs of shape "
+            f"{info.input_shape}; pick an image dataset or the mlp model"
+        )
+    c, h, w = info.input_shape
+    return c, h, w
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 with ReLU and max pooling; inputs smaller than 32x32 are zero-padded up to it.
+
+    The classic 28x28 MNIST variant pads the first convolution by 2 so that both 28x28 and
+    32x32 inputs reach the same 16x5x5 feature map.
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        pad = max(0, (32 - min(h, w) + 1) // 2)
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 6, 5, padding=pad),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        fh, fw = ((h + 2 * pad - 4) // 2 - 4) // 2, ((w + 2 * pad - 4) // 2 - 4) // 2
+        self.classifier = nn.Sequential(
+            nn.Linear(16 * fh * fw, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+class _PadShortcut(nn.Module):
+    """Option-A shortcut: subsample spatially and zero-pad the new channels (no weights)."""
+
+    def __init__(self, extra_channels: int, stride: int) -> None:
+        super().__init__()
+        self.extra = extra_channels
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        half = self.extra // 2
+        return F.pad(x, (0, 0, 0, 0, half, self.extra - half))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv+BN layers with an identity (or option-A) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = _PadShortcut(out_channels - in_channels, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """CIFAR ResNet-20: conv, 3 stages x 3 basic blocks (w, 2w, 4w), global pool, fc.
+
+    Option-A shortcuts keep every weight in a Conv2d/Linear of the main path, matching the
+    paper's 0.27M parameters at width 16.
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_shape[0], width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages: list[nn.Module] = []
+        channels = width
+        for i, out_channels in enumerate((width, 2 * width, 4 * width)):
+            blocks = []
+            for j in range(3):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(BasicBlock(channels, out_channels, stride))
+                channels = out_channels
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(channels, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class VGG(nn.Module):
+    """VGG-style features (conv3x3+BN+ReLU, max pools) and a Linear-ReLU-Linear classifier."""
+
+    def __init__(self, cfg: VGGConfig, in_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        layers: list[nn.Module] = []
+        for item in cfg.channels:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+            else:
+                layers += [
+                    nn.Conv2d(c, item, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(item),
+                    nn.ReLU(),
+                ]
+                c = item
+        if h < 1 or w < 1:
+            raise LorankError(
+                f"vgg channels {cfg.channels} pool a {in_shape[1]}x{in_shape[2]} image below 1x1; "
+                'use fewer "M" entries'
+            )
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Linear(c * h * w, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, num_classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+# --------------------------------------------------------------------------------------------
+# Character transformer
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention with separate ``q``, ``k``, ``v`` and ``proj`` layers.
+
+    Separate projections (rather than one fused qkv matrix) let low-rank conversion choose a
+    rank for each of them independently.
+    """
+
+    def __init__(self, d_model: int, n_head: int, dropout: float) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.q = nn.Linear(d_model, d_model)
+        self.k = nn.Linear(d_model, d_model)
+        self.v = nn.Linear(d_model, d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+
+        def heads(y: Tensor) -> Tensor:
+            return y.view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            heads(self.q(x)),
+            heads(self.k(x)),
+            heads(self.v(x)),
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=True,
+        )
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln1(x)), then x + mlp(ln2(x)) with a 4x GELU MLP."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_head, dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, 4 * d_model)
+        self.fc2 = nn.Linear(4 * d_model, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.fc2(F.gelu(self.fc1(self.ln2(x)))))
+
+
+class CharTransformer(nn.Module):
+    """GPT-like decoder over characters: int64 (B, T) -> logits (B, T, vocab)."""
+
+    def __init__(self, cfg: CharTransformerConfig, vocab_size: int, block_size: int) -> None:
+        super().__init__()
+        self.block_size = block_size
+        self.tok_emb = nn.Embedding(vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(block_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(cfg.d_model, cfg.n_head, cfg.dropout) for _ in range(cfg.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, vocab_size)
+        self._init_weights(cfg.n_layer)
+
+    def _init_weights(self, n_layer: int) -> None:
+        # GPT-2 style: N(0, 0.02), with residual output layers scaled down by depth so the
+        # residual stream's variance does not grow with the number of blocks.
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear | nn.Embedding):
+                std = 0.02
+                if name.endswith(("attn.proj", "fc2")):
+                    std = 0.02 / math.sqrt(2 * n_layer)
+                nn.init.normal_(m.weight, 0.0, std)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        t = idx.shape[1]
+        if t > self.block_size:
+            raise ValueError(f"sequence length {t} exceeds the block size {self.block_size}")
+        pos = torch.arange(t, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
+    """Instantiate the model described by ``cfg`` for data described by ``info``."""
+    if isinstance(cfg, CharTransformerConfig):
+        if info.task != "language_model":
+            raise LorankError(
+                f"model char_transformer needs a language-model dataset, not {info.name}; "
+                "use data.name: tinyshakespeare"
+            )
+        return CharTransformer(cfg, info.num_classes, info.input_shape[0])
+    if info.task != "classification":
+        raise LorankError(
+            f"model {cfg.name} is a classifier but {info.name} is a language-model dataset; "
+            "use model.name: char_transformer"
+        )
+    if isinstance(cfg, MLPConfig):
+        return MLP(cfg, math.prod(info.input_shape), info.num_classes)
+    shape = _image_shape(info, cfg.name)
+    if isinstance(cfg, LeNet5Config):
+        return LeNet5(shape, info.num_classes)
+    if isinstance(cfg, ResNet20Config):
+        return ResNet20(shape, info.num_classes, cfg.width)
+    if isinstance(cfg, VGGConfig):
+        return VGG(cfg, shape, info.num_classes)
+    raise LorankError(f"unknown model config {cfg!r}")

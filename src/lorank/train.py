@@ -1,0 +1,270 @@
+"""The trainer: one plain loop that knows no method by name.
+
+Per batch it calls ``method.train_step``; per epoch ``method.on_epoch_end``, evaluation,
+logging and a checkpoint. Everything a run produces goes into one run directory:
+
+* ``config.json`` the resolved config, ``env.json`` versions/device/threads,
+* ``metrics.jsonl`` one record per epoch (epoch 0 = before training),
+* ``summary.json`` final figures and ``status`` (``running``/``completed``/``diverged``),
+* ``model.safetensors`` + ``model.json`` the checkpoint (rebuilds low-rank shapes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from lorank import __version__
+from lorank.config import RunConfig
+from lorank.data import Dataset, load_dataset
+from lorank.errors import LorankError
+from lorank.io import atomic_write_json, atomic_write_text, save
+from lorank.methods import build as build_method
+from lorank.metrics import orthogonality_errors, parameter_counts, ranks
+from lorank.models import build_model
+from lorank.optim import build_optimizer, build_scheduler
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LorankError("train.device = 'cuda' but no CUDA device is available; "
+                          "use device = 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def task_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """Cross-entropy for classification (B×C logits) and language modelling (B×T×V)."""
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """Mean loss and accuracy (per sample, or per token for the language model)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.int64)
+    count = 0
+    for x, y in batches:
+        logits = model(x)
+        logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double().cpu()
+        correct += (logits.argmax(-1) == y).sum().cpu()
+        count += y.numel()
+    model.train(was_training)
+    loss = float(loss_sum) / max(count, 1)
+    return {"loss": loss, "acc": float(correct) / max(count, 1)}
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import pydantic
+
+    env = {
+        "lorank": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
+        "torch": torch.__version__, "numpy": np.__version__, "pydantic": pydantic.__version__,
+        "device": str(device), "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "argv": sys.argv,
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def default_run_dir(config_name: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config_name}-{stamp}"
+
+
+def prepare_run_dir(out: Path, overwrite: bool) -> Path:
+    """Create ``out``; refuse to touch an existing non-empty one unless ``overwrite``."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise LorankError(f"run directory {out} already exists; choose another --out or "
+                              "pass --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class Run:
+    """A run directory with atomic writers for its files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_json(self.path / name, obj)
+
+    def log(self, record: dict[str, Any]) -> None:
+        import json
+
+        self.records.append(record)
+        lines = "".join(json.dumps(r) + "\n" for r in self.records)
+        atomic_write_text(self.path / "metrics.jsonl", lines)
+
+
+def train(
+    config: RunConfig,
+    out: str | Path | None = None,
+    *,
+    config_name: str = "run",
+    data_dir: str | Path | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    model: nn.Module | None = None,
+) -> Path:
+    """Train ``config`` into a run directory and return its path.
+
+    ``model`` (optional) is trained instead of a fresh ``config.model`` (e.g. a compressed
+    model being fine-tuned); ``config.model`` must still describe its dense architecture.
+    """
+    tc = config.train
+    device = resolve_device(tc.device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    data = load_dataset(config.data, device=device, data_dir=data_dir)
+    run = Run(prepare_run_dir(Path(out) if out else default_run_dir(config_name), overwrite))
+    run.write_json("config.json", config.model_dump(mode="json"))
+    run.write_json("env.json", environment(device))
+
+    seed_everything(tc.seed)
+    model = (model if model is not None else build_model(config.model, data.info)).to(device)
+    method = build_method(config.method)
+    method.attach(loss_fn=task_loss, calibration=lambda n: data.train_subset_batches(n),
+                  max_grad_norm=config.optim.grad_clip, epochs=tc.epochs)
+    report = method.prepare(model)
+    model.to(device)
+    if report.layers:
+        run.write_json("conversion.json", report.to_dict())
+    optimizer = build_optimizer(method.parameters(model), config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, data.num_train_batches, tc.epochs)
+    data_gen = torch.Generator().manual_seed(tc.seed)
+    meta = {"model": config.model.model_dump(mode="json"), "data_info": asdict(data.info),
+            "method": config.method.name}
+    show = not quiet and sys.stderr.isatty()
+
+    run.write_json("summary.json", {"status": "running"})
+    run.log(epoch_record(0, model, data, method, {}, 0.0, tc.eval_every, force_eval=True))
+    train_time = 0.0
+    for epoch in range(1, tc.epochs + 1):
+        model.train()
+        sums: dict[str, Tensor] = {}
+        steps = 0
+        start = time.perf_counter()
+        bar = tqdm(data.train_batches(data_gen), total=data.num_train_batches, disable=not show,
+                   desc=f"epoch {epoch}/{tc.epochs}", leave=False, unit="batch")
+        for batch in bar:
+            stats = method.train_step(model, optimizer, batch, task_loss)
+            scheduler.step()
+            for k, v in stats.items():
+                sums[k] = sums[k] + v if k in sums else v.clone()
+            steps += 1
+            if show and steps % 20 == 0:
+                bar.set_postfix(loss=f"{float(stats['loss']):.4f}")
+        train_stats = {k: float(v) / max(steps, 1) for k, v in sums.items()}
+        method.on_epoch_end(model, optimizer, epoch, train_stats)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_time = time.perf_counter() - start
+        train_time += epoch_time
+        record = epoch_record(epoch, model, data, method, train_stats, train_time, tc.eval_every,
+                              force_eval=epoch == tc.epochs)
+        record["epoch_time_s"] = epoch_time
+        record["lr"] = optimizer.param_groups[0]["lr"]
+        run.log(record)
+        save(model, run.path / "model", meta)
+        if not quiet:
+            print(format_record(record, tc.epochs), file=sys.stderr, flush=True)
+        if not math.isfinite(record["train_loss"]):
+            summary = summarize(run.records, train_time, "diverged")
+            run.write_json("summary.json", summary)
+            raise LorankError(f"training diverged at epoch {epoch}: the training loss is "
+                              f"{record['train_loss']}; lower optim.lr or set optim.grad_clip "
+                              f"(results so far are in {run.path})")
+    if tc.epochs == 0:
+        save(model, run.path / "model", meta)
+    run.write_json("summary.json",
+                   summarize(run.records, train_time, "completed") | method.summary())
+    return run.path
+
+
+def epoch_record(
+    epoch: int, model: nn.Module, data: Dataset, method: Any, train_stats: dict[str, float],
+    train_time: float, eval_every: int, force_eval: bool = False,
+) -> dict[str, Any]:
+    record: dict[str, Any] = {"epoch": epoch, "train_loss": train_stats.get("loss_task")}
+    record.update({k: v for k, v in train_stats.items() if k != "loss_task"})
+    if force_eval or epoch % eval_every == 0:
+        test = evaluate(model, data.eval_batches("test"))
+        record["test_loss"], record["test_acc"] = test["loss"], test["acc"]
+        if data.info.task == "language_model":
+            record["test_ppl"] = math.exp(min(test["loss"], 50.0))
+    record.update(parameter_counts(model))
+    record["ranks"] = ranks(model)
+    if record["ranks"]:
+        record["orth_error"] = orthogonality_errors(model)
+    record.update(method.epoch_metrics(model))
+    record["time_s"] = train_time
+    return record
+
+
+def summarize(records: list[dict[str, Any]], train_time: float, status: str) -> dict[str, Any]:
+    last = records[-1]
+    evaluated = [r for r in records if "test_acc" in r]
+    final = evaluated[-1] if evaluated else last
+    summary = {
+        "status": status,
+        "epochs": last["epoch"],
+        "test_acc": final.get("test_acc"),
+        "test_loss": final.get("test_loss"),
+        "train_loss": last.get("train_loss"),
+        "params_eval": last["params_eval"],
+        "params_train": last["params_train"],
+        "params_dense": last["params_dense"],
+        "compression": 1.0 - last["params_eval"] / last["params_dense"],
+        "ranks": last["ranks"],
+        "train_time_s": train_time,
+    }
+    if "test_ppl" in final:
+        summary["test_ppl"] = final["test_ppl"]
+    return summary
+
+
+def format_record(record: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {record['epoch']}/{epochs}", f"train_loss {record['train_loss']:.4f}"]
+    if "test_acc" in record:
+        parts.append(f"test_loss {record['test_loss']:.4f}")
+        parts.append(f"test_acc {100 * record['test_acc']:.2f}%")
+    if "test_ppl" in record:
+        parts.append(f"ppl {record['test_ppl']:.2f}")
+    parts.append(f"params {record['params_eval']:,}/{record['params_dense']:,}")
+    parts.append(f"{record['epoch_time_s']:.1f}s")
+    return "  ".join(parts)

@@ -1,0 +1,112 @@
+import pytest
+import torch
+from torch import nn
+
+from lorank.data import DatasetInfo
+from lorank.errors import LorankError
+from lorank.models import (
+    CharTransformerConfig,
+    LeNet5Config,
+    MLPConfig,
+    ResNet20Config,
+    VGGConfig,
+    build_model,
+    model_config_from_dict,
+)
+
+MNIST = DatasetInfo("mnist", "classification", (1, 28, 28), 10, None, 60000, 10000)
+CIFAR = DatasetInfo("cifar10", "classification", (3, 32, 32), 10, None, 50000, 10000)
+TEXT = DatasetInfo("tinyshakespeare", "language_model", (16,), 65, "x" * 65, 100, 10)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("cfg", "info"),
+    [
+        (MLPConfig(), MNIST),
+        (MLPConfig(hidden=[32], activation="gelu", dropout=0.1), CIFAR),
+        (LeNet5Config(), MNIST),
+        (LeNet5Config(), CIFAR),
+        (ResNet20Config(), CIFAR),
+        (ResNet20Config(width=4), MNIST),
+        (VGGConfig(), CIFAR),
+        (VGGConfig(channels=[8, "M", 16, "M"], hidden=32), MNIST),
+    ],
+)
+def test_classifier_output_shape(cfg, info):
+    model = build_model(cfg, info)
+    assert model(torch.randn(2, *info.input_shape)).shape == (2, 10)
+
+
+def test_transformer_output_shape_and_causality():
+    model = build_model(CharTransformerConfig(n_layer=2, d_model=32), TEXT).eval()
+    idx = torch.randint(0, 65, (2, 16))
+    logits = model(idx)
+    assert logits.shape == (2, 16, 65)
+    changed = idx.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 65
+    with torch.no_grad():
+        after = model(changed)
+    assert torch.allclose(logits[:, :10], after[:, :10], atol=1e-6)  # no peeking ahead
+    assert not torch.allclose(logits[:, 10:], after[:, 10:])
+
+
+def test_parameter_counts():
+    mlp = build_model(MLPConfig(), MNIST)
+    assert n_params(mlp) == 784 * 500 + 500 + 3 * (500 * 500 + 500) + 500 * 10 + 10
+    assert n_params(build_model(ResNet20Config(), CIFAR)) == 269_722  # the paper's 0.27M
+    assert n_params(build_model(LeNet5Config(), MNIST)) == 61_706
+
+
+def test_layer_names_run_input_to_output():
+    mlp = build_model(MLPConfig(), MNIST)
+    linears = [(n, m) for n, m in mlp.named_modules() if isinstance(m, nn.Linear)]
+    assert [n for n, _ in linears] == ["layers.0", "layers.2", "layers.4", "layers.6", "layers.8"]
+    assert [m.in_features for _, m in linears] == [784, 500, 500, 500, 500]
+    gpt = build_model(CharTransformerConfig(n_layer=1), TEXT)
+    names = [n for n, m in gpt.named_modules() if isinstance(m, nn.Linear)]
+    expected = ["attn.q", "attn.k", "attn.v", "attn.proj", "fc1", "fc2"]
+    assert names == [f"blocks.0.{n}" for n in expected] + ["head"]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "info"),
+    [
+        (MLPConfig(), MNIST),
+        (LeNet5Config(), CIFAR),
+        (ResNet20Config(), CIFAR),
+        (VGGConfig(), CIFAR),
+        (CharTransformerConfig(), TEXT),
+    ],
+)
+def test_weights_live_in_convertible_layers(cfg, info):
+    allowed = (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.BatchNorm2d)
+    for module in build_model(cfg, info).modules():
+        if list(module.parameters(recurse=False)):
+            assert isinstance(module, allowed), type(module)
+
+
+def test_task_and_shape_mismatches_are_user_errors():
+    with pytest.raises(LorankError, match="char_transformer"):
+        build_model(MLPConfig(), TEXT)
+    with pytest.raises(LorankError, match="tinyshakespeare"):
+        build_model(CharTransformerConfig(), MNIST)
+    flat = DatasetInfo("synthetic", "classification", (20,), 4, None, 10, 10)
+    with pytest.raises(LorankError, match="image"):
+        build_model(ResNet20Config(), flat)
+    with pytest.raises(LorankError, match="below 1x1"):
+        build_model(VGGConfig(channels=[8, "M", "M", "M", "M", "M", "M"]), CIFAR)
+
+
+def test_model_config_round_trip():
+    for cfg in (MLPConfig(hidden=[8]), VGGConfig(), CharTransformerConfig(n_head=2)):
+        assert model_config_from_dict(cfg.model_dump(mode="json")) == cfg
+    with pytest.raises(LorankError, match="divisible"):
+        model_config_from_dict({"name": "char_transformer", "d_model": 10, "n_head": 3})
+    with pytest.raises(LorankError, match="invalid model config"):
+        model_config_from_dict({"name": "mlp", "widths": [3]})
+    with pytest.raises(LorankError, match="invalid model config"):
+        model_config_from_dict({"name": "resnet56"})
