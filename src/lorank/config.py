@@ -62,7 +62,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return validate_config(raw)
 
 
+# A [model] or [method] section without ``name`` means the default variant.
+SECTION_DEFAULT_NAMES = {"model": "mlp", "method": "dense"}
+
+
 def validate_config(raw: dict[str, Any]) -> RunConfig:
+    raw = dict(raw)
+    for section, default in SECTION_DEFAULT_NAMES.items():
+        if isinstance(raw.get(section), dict) and "name" not in raw[section]:
+            raw[section] = {"name": default, **raw[section]}
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
