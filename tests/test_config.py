@@ -13,8 +13,10 @@ def write(tmp_path, text):
 
 
 def test_defaults_and_overrides(tmp_path):
-    cfg = load_config(write(tmp_path, '[optim]\nlr = 0.01\n'),
-                      ["optim.lr=3e-4", "model.hidden=[64, 32]", "train.device=cpu"])
+    cfg = load_config(
+        write(tmp_path, "[optim]\nlr = 0.01\n"),
+        ["optim.lr=3e-4", "model.hidden=[64, 32]", "train.device=cpu"],
+    )
     assert cfg.optim.lr == 3e-4
     assert cfg.model.hidden == [64, 32]
     assert cfg.train.device == "cpu"

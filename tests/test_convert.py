@@ -12,8 +12,9 @@ from lorank.models import LeNet5Config, MLPConfig, ResNet20Config, build_model
 
 def mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 30), nn.ReLU(),
-                         nn.Linear(30, 5))
+    return nn.Sequential(
+        nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 30), nn.ReLU(), nn.Linear(30, 5)
+    )
 
 
 def test_full_rank_conversion_keeps_outputs_and_merge_round_trips():
@@ -38,8 +39,9 @@ def test_targets_exclude_keep_last_and_skip():
     report = lorank.convert(model, LowRankConfig(rank=4, target_modules=["2"]))
     assert [e.name for e in report.converted] == ["2"]
     model = mlp()
-    report = lorank.convert(model, LowRankConfig(rank=4, target_modules=r"[02]",
-                                                 exclude_modules=["0"]))
+    report = lorank.convert(
+        model, LowRankConfig(rank=4, target_modules=r"[02]", exclude_modules=["0"])
+    )
     assert [e.name for e in report.converted] == ["2"]
     # rank 20 of a 30x30 layer costs 1200 > 900: skipped, reported, left dense
     model = mlp()
@@ -67,8 +69,9 @@ def test_grouped_conv_skipped_by_default_refused_when_targeted():
     report = lorank.convert(model, LowRankConfig(rank=2))
     assert report.layers[0].status == "skipped"
     with pytest.raises(LorankError, match="groups=2"):
-        lorank.convert(nn.Sequential(nn.Conv2d(4, 8, 3, groups=2)),
-                       LowRankConfig(rank=2, target_modules=["0"]))
+        lorank.convert(
+            nn.Sequential(nn.Conv2d(4, 8, 3, groups=2)), LowRankConfig(rank=2, target_modules=["0"])
+        )
 
 
 def test_report_lists_every_layer_of_resnet20_and_forward_shapes_hold():
@@ -104,8 +107,11 @@ def test_save_load_round_trip_with_changed_ranks(tmp_path):
 def test_load_errors_are_clear(tmp_path):
     info = DatasetInfo("synthetic", "classification", (20,), 5, None, 10, 10)
     model = build_model(MLPConfig(hidden=[8]), info)
-    lorank.save(model, tmp_path / "m", {"model": MLPConfig(hidden=[8]).model_dump(),
-                                        "data_info": info.__dict__})
+    lorank.save(
+        model,
+        tmp_path / "m",
+        {"model": MLPConfig(hidden=[8]).model_dump(), "data_info": info.__dict__},
+    )
     other = build_model(MLPConfig(hidden=[9]), info)
     with pytest.raises(LorankError, match="does not fit this model"):
         lorank.load(tmp_path / "m", other)
@@ -122,8 +128,9 @@ def test_gpt2_conv1d_converts_when_transformers_is_installed():
     model = transformers.GPT2LMHeadModel(config).eval()
     ids = torch.randint(0, 50, (2, 8))
     before = model(ids).logits
-    report = lorank.convert(model, LowRankConfig(rank=1.0, skip_if_no_savings=False,
-                                                 exclude_modules=["lm_head"]))
+    report = lorank.convert(
+        model, LowRankConfig(rank=1.0, skip_if_no_savings=False, exclude_modules=["lm_head"])
+    )
     assert any(e.kind == "Conv1D" for e in report.converted)
     torch.testing.assert_close(model(ids).logits, before, atol=1e-4, rtol=1e-4)
     lorank.convert(model, LowRankConfig(rank=4, exclude_modules=["lm_head"]))

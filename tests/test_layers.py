@@ -164,8 +164,11 @@ def test_state_dict_loads_into_a_layer_of_another_rank():
 
 @settings(max_examples=30, deadline=None)
 @given(
-    m=st.integers(1, 24), n=st.integers(1, 24), frac=st.floats(0.01, 1.0),
-    core=st.sampled_from(CORES), batch=st.integers(1, 5),
+    m=st.integers(1, 24),
+    n=st.integers(1, 24),
+    frac=st.floats(0.01, 1.0),
+    core=st.sampled_from(CORES),
+    batch=st.integers(1, 5),
 )
 def test_shapes_and_ranks_property(m, n, frac, core, batch):
     layer = LowRankLinear(n, m, frac, core=core)
@@ -177,7 +180,10 @@ def test_shapes_and_ranks_property(m, n, frac, core, batch):
 
 @settings(max_examples=20, deadline=None)
 @given(
-    cin=st.integers(1, 4), cout=st.integers(1, 6), k=st.integers(1, 3), stride=st.integers(1, 2),
+    cin=st.integers(1, 4),
+    cout=st.integers(1, 6),
+    k=st.integers(1, 3),
+    stride=st.integers(1, 2),
     rank=st.integers(1, 6),
 )
 def test_conv_shapes_property(cin, cout, k, stride, rank):

@@ -77,8 +77,7 @@ def test_transform_with_wrong_shape_is_caught():
 @pytest.mark.parametrize("schedule", ["constant", "step", "cosine"])
 def test_schedules_with_warmup(schedule):
     p = nn.Parameter(torch.zeros(1))
-    cfg = OptimConfig(name="sgd", lr=1.0, schedule=schedule, warmup_steps=4, step_size=2,
-                      gamma=0.5)
+    cfg = OptimConfig(name="sgd", lr=1.0, schedule=schedule, warmup_steps=4, step_size=2, gamma=0.5)
     opt = build_optimizer([p], cfg)
     sched = build_scheduler(opt, cfg, steps_per_epoch=10, epochs=5)
     lrs = []

@@ -17,7 +17,17 @@ from lorank.layers import LowRankConv2d, LowRankLayer, LowRankLinear
 from lorank.rank import RankRule
 
 __all__ = [
-    "ConversionReport", "LorankError", "LowRankConfig", "LowRankConv2d", "LowRankLayer",
-    "LowRankLinear", "RankRule", "__version__", "convert", "load", "low_rank_layers", "merge",
+    "ConversionReport",
+    "LorankError",
+    "LowRankConfig",
+    "LowRankConv2d",
+    "LowRankLayer",
+    "LowRankLinear",
+    "RankRule",
+    "__version__",
+    "convert",
+    "load",
+    "low_rank_layers",
+    "merge",
     "save",
 ]

@@ -31,57 +31,102 @@ def _parser() -> argparse.ArgumentParser:
     from lorank.methods import METHODS
 
     parser = argparse.ArgumentParser(
-        prog="lorank", description="Low-rank training and compression of neural networks.")
+        prog="lorank", description="Low-rank training and compression of neural networks."
+    )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
-        "train", help="train a model from a TOML config into a run directory",
+        "train",
+        help="train a model from a TOML config into a run directory",
         description="Train a model from a TOML config. Writes config.json, metrics.jsonl, "
         "summary.json, model.safetensors/model.json and env.json into the run directory.",
         epilog=CONFIG_HELP % {"methods": "|".join(METHODS)},
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config", help="path to a TOML config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)",
+    )
     p.add_argument("--out", help="run directory (default: runs/<config-stem>-<timestamp>)")
-    p.add_argument("--data-dir", help="dataset root (else data.dir, $LORANK_DATA, "
-                   "~/.cache/lorank)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing run directory at --out")
+    p.add_argument("--data-dir", help="dataset root (else data.dir, $LORANK_DATA, ~/.cache/lorank)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing run directory at --out"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a run directory or a saved checkpoint",
-                       description="Evaluate a trained model on its test split and print JSON.")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run directory or a saved checkpoint",
+        description="Evaluate a trained model on its test split and print JSON.",
+    )
     p.add_argument("path", help="run directory, or the path of model.safetensors/model.json")
     p.add_argument("--data-dir", help="dataset root")
-    p.add_argument("--config", help="TOML config for the data section when the checkpoint "
-                   "is not inside a run directory")
+    p.add_argument(
+        "--config",
+        help="TOML config for the data section when the checkpoint is not inside a run directory",
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
-        "compress", help="compress a trained model by truncated SVD (nn-svd), then evaluate",
+        "compress",
+        help="compress a trained model by truncated SVD (nn-svd), then evaluate",
         description="Replace every Linear/Conv2d of a trained model by its truncated SVD, with "
         "ranks from a rank rule or the loss-bounded search; evaluate it with no training, "
         "optionally fine-tune, and write a run directory (summary.json holds accuracy and "
-        "parameters before and after).")
-    p.add_argument("path", help="lorank run directory or checkpoint, a PyTorch state_dict file "
-                   "(.pt/.pth/.bin; needs --model-config), or a Hugging Face model directory")
-    p.add_argument("--rule", default="tolerance=0.1", metavar="RULE",
-                   help="rank rule: rank=N | fraction=F | tolerance=T | abs-tolerance=T | "
-                   "cutoff=B | energy=E | stable-rank | delta=D | loss-tolerance=EPS "
-                   "(default tolerance=0.1)")
-    p.add_argument("--finetune-epochs", type=int, default=0, metavar="N",
-                   help="fine-tune the compressed model for N epochs (default 0)")
-    p.add_argument("--model-config", help="TOML config ([model], [data]) describing a plain "
-                   "state_dict, or a checkpoint outside a run directory")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the source's config, e.g. --set optim.lr=1e-4 for fine-tuning")
-    p.add_argument("--samples", type=int, default=2048,
-                   help="training samples for loss-tolerance and diagnostics (default 2048)")
-    p.add_argument("--precision", type=float, default=0.01,
-                   help="loss-tolerance: precision of the search on delta (default 0.01)")
+        "parameters before and after).",
+    )
+    p.add_argument(
+        "path",
+        help="lorank run directory or checkpoint, a PyTorch state_dict file "
+        "(.pt/.pth/.bin; needs --model-config), or a Hugging Face model directory",
+    )
+    p.add_argument(
+        "--rule",
+        default="tolerance=0.1",
+        metavar="RULE",
+        help="rank rule: rank=N | fraction=F | tolerance=T | abs-tolerance=T | "
+        "cutoff=B | energy=E | stable-rank | delta=D | loss-tolerance=EPS "
+        "(default tolerance=0.1)",
+    )
+    p.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fine-tune the compressed model for N epochs (default 0)",
+    )
+    p.add_argument(
+        "--model-config",
+        help="TOML config ([model], [data]) describing a plain "
+        "state_dict, or a checkpoint outside a run directory",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the source's config, e.g. --set optim.lr=1e-4 for fine-tuning",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=2048,
+        help="training samples for loss-tolerance and diagnostics (default 2048)",
+    )
+    p.add_argument(
+        "--precision",
+        type=float,
+        default=0.01,
+        help="loss-tolerance: precision of the search on delta (default 0.01)",
+    )
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--data-dir", help="dataset root")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -101,8 +146,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lorank.train import train
 
     config = load_config(args.config, args.overrides)
-    path = train(config, args.out, config_name=Path(args.config).stem, data_dir=args.data_dir,
-                 overwrite=args.overwrite, quiet=args.quiet)
+    path = train(
+        config,
+        args.out,
+        config_name=Path(args.config).stem,
+        data_dir=args.data_dir,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
     summary = json.loads((path / "summary.json").read_text())
     print(json.dumps({"run_dir": str(path), **summary}, indent=2))
     return 0
@@ -119,13 +170,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     from lorank.compress import compress
 
-    path = compress(args.path, args.rule, args.out, finetune_epochs=args.finetune_epochs,
-                    model_config=args.model_config, data_dir=args.data_dir,
-                    overrides=args.overrides, samples=args.samples, precision=args.precision,
-                    overwrite=args.overwrite, quiet=args.quiet)
+    path = compress(
+        args.path,
+        args.rule,
+        args.out,
+        finetune_epochs=args.finetune_epochs,
+        model_config=args.model_config,
+        data_dir=args.data_dir,
+        overrides=args.overrides,
+        samples=args.samples,
+        precision=args.precision,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
     summary = json.loads((path / "summary.json").read_text())
-    keys = ("test_acc_before", "test_acc_after", "test_acc", "params_eval_before",
-            "params_eval_after", "compression", "ranks")
+    keys = (
+        "test_acc_before",
+        "test_acc_after",
+        "test_acc",
+        "params_eval_before",
+        "params_eval_after",
+        "compression",
+        "ranks",
+    )
     print(json.dumps({"run_dir": str(path)} | {k: summary.get(k) for k in keys}, indent=2))
     return 0
 
@@ -140,8 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lorank: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lorank: interrupted; finished epochs are kept in the run directory",
-              file=sys.stderr)
+        print("lorank: interrupted; finished epochs are kept in the run directory", file=sys.stderr)
         return 130
 
 

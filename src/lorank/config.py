@@ -51,8 +51,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise LorankError(f"config file {path} does not exist; pass the path to a .toml file "
-                              "(examples in configs/)")
+            raise LorankError(
+                f"config file {path} does not exist; pass the path to a .toml file "
+                "(examples in configs/)"
+            )
         try:
             raw = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -83,8 +85,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise LorankError(f"override {item!r} is not of the form section.key=value "
-                          "(e.g. --set optim.lr=3e-4)")
+        raise LorankError(
+            f"override {item!r} is not of the form section.key=value (e.g. --set optim.lr=3e-4)"
+        )
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -150,5 +153,9 @@ def _allowed_keys(loc: tuple, raw: dict[str, Any]) -> list[str]:
             model = _model_classes().get(name)
         else:
             annotation = model.model_fields[part].annotation if part in model.model_fields else None
-            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            model = (
+                annotation
+                if isinstance(annotation, type) and issubclass(annotation, BaseModel)
+                else None
+            )
     return sorted(model.model_fields) if model is not None else []

@@ -39,7 +39,9 @@ class LowRankConfig(BaseModel):
     core: Literal["full", "diag", "none"] | None = Field(
         None, description="U S Vᵀ with a full or diagonal S, or U Vᵀ; default from method"
     )
-    init: Literal["svd", "random"] = Field("svd", description="SVD of the existing weight or random")
+    init: Literal["svd", "random"] = Field(
+        "svd", description="SVD of the existing weight or random"
+    )
     target_modules: list[str] | str | None = Field(
         None, description="names (suffix list) or a regex; default: every Linear/Conv2d"
     )
@@ -88,8 +90,11 @@ class ConversionReport:
         return sum(e.params_after for e in self.layers)
 
     def to_dict(self) -> dict:
-        return {"layers": [e.__dict__ | {"shape": list(e.shape)} for e in self.layers],
-                "params_before": self.params_before, "params_after": self.params_after}
+        return {
+            "layers": [e.__dict__ | {"shape": list(e.shape)} for e in self.layers],
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+        }
 
     def __str__(self) -> str:
         rows = [f"{'layer':<32} {'shape':>13} {'rank':>6} {'params':>19}  status"]
@@ -185,15 +190,18 @@ def convert(model: nn.Module, config: LowRankConfig | None = None) -> Conversion
     core = config.core_kind()
     candidates = candidate_layers(model, config)
     if config.target_modules is not None and not candidates:
-        raise LorankError(f"target_modules {config.target_modules!r} matched no Linear/Conv2d "
-                          "layer; check the names with `print(model)`")
+        raise LorankError(
+            f"target_modules {config.target_modules!r} matched no Linear/Conv2d "
+            "layer; check the names with `print(model)`"
+        )
     report = ConversionReport()
     last = len(candidates) - 1
     for i, (name, module) in enumerate(candidates):
         m, n = _matrix_shape(module)
         before = sum(p.numel() for p in module.parameters())
-        entry = LayerConversion(name, type(module).__name__, (m, n), None, "kept", "",
-                                before, before)
+        entry = LayerConversion(
+            name, type(module).__name__, (m, n), None, "kept", "", before, before
+        )
         report.layers.append(entry)
         if (config.keep_first_dense and i == 0) or (config.keep_last_dense and i == last):
             entry.reason = "kept dense by keep_first_dense/keep_last_dense"

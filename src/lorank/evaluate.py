@@ -20,8 +20,10 @@ def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     if path.is_dir():
         stem = path / "model"
         if not stem.with_suffix(".json").is_file():
-            raise LorankError(f"{path} holds no model.json/model.safetensors; is it a finished "
-                              "lorank run directory?")
+            raise LorankError(
+                f"{path} holds no model.json/model.safetensors; is it a finished "
+                "lorank run directory?"
+            )
         return stem, path
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
     if not stem.with_suffix(".json").is_file():
@@ -34,8 +36,10 @@ def run_config_of(run_dir: Path | None, config_path: str | None) -> RunConfig:
     if config_path:
         return load_config(config_path)
     if run_dir is None:
-        raise LorankError("this checkpoint is not inside a run directory; pass --config with "
-                          "the [data] section to evaluate it on")
+        raise LorankError(
+            "this checkpoint is not inside a run directory; pass --config with "
+            "the [data] section to evaluate it on"
+        )
     try:
         raw = json.loads((run_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -53,5 +57,10 @@ def evaluate_checkpoint(
     data = load_dataset(config.data, device=device, data_dir=data_dir)
     model = load(stem).to(device)
     test = evaluate(model, data.eval_batches("test"))
-    return {"checkpoint": str(stem.with_suffix(".safetensors")), "test_loss": test["loss"],
-            "test_acc": test["acc"], **parameter_counts(model), "ranks": ranks(model)}
+    return {
+        "checkpoint": str(stem.with_suffix(".safetensors")),
+        "test_loss": test["loss"],
+        "test_acc": test["acc"],
+        **parameter_counts(model),
+        "ranks": ranks(model),
+    }

@@ -85,8 +85,9 @@ def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = N
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    atomic_write_json(stem.with_suffix(".json"),
-                      {"format": FORMAT, "low_rank_layers": layers, **(metadata or {})})
+    atomic_write_json(
+        stem.with_suffix(".json"), {"format": FORMAT, "low_rank_layers": layers, **(metadata or {})}
+    )
     return weights
 
 
@@ -105,15 +106,21 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON side-car of a saved model."""
     meta_path = _stem(path).with_suffix(".json")
     if not meta_path.is_file():
-        raise LorankError(f"checkpoint metadata {meta_path} not found; pass a run directory or "
-                          "the path of a model saved with lorank.save")
+        raise LorankError(
+            f"checkpoint metadata {meta_path} not found; pass a run directory or "
+            "the path of a model saved with lorank.save"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LorankError(f"checkpoint metadata {meta_path} is corrupt ({e}); re-save the model")
+        raise LorankError(
+            f"checkpoint metadata {meta_path} is corrupt ({e}); re-save the model"
+        ) from None
     if meta.get("format") != FORMAT:
-        raise LorankError(f"{meta_path} is not a lorank checkpoint (format "
-                          f"{meta.get('format')!r}, expected {FORMAT!r})")
+        raise LorankError(
+            f"{meta_path} is not a lorank checkpoint (format "
+            f"{meta.get('format')!r}, expected {FORMAT!r})"
+        )
     return meta
 
 
@@ -135,15 +142,17 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     try:
         state = load_file(weights)
     except (SafetensorError, OSError) as e:
-        raise LorankError(f"checkpoint weights {weights} are corrupt or truncated ({e}); "
-                          "restore them or retrain") from None
+        raise LorankError(
+            f"checkpoint weights {weights} are corrupt or truncated ({e}); restore them or retrain"
+        ) from None
     device = next(model.parameters()).device
     try:
         model.load_state_dict({k: v.to(device) for k, v in state.items()})
     except RuntimeError as e:
         first = str(e).strip().splitlines()[1:2] or [str(e)]
-        raise LorankError(f"checkpoint {weights} does not fit this model: "
-                          f"{first[0].strip()}") from None
+        raise LorankError(
+            f"checkpoint {weights} does not fit this model: {first[0].strip()}"
+        ) from None
     return model
 
 
@@ -152,8 +161,9 @@ def build_from_metadata(meta: dict[str, Any]) -> nn.Module:
     from lorank.models import build_model, model_config_from_dict
 
     if "model" not in meta or "data_info" not in meta:
-        raise LorankError("checkpoint metadata has no model config; pass the model to "
-                          "lorank.load(path, model)")
+        raise LorankError(
+            "checkpoint metadata has no model config; pass the model to lorank.load(path, model)"
+        )
     info = dict(meta["data_info"])
     info["input_shape"] = tuple(info["input_shape"])
     return build_model(model_config_from_dict(meta["model"]), DatasetInfo(**info))
@@ -164,8 +174,10 @@ def apply_layer_specs(model: nn.Module, specs: dict[str, dict]) -> None:
     names = dict(model.named_modules())
     for name, spec in specs.items():
         if name not in names:
-            raise LorankError(f"checkpoint has a low-rank layer {name!r} that this model lacks; "
-                              "load it with the architecture it was trained with")
+            raise LorankError(
+                f"checkpoint has a low-rank layer {name!r} that this model lacks; "
+                "load it with the architecture it was trained with"
+            )
         layer = layer_from_spec(spec)
         ref = next(names[name].parameters(), None)
         if ref is not None:

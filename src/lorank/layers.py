@@ -59,9 +59,7 @@ class LowRankLayer(nn.Module):
     S: nn.Parameter | None
     bias: nn.Parameter | None
 
-    def __init__(
-        self, out_dim: int, in_dim: int, rank: int, core: CoreKind, bias: bool
-    ) -> None:
+    def __init__(self, out_dim: int, in_dim: int, rank: int, core: CoreKind, bias: bool) -> None:
         super().__init__()
         if core not in CORE_KINDS:
             raise LorankError(f"core must be one of {', '.join(CORE_KINDS)}, got {core!r}")
@@ -196,15 +194,18 @@ class LowRankLayer(nn.Module):
             raise LorankError(f"rank {r} is outside [1, {self.full_rank}] for this layer")
         expected = {"full": (r, r), "diag": (r,), "none": None}[self.core]
         if (None if S is None else tuple(S.shape)) != expected:
-            raise ValueError(f"core of shape {None if S is None else tuple(S.shape)} for core "
-                             f"kind {self.core!r}, expected {expected}")
+            raise ValueError(
+                f"core of shape {None if S is None else tuple(S.shape)} for core "
+                f"kind {self.core!r}, expected {expected}"
+            )
         mapping: dict[nn.Parameter, nn.Parameter] = {}
         for name, value in (("U", U), ("S", S), ("V", V)):
             if value is None:
                 continue
             old = getattr(self, name)
-            new = nn.Parameter(value.detach().to(old).contiguous().clone(),
-                               requires_grad=old.requires_grad)
+            new = nn.Parameter(
+                value.detach().to(old).contiguous().clone(), requires_grad=old.requires_grad
+            )
             setattr(self, name, new)
             mapping[old] = new
         return mapping
@@ -225,19 +226,26 @@ class LowRankLayer(nn.Module):
         self.U.requires_grad_(not frozen)
         self.V.requires_grad_(not frozen)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):  # noqa: ANN001
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # noqa: ANN001
         # A checkpoint may hold a different active rank: resize our factors to match it
         # before the copy, so shapes rebuild from the weights themselves.
         for name in ("U", "S", "V"):
             key = prefix + name
             param = getattr(self, name)
             if key in state_dict and param is not None and state_dict[key].shape != param.shape:
-                setattr(self, name, nn.Parameter(torch.empty_like(state_dict[key], dtype=param.dtype,
-                                                                  device=param.device),
-                                                 requires_grad=param.requires_grad))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+                setattr(
+                    self,
+                    name,
+                    nn.Parameter(
+                        torch.empty_like(state_dict[key], dtype=param.dtype, device=param.device),
+                        requires_grad=param.requires_grad,
+                    ),
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return f"out={self.out_dim}, in={self.in_dim}, rank={self.rank}, core={self.core}"
@@ -293,9 +301,15 @@ class LowRankLinear(LowRankLayer):
         return dense
 
     def spec(self) -> dict:
-        return {"type": "linear", "in_features": self.in_features,
-                "out_features": self.out_features, "rank": self.rank, "core": self.core,
-                "bias": self.bias is not None, "frozen": _frozen_names(self)}
+        return {
+            "type": "linear",
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "core": self.core,
+            "bias": self.bias is not None,
+            "frozen": _frozen_names(self),
+        }
 
 
 class LowRankConv2d(LowRankLayer):
@@ -347,8 +361,17 @@ class LowRankConv2d(LowRankLayer):
                 f"Conv2d with padding_mode={conv.padding_mode!r} is not supported; "
                 "exclude it from conversion or use padding_mode='zeros'"
             )
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, rank, conv.stride,
-                    conv.padding, conv.dilation, conv.bias is not None, core)
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            rank,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.bias is not None,
+            core,
+        )
         weight = conv.weight.detach()
         layer.to(device=weight.device, dtype=weight.dtype)
         u, sigma, vh = torch.linalg.svd(weight.flatten(1).double(), full_matrices=False)
@@ -361,8 +384,15 @@ class LowRankConv2d(LowRankLayer):
     @torch.no_grad()
     def to_dense(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` with weight U S Vᵀ reshaped to (C_out, C_in, kh, kw)."""
-        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                          self.padding, self.dilation, bias=self.bias is not None)
+        dense = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            bias=self.bias is not None,
+        )
         dense.to(device=self.U.device, dtype=self.U.dtype)
         dense.weight.copy_(self.weight_matrix().reshape(dense.weight.shape))
         if self.bias is not None:
@@ -370,31 +400,48 @@ class LowRankConv2d(LowRankLayer):
         return dense
 
     def spec(self) -> dict:
-        return {"type": "conv2d", "in_channels": self.in_channels,
-                "out_channels": self.out_channels, "kernel_size": list(self.kernel_size),
-                "stride": list(self.stride),
-                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
-                "dilation": list(self.dilation), "rank": self.rank, "core": self.core,
-                "bias": self.bias is not None, "frozen": _frozen_names(self)}
+        return {
+            "type": "conv2d",
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+            "dilation": list(self.dilation),
+            "rank": self.rank,
+            "core": self.core,
+            "bias": self.bias is not None,
+            "frozen": _frozen_names(self),
+        }
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, rank={self.rank}, "
-                f"core={self.core}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, rank={self.rank}, "
+            f"core={self.core}"
+        )
 
 
 def layer_from_spec(spec: dict) -> LowRankLayer:
     """Rebuild an (uninitialised) low-rank layer from :meth:`LowRankLayer.spec`."""
     kind = spec.get("type")
     if kind == "linear":
-        layer: LowRankLayer = LowRankLinear(spec["in_features"], spec["out_features"],
-                                            spec["rank"], spec["bias"], spec["core"])
+        layer: LowRankLayer = LowRankLinear(
+            spec["in_features"], spec["out_features"], spec["rank"], spec["bias"], spec["core"]
+        )
     elif kind == "conv2d":
         padding = spec["padding"]
-        layer = LowRankConv2d(spec["in_channels"], spec["out_channels"],
-                              tuple(spec["kernel_size"]), spec["rank"], tuple(spec["stride"]),
-                              padding if isinstance(padding, str) else tuple(padding),
-                              tuple(spec["dilation"]), spec["bias"], spec["core"])
+        layer = LowRankConv2d(
+            spec["in_channels"],
+            spec["out_channels"],
+            tuple(spec["kernel_size"]),
+            spec["rank"],
+            tuple(spec["stride"]),
+            padding if isinstance(padding, str) else tuple(padding),
+            tuple(spec["dilation"]),
+            spec["bias"],
+            spec["core"],
+        )
     else:
         raise LorankError(f"unknown low-rank layer type {kind!r} in checkpoint metadata")
     for name in spec.get("frozen", []):

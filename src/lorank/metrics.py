@@ -39,8 +39,11 @@ def orthogonality_errors(model: nn.Module) -> dict[str, float]:
 
 def _gram_error(factor: torch.Tensor) -> float:
     gram = factor.T @ factor
-    return float(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype,
-                                                                device=gram.device)))
+    return float(
+        torch.linalg.matrix_norm(
+            gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        )
+    )
 
 
 def is_low_rank(module: nn.Module) -> bool:

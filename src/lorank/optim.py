@@ -40,13 +40,19 @@ class OptimConfig(BaseModel):
     grad_clip: float | None = Field(None, gt=0, description="max global gradient norm")
 
 
-def build_optimizer(params: Iterable[nn.Parameter] | list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: Iterable[nn.Parameter] | list[dict], cfg: OptimConfig
+) -> torch.optim.Optimizer:
     """The configured optimizer over ``params`` (parameters or param-group dicts)."""
     params = list(params)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -122,8 +128,10 @@ def _transform_state(
             if moved is None:
                 return None
             if moved.shape != new.shape:
-                raise ValueError(f"state {key!r} transformed to {tuple(moved.shape)}, "
-                                 f"parameter has {tuple(new.shape)}")
+                raise ValueError(
+                    f"state {key!r} transformed to {tuple(moved.shape)}, "
+                    f"parameter has {tuple(new.shape)}"
+                )
             out[key] = moved
         else:
             out[key] = value

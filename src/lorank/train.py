@@ -45,8 +45,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise LorankError("train.device = 'cuda' but no CUDA device is available; "
-                          "use device = 'auto' or 'cpu'")
+        raise LorankError(
+            "train.device = 'cuda' but no CUDA device is available; use device = 'auto' or 'cpu'"
+        )
     return torch.device(name)
 
 
@@ -86,10 +87,16 @@ def environment(device: torch.device) -> dict[str, Any]:
     import pydantic
 
     env = {
-        "lorank": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
-        "torch": torch.__version__, "numpy": np.__version__, "pydantic": pydantic.__version__,
-        "device": str(device), "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "argv": sys.argv,
+        "lorank": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pydantic": pydantic.__version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "argv": sys.argv,
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
@@ -106,8 +113,10 @@ def prepare_run_dir(out: Path, overwrite: bool) -> Path:
     """Create ``out``; refuse to touch an existing non-empty one unless ``overwrite``."""
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise LorankError(f"run directory {out} already exists; choose another --out or "
-                              "pass --overwrite to replace it")
+            raise LorankError(
+                f"run directory {out} already exists; choose another --out or "
+                "pass --overwrite to replace it"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -158,8 +167,12 @@ def train(
     seed_everything(tc.seed)
     model = (model if model is not None else build_model(config.model, data.info)).to(device)
     method = build_method(config.method)
-    method.attach(loss_fn=task_loss, calibration=lambda n: data.train_subset_batches(n),
-                  max_grad_norm=config.optim.grad_clip, epochs=tc.epochs)
+    method.attach(
+        loss_fn=task_loss,
+        calibration=lambda n: data.train_subset_batches(n),
+        max_grad_norm=config.optim.grad_clip,
+        epochs=tc.epochs,
+    )
     report = method.prepare(model)
     model.to(device)
     if report.layers:
@@ -167,8 +180,11 @@ def train(
     optimizer = build_optimizer(method.parameters(model), config.optim)
     scheduler = build_scheduler(optimizer, config.optim, data.num_train_batches, tc.epochs)
     data_gen = torch.Generator().manual_seed(tc.seed)
-    meta = {"model": config.model.model_dump(mode="json"), "data_info": asdict(data.info),
-            "method": config.method.name}
+    meta = {
+        "model": config.model.model_dump(mode="json"),
+        "data_info": asdict(data.info),
+        "method": config.method.name,
+    }
     show = not quiet and sys.stderr.isatty()
 
     run.write_json("summary.json", {"status": "running"})
@@ -179,8 +195,14 @@ def train(
         sums: dict[str, Tensor] = {}
         steps = 0
         start = time.perf_counter()
-        bar = tqdm(data.train_batches(data_gen), total=data.num_train_batches, disable=not show,
-                   desc=f"epoch {epoch}/{tc.epochs}", leave=False, unit="batch")
+        bar = tqdm(
+            data.train_batches(data_gen),
+            total=data.num_train_batches,
+            disable=not show,
+            desc=f"epoch {epoch}/{tc.epochs}",
+            leave=False,
+            unit="batch",
+        )
         for batch in bar:
             stats = method.train_step(model, optimizer, batch, task_loss)
             scheduler.step()
@@ -188,15 +210,24 @@ def train(
                 sums[k] = sums[k] + v if k in sums else v.clone()
             steps += 1
             if show and steps % 20 == 0:
-                bar.set_postfix(loss=f"{float(stats['loss']):.4f}")
+                rate = steps * config.data.batch_size / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{float(stats['loss']):.4f}", samples_s=f"{rate:.0f}")
         train_stats = {k: float(v) / max(steps, 1) for k, v in sums.items()}
         method.on_epoch_end(model, optimizer, epoch, train_stats)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_time = time.perf_counter() - start
         train_time += epoch_time
-        record = epoch_record(epoch, model, data, method, train_stats, train_time, tc.eval_every,
-                              force_eval=epoch == tc.epochs)
+        record = epoch_record(
+            epoch,
+            model,
+            data,
+            method,
+            train_stats,
+            train_time,
+            tc.eval_every,
+            force_eval=epoch == tc.epochs,
+        )
         record["epoch_time_s"] = epoch_time
         record["lr"] = optimizer.param_groups[0]["lr"]
         run.log(record)
@@ -206,19 +237,28 @@ def train(
         if not math.isfinite(record["train_loss"]):
             summary = summarize(run.records, train_time, "diverged")
             run.write_json("summary.json", summary)
-            raise LorankError(f"training diverged at epoch {epoch}: the training loss is "
-                              f"{record['train_loss']}; lower optim.lr or set optim.grad_clip "
-                              f"(results so far are in {run.path})")
+            raise LorankError(
+                f"training diverged at epoch {epoch}: the training loss is "
+                f"{record['train_loss']}; lower optim.lr or set optim.grad_clip "
+                f"(results so far are in {run.path})"
+            )
     if tc.epochs == 0:
         save(model, run.path / "model", meta)
-    run.write_json("summary.json",
-                   summarize(run.records, train_time, "completed") | method.summary())
+    run.write_json(
+        "summary.json", summarize(run.records, train_time, "completed") | method.summary()
+    )
     return run.path
 
 
 def epoch_record(
-    epoch: int, model: nn.Module, data: Dataset, method: Any, train_stats: dict[str, float],
-    train_time: float, eval_every: int, force_eval: bool = False,
+    epoch: int,
+    model: nn.Module,
+    data: Dataset,
+    method: Any,
+    train_stats: dict[str, float],
+    train_time: float,
+    eval_every: int,
+    force_eval: bool = False,
 ) -> dict[str, Any]:
     record: dict[str, Any] = {"epoch": epoch, "train_loss": train_stats.get("loss_task")}
     record.update({k: v for k, v in train_stats.items() if k != "loss_task"})
