@@ -1,4 +1,5 @@
-"""The ``lorank`` command line: ``train``, ``eval`` and ``compress``.
+"""The ``lorank`` command line: ``train``, ``eval``, ``compress``, ``sweep``, ``report``
+and ``compare``.
 
 Every user error (bad config key or value, missing or corrupt file, incompatible checkpoint)
 is printed as one line, ``lorank: error: ...``, with exit status 2 and no traceback.
@@ -11,6 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from lorank.errors import LorankError
 
@@ -27,10 +29,21 @@ config sections (TOML) and their keys; override any with --set section.key=value
 """
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (plus where to look), not a usage dump."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # --overwrit must not mean --overwrite
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"lorank: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from lorank.methods import METHODS
 
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="lorank", description="Low-rank training and compression of neural networks."
     )
     parser.add_argument("--version", action="version", version=_version())
@@ -132,6 +145,84 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no fine-tuning epoch lines")
     p.set_defaults(func=_cmd_compress)
+
+    p = sub.add_parser(
+        "sweep",
+        help="run a config over a grid of values x seeds, in parallel, resumable",
+        description="Run CONFIG for every combination of the --grid values (and the TOML's "
+        "[sweep] grid) and every seed, each into its own run directory under --out, with a "
+        "pool of worker processes. Finished runs are skipped on a rerun, half-written ones "
+        "restarted; OUT/sweep.json indexes the runs.",
+    )
+    p.add_argument("config", help="path to a TOML config, optionally with a [sweep] section")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="grid values of a config key, e.g. --grid optim.lr=1e-2,1e-3 (repeatable)",
+    )
+    p.add_argument("--seeds", help="seeds, e.g. 0,1,2 or 0-4 (default: [sweep] seeds or 0)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base config value for every run (repeatable)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="parallel worker processes (default: as many as fit the CPU cores, "
+        "each with cores/workers torch threads)",
+    )
+    p.add_argument("--out", required=True, help="sweep directory")
+    p.add_argument("--data-dir", help="dataset root")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser(
+        "report",
+        help="aggregate runs and sweeps into tables, figures and an HTML report",
+        description="Aggregate run and sweep directories (mean ± std over seeds) into "
+        "OUT/summary.md, OUT/report.html (self-contained) and OUT/figures/*.png.",
+    )
+    p.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR")
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--title", help="report title")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
+        "compare",
+        help="train every method on the same model and budget, then write the report",
+        description="Train dense, factorized, svd, dlrt and oialr on the same MLP and data "
+        "budget, compress the dense run with nn-svd, and write the report into --out. The "
+        "defaults finish in a few minutes on a 2-core CPU.",
+    )
+    p.add_argument("--dataset", default="mnist", help="mnist | fashion-mnist | synthetic")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 4)")
+    p.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 (default 0)")
+    p.add_argument(
+        "--hidden", default=None, help="MLP hidden widths, e.g. 256,256 (default 256,256)"
+    )
+    p.add_argument("--train-subset", type=int, default=None, help="training samples (default: all)")
+    p.add_argument(
+        "--methods", default=None, help="comma list (default dense,factorized,svd,dlrt,oialr,nnsvd)"
+    )
+    p.add_argument("--workers", type=int, help="parallel worker processes")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the shared base config, e.g. --set data.batch_size=128",
+    )
+    p.add_argument("--out", required=True, help="output directory (runs/ and the report)")
+    p.add_argument("--data-dir", help="dataset root")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 
@@ -197,6 +288,46 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from lorank.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.config, args.grid, args.seeds, args.overrides)
+    out = run_sweep(sweep, args.out, workers=args.workers, data_dir=args.data_dir, quiet=args.quiet)
+    index = json.loads((out / "sweep.json").read_text())
+    print(json.dumps({"sweep_dir": str(out), **index["counts"]}, indent=2))
+    return 0 if index["counts"]["failed"] == 0 else 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from lorank.report import report
+
+    out = report(args.paths, args.out, title=args.title)
+    print(json.dumps({"report": str(out / "report.html"), "summary": str(out / "summary.md")}))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from lorank.compare import compare, parse_hidden
+    from lorank.sweep import parse_seeds
+
+    out = compare(
+        dataset=args.dataset,
+        epochs=args.epochs,
+        seeds=parse_seeds(args.seeds),
+        hidden=parse_hidden(args.hidden) if args.hidden else None,
+        train_subset=args.train_subset,
+        methods=args.methods.split(",") if args.methods else None,
+        workers=args.workers,
+        overrides=args.overrides,
+        out=args.out,
+        data_dir=args.data_dir,
+        quiet=args.quiet,
+    )
+    print((out / "summary.md").read_text().split("\n## ", 2)[1].split("\n", 1)[1].strip())
+    print(f"\nreport: {out / 'report.html'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -205,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except LorankError as e:
         print(f"lorank: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("lorank: interrupted; finished epochs are kept in the run directory", file=sys.stderr)
         return 130

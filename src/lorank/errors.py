@@ -4,6 +4,15 @@
 class LorankError(Exception):
     """A problem with the user's input (config, data, checkpoint, option) that they can fix.
 
-    The CLI prints ``lorank: error: <message>`` and exits with status 2; the message must name
-    what is wrong and how to fix it.
+    The CLI prints ``lorank: error: <message>`` and exits with :attr:`exit_code`; the message
+    must name what is wrong and how to fix it.
     """
+
+    #: 2 for bad input (config, files, options); 1 for a run that failed while running.
+    exit_code = 2
+
+
+class TrainingDiverged(LorankError):
+    """The loss or a parameter became NaN/inf; the run is marked ``diverged``."""
+
+    exit_code = 1

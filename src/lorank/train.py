@@ -33,7 +33,7 @@ from tqdm import tqdm
 from lorank import __version__
 from lorank.config import RunConfig
 from lorank.data import Dataset, load_dataset
-from lorank.errors import LorankError
+from lorank.errors import LorankError, TrainingDiverged
 from lorank.io import atomic_write_json, atomic_write_text, save
 from lorank.methods import build as build_method
 from lorank.metrics import orthogonality_errors, parameter_counts, ranks
@@ -109,16 +109,26 @@ def default_run_dir(config_name: str) -> Path:
     return Path("runs") / f"{config_name}-{stamp}"
 
 
+def check_run_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty run directory unless ``overwrite``."""
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LorankError(
+            f"run directory {out} already exists; choose another --out or "
+            "pass --overwrite to replace it"
+        )
+
+
 def prepare_run_dir(out: Path, overwrite: bool) -> Path:
-    """Create ``out``; refuse to touch an existing non-empty one unless ``overwrite``."""
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise LorankError(
-                f"run directory {out} already exists; choose another --out or "
-                "pass --overwrite to replace it"
-            )
+    """Create ``out``, replacing an existing one only when ``overwrite``."""
+    check_run_dir(out, overwrite)
+    if out.is_dir() and any(out.iterdir()):
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LorankError(
+            f"cannot create run directory {out} ({e.strerror}); choose a writable --out"
+        ) from None
     return out
 
 
@@ -159,10 +169,9 @@ def train(
     device = resolve_device(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    run_path = Path(out) if out else default_run_dir(config_name)
+    check_run_dir(run_path, overwrite)  # fail before the slow set-up
     data = load_dataset(config.data, device=device, data_dir=data_dir)
-    run = Run(prepare_run_dir(Path(out) if out else default_run_dir(config_name), overwrite))
-    run.write_json("config.json", config.model_dump(mode="json"))
-    run.write_json("env.json", environment(device))
 
     seed_everything(tc.seed)
     model = (model if model is not None else build_model(config.model, data.info)).to(device)
@@ -175,10 +184,14 @@ def train(
     )
     report = method.prepare(model)
     model.to(device)
-    if report.layers:
-        run.write_json("conversion.json", report.to_dict())
     optimizer = build_optimizer(method.parameters(model), config.optim)
     scheduler = build_scheduler(optimizer, config.optim, data.num_train_batches, tc.epochs)
+    # Only now, with every input validated, create the run directory.
+    run = Run(prepare_run_dir(run_path, overwrite))
+    run.write_json("config.json", config.model_dump(mode="json"))
+    run.write_json("env.json", environment(device))
+    if report.layers:
+        run.write_json("conversion.json", report.to_dict())
     data_gen = torch.Generator().manual_seed(tc.seed)
     meta = {
         "model": config.model.model_dump(mode="json"),
@@ -237,7 +250,7 @@ def train(
         if not math.isfinite(record["train_loss"]):
             summary = summarize(run.records, train_time, "diverged")
             run.write_json("summary.json", summary)
-            raise LorankError(
+            raise TrainingDiverged(
                 f"training diverged at epoch {epoch}: the training loss is "
                 f"{record['train_loss']}; lower optim.lr or set optim.grad_clip "
                 f"(results so far are in {run.path})"
