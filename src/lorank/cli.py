@@ -57,7 +57,15 @@ def _parser() -> argparse.ArgumentParser:
         epilog=CONFIG_HELP % {"methods": "|".join(METHODS)},
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", help="path to a TOML config (see configs/)")
+    p.add_argument(
+        "config", nargs="?", help="path to a TOML config (see configs/); omit with --resume"
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its newest checkpoint (its config.json is used; "
+        "--set may change e.g. train.epochs)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -233,17 +241,30 @@ def _version() -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lorank.config import load_config
+    from lorank.config import load_config, load_run_config
     from lorank.train import train
 
-    config = load_config(args.config, args.overrides)
+    if args.resume:
+        if args.config or args.out:
+            raise LorankError(
+                "--resume RUN_DIR takes the run's own config.json and directory; "
+                "drop the CONFIG argument and --out"
+            )
+        config = load_run_config(args.resume, args.overrides)
+        out, name = args.resume, Path(args.resume).name
+    elif args.config:
+        config = load_config(args.config, args.overrides)
+        out, name = args.out, Path(args.config).stem
+    else:
+        raise LorankError("lorank train needs a CONFIG file (or --resume RUN_DIR)")
     path = train(
         config,
-        args.out,
-        config_name=Path(args.config).stem,
+        out,
+        config_name=name,
         data_dir=args.data_dir,
         overwrite=args.overwrite,
         quiet=args.quiet,
+        resume=bool(args.resume),
     )
     summary = json.loads((path / "summary.json").read_text())
     print(json.dumps({"run_dir": str(path), **summary}, indent=2))

@@ -31,6 +31,13 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present")
     eval_every: int = Field(1, ge=1, description="evaluate on the test split every N epochs")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    checkpoint_every: int = Field(
+        1, ge=0, description="write a resumable checkpoint every N epochs (0: never)"
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="on a NaN/inf loss: stop the run (diverged) or skip that batch"
+    )
 
 
 class RunConfig(BaseModel):
@@ -66,6 +73,22 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 # A [model] or [method] section without ``name`` means the default variant.
 SECTION_DEFAULT_NAMES = {"model": "mlp", "method": "dense"}
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The resolved config a run directory was trained with, plus ``key=value`` overrides."""
+    import json
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise LorankError(f"{path} not found; --resume needs a lorank run directory")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LorankError(f"{path} is unreadable ({e}); the run cannot be resumed") from None
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_config(raw)
 
 
 def validate_config(raw: dict[str, Any]) -> RunConfig:

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -31,6 +31,16 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from lorank import __version__
+from lorank.checkpoint import (
+    latest_checkpoint,
+    load_optimizer_state,
+    optimizer_state,
+    read_training_state,
+    restore_model,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
 from lorank.config import RunConfig
 from lorank.data import Dataset, load_dataset
 from lorank.errors import LorankError, TrainingDiverged
@@ -143,9 +153,12 @@ class Run:
         atomic_write_json(self.path / name, obj)
 
     def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self.log_all()
+
+    def log_all(self) -> None:
         import json
 
-        self.records.append(record)
         lines = "".join(json.dumps(r) + "\n" for r in self.records)
         atomic_write_text(self.path / "metrics.jsonl", lines)
 
@@ -159,18 +172,24 @@ def train(
     overwrite: bool = False,
     quiet: bool = False,
     model: nn.Module | None = None,
+    resume: bool = False,
 ) -> Path:
     """Train ``config`` into a run directory and return its path.
 
     ``model`` (optional) is trained instead of a fresh ``config.model`` (e.g. a compressed
     model being fine-tuned); ``config.model`` must still describe its dense architecture.
+    ``resume=True`` continues the run at ``out`` from its newest complete checkpoint, with
+    the same model, optimizer, schedule, method and RNG states, so the result is identical
+    to an uninterrupted run.
     """
     tc = config.train
     device = resolve_device(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     run_path = Path(out) if out else default_run_dir(config_name)
-    check_run_dir(run_path, overwrite)  # fail before the slow set-up
+    checkpoint = latest_checkpoint(run_path) if resume else None
+    if not resume:
+        check_run_dir(run_path, overwrite)  # fail before the slow set-up
     data = load_dataset(config.data, device=device, data_dir=data_dir)
 
     seed_everything(tc.seed)
@@ -181,18 +200,15 @@ def train(
         calibration=lambda n: data.train_subset_batches(n),
         max_grad_norm=config.optim.grad_clip,
         epochs=tc.epochs,
+        skip_nonfinite=tc.nonfinite == "skip",
     )
     report = method.prepare(model)
     model.to(device)
+    data_gen = torch.Generator().manual_seed(tc.seed)
+    if checkpoint is not None:
+        restore_model(model, checkpoint)
     optimizer = build_optimizer(method.parameters(model), config.optim)
     scheduler = build_scheduler(optimizer, config.optim, data.num_train_batches, tc.epochs)
-    # Only now, with every input validated, create the run directory.
-    run = Run(prepare_run_dir(run_path, overwrite))
-    run.write_json("config.json", config.model_dump(mode="json"))
-    run.write_json("env.json", environment(device))
-    if report.layers:
-        run.write_json("conversion.json", report.to_dict())
-    data_gen = torch.Generator().manual_seed(tc.seed)
     meta = {
         "model": config.model.model_dump(mode="json"),
         "data_info": asdict(data.info),
@@ -200,10 +216,29 @@ def train(
     }
     show = not quiet and sys.stderr.isatty()
 
-    run.write_json("summary.json", {"status": "running"})
-    run.log(epoch_record(0, model, data, method, {}, 0.0, tc.eval_every, force_eval=True))
-    train_time = 0.0
-    for epoch in range(1, tc.epochs + 1):
+    if checkpoint is None:
+        # Only now, with every input validated, create the run directory.
+        run = Run(prepare_run_dir(run_path, overwrite))
+        run.write_json("config.json", config.model_dump(mode="json"))
+        run.write_json("env.json", environment(device))
+        if report.layers:
+            run.write_json("conversion.json", report.to_dict())
+        run.write_json("summary.json", {"status": "running"})
+        run.log(epoch_record(0, model, data, method, {}, 0.0, tc.eval_every, force_eval=True))
+        first_epoch, train_time = 1, 0.0
+    else:
+        state = read_training_state(checkpoint)
+        load_optimizer_state(optimizer, model, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        method.load_state_dict(state["method"])
+        set_rng_state(state["rng"], data_gen)
+        run = Run(run_path)
+        run.records = read_records(run_path)[: state["epoch"] + 1]
+        run.log_all()
+        run.write_json("summary.json", {"status": "running"})
+        first_epoch, train_time = state["epoch"] + 1, state["train_time"]
+
+    for epoch in range(first_epoch, tc.epochs + 1):
         model.train()
         sums: dict[str, Tensor] = {}
         steps = 0
@@ -218,10 +253,12 @@ def train(
         )
         for batch in bar:
             stats = method.train_step(model, optimizer, batch, task_loss)
+            steps += 1
+            if tc.nonfinite == "stop" and not torch.isfinite(stats["loss"]):
+                diverge(run, train_time, epoch, steps, float(stats["loss"]))
             scheduler.step()
             for k, v in stats.items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
-            steps += 1
             if show and steps % 20 == 0:
                 rate = steps * config.data.batch_size / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{float(stats['loss']):.4f}", samples_s=f"{rate:.0f}")
@@ -231,6 +268,8 @@ def train(
             torch.cuda.synchronize(device)
         epoch_time = time.perf_counter() - start
         train_time += epoch_time
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            diverge(run, train_time, epoch, steps, float("nan"), what="a parameter")
         record = epoch_record(
             epoch,
             model,
@@ -245,22 +284,50 @@ def train(
         record["lr"] = optimizer.param_groups[0]["lr"]
         run.log(record)
         save(model, run.path / "model", meta)
+        if tc.checkpoint_every and (epoch % tc.checkpoint_every == 0 or epoch == tc.epochs):
+            training_state = {
+                "epoch": epoch,
+                "train_time": train_time,
+                "optimizer": optimizer_state(optimizer, model),
+                "scheduler": scheduler.state_dict(),
+                "method": method.state_dict(),
+                "rng": rng_state(data_gen),
+            }
+            write_checkpoint(run.path, epoch, model, meta, training_state, tc.keep_checkpoints)
         if not quiet:
             print(format_record(record, tc.epochs), file=sys.stderr, flush=True)
-        if not math.isfinite(record["train_loss"]):
-            summary = summarize(run.records, train_time, "diverged")
-            run.write_json("summary.json", summary)
-            raise TrainingDiverged(
-                f"training diverged at epoch {epoch}: the training loss is "
-                f"{record['train_loss']}; lower optim.lr or set optim.grad_clip "
-                f"(results so far are in {run.path})"
-            )
     if tc.epochs == 0:
         save(model, run.path / "model", meta)
     run.write_json(
         "summary.json", summarize(run.records, train_time, "completed") | method.summary()
     )
     return run.path
+
+
+def diverge(
+    run: Run, train_time: float, epoch: int, step: int, loss: float, what: str = "the loss"
+) -> NoReturn:
+    """Stop a run whose loss or parameters are no longer finite: mark it ``diverged``
+    (keeping the last good checkpoint and metrics) and raise the one-line error."""
+    summary = summarize(run.records, train_time, "diverged") if run.records else {}
+    run.write_json(
+        "summary.json",
+        summary | {"status": "diverged", "diverged_epoch": epoch, "diverged_step": step},
+    )
+    raise TrainingDiverged(
+        f"training diverged at epoch {epoch}, step {step}: {what} became {loss}; the learning "
+        "rate is likely too high (lower optim.lr or set optim.grad_clip); the last good "
+        f"checkpoint and metrics are in {run.path}"
+    )
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def epoch_record(

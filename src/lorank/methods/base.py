@@ -60,6 +60,8 @@ class Method:
         self.loss_fn: LossFn | None = None
         self.calibration: Callable[[int], list[Any]] | None = None
         self.epochs: int | None = None
+        self.skip_nonfinite = False
+        self.skipped_batches = 0
         self.step = 0
 
     def attach(
@@ -69,13 +71,15 @@ class Method:
         calibration: Callable[[int], list[Any]] | None = None,
         max_grad_norm: float | None = None,
         epochs: int | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         """Give the method what some hooks need besides the model: the task loss, a source
         of fixed training batches (``calibration(n)`` returns batches covering the first n
         training samples, for loss-based rank searches), gradient clipping, and the run's
-        total number of epochs (for phases defined from the end, e.g. a fine-tune phase)."""
+        total number of epochs (for phases defined from the end, e.g. a fine-tune phase), and
+        whether a batch with a non-finite loss is skipped instead of applied."""
         self.loss_fn, self.calibration, self.max_grad_norm = loss_fn, calibration, max_grad_norm
-        self.epochs = epochs
+        self.epochs, self.skip_nonfinite = epochs, skip_nonfinite
 
     # -- hooks ------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> ConversionReport:
@@ -98,6 +102,11 @@ class Method:
         task = loss_fn(model, batch)
         terms = self.regularization(model)
         loss = task + sum(terms.values()) if terms else task
+        if self.skip_nonfinite and not torch.isfinite(loss):
+            # A bad batch (or a transient spike): leave the weights as they are.
+            self.skipped_batches += 1
+            stats = self.loss_stats(loss, task, terms)
+            return {k: torch.zeros_like(v) for k, v in stats.items()}
         loss.backward()
         self.clip_gradients(model)
         optimizer.step()
@@ -122,10 +131,12 @@ class Method:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
+        """Everything the method needs to resume exactly (tensors allowed)."""
+        return {"step": self.step, "skipped_batches": self.skipped_batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state.get("step", 0))
+        self.skipped_batches = int(state.get("skipped_batches", 0))
 
     # -- helpers for subclasses -----------------------------------------------------------
     def clip_gradients(self, model: nn.Module) -> None:

@@ -1,0 +1,219 @@
+"""Training checkpoints that resume a run exactly: model (with current ranks), optimizer,
+LR schedule, method state, every RNG, and the metrics written so far.
+
+Layout: ``RUN/checkpoints/epoch-NNNN/`` holding ``model.safetensors`` + ``model.json`` (see
+:mod:`lorank.io`), ``state.safetensors`` (every tensor of the optimizer, method and RNG state)
+and ``state.json`` (everything else, with ``{"__tensor__": key}`` placeholders). A checkpoint
+is written into a hidden temporary folder and renamed into place, so a crash never leaves a
+half-written ``epoch-*`` folder; only the newest ``keep`` checkpoints are kept.
+
+The optimizer's state is stored by parameter *name*, not by position, because methods that
+change ranks replace parameters and so change the optimizer's parameter order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lorank.convert import merge
+from lorank.errors import LorankError
+from lorank.io import atomic_write_json, load, save
+
+CHECKPOINTS = "checkpoints"
+
+
+def split_tensors(obj: Any, tensors: dict[str, Tensor], prefix: str) -> Any:
+    """Replace every tensor inside ``obj`` by a placeholder, collecting it in ``tensors``."""
+    if isinstance(obj, Tensor):
+        key = f"{prefix}{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {
+            "__dict__": [
+                [split_tensors(k, tensors, prefix), split_tensors(v, tensors, prefix)]
+                for k, v in obj.items()
+            ]
+        }
+    if isinstance(obj, list | tuple):
+        items = [split_tensors(v, tensors, prefix) for v in obj]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    return obj
+
+
+def join_tensors(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    """Inverse of :func:`split_tensors`."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {join_tensors(k, tensors): join_tensors(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(join_tensors(v, tensors) for v in obj["__tuple__"])
+        if "__ndarray__" in obj:
+            return np.array(obj["__ndarray__"], dtype=obj["dtype"])
+        return {k: join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter names of ``model``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for group in optimizer.param_groups:
+        missing = [p for p in group["params"] if id(p) not in names]
+        if missing:
+            raise RuntimeError(
+                "the optimizer holds a parameter the model no longer has; "
+                "a method changed shapes without lorank.optim.swap_parameters"
+            )
+        groups.append(
+            {
+                **{k: v for k, v in group.items() if k != "params"},
+                "params": [names[id(p)] for p in group["params"]],
+            }
+        )
+    state = {names[id(p)]: s for p, s in optimizer.state.items() if id(p) in names}
+    return {"param_groups": groups, "state": state}
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict[str, Any]
+) -> None:
+    """Rebuild ``optimizer``'s param groups and state from :func:`optimizer_state`."""
+    params = dict(model.named_parameters())
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise LorankError(
+            "checkpoint optimizer has a different number of parameter groups; "
+            "resume with the config the run was started with"
+        )
+    device = next(model.parameters()).device
+    optimizer.state.clear()
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+        for key, value in saved_group.items():
+            if key != "params":
+                group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
+        try:
+            group["params"] = [params[name] for name in saved_group["params"]]
+        except KeyError as e:
+            raise LorankError(
+                f"checkpoint optimizer refers to parameter {e} that the rebuilt "
+                "model lacks; the checkpoint does not match this config"
+            ) from None
+    for name, state in saved["state"].items():
+        optimizer.state[params[name]] = {
+            k: v.to(device) if isinstance(v, Tensor) and v.dim() > 0 else v
+            for k, v in state.items()
+        }
+
+
+def rng_state(data_generator: torch.Generator) -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "data": data_generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], data_generator: torch.Generator) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    data_generator.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(
+    run_dir: Path,
+    epoch: int,
+    model: nn.Module,
+    model_meta: dict[str, Any],
+    training_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write ``checkpoints/epoch-NNNN`` atomically (temp folder + rename); prune old ones."""
+    root = run_dir / CHECKPOINTS
+    root.mkdir(exist_ok=True)
+    final = root / f"epoch-{epoch:04d}"
+    tmp = root / f".tmp-epoch-{epoch:04d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save(model, tmp / "model", model_meta)
+    tensors: dict[str, Tensor] = {}
+    skeleton = split_tensors(training_state, tensors, "t")
+    save_file(tensors, tmp / "state.safetensors")
+    atomic_write_json(tmp / "state.json", skeleton)
+    for f in tmp.iterdir():
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoint folders, oldest first (temporary folders are ignored)."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("epoch-*") if (p / "state.json").is_file())
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    found = complete_checkpoints(run_dir)
+    if not found:
+        raise LorankError(
+            f"{run_dir} has no complete checkpoint to resume from "
+            f"(looked in {run_dir / CHECKPOINTS}); start the run again"
+        )
+    return found[-1]
+
+
+def read_training_state(checkpoint: Path) -> dict[str, Any]:
+    try:
+        tensors = load_file(checkpoint / "state.safetensors")
+        skeleton = json.loads((checkpoint / "state.json").read_text())
+    except (OSError, SafetensorError, json.JSONDecodeError) as e:
+        raise LorankError(
+            f"checkpoint {checkpoint} is unreadable ({e}); delete it to resume from the one before"
+        ) from None
+    return join_tensors(skeleton, tensors)
+
+
+def restore_model(model: nn.Module, checkpoint: Path) -> None:
+    """Give ``model`` the checkpoint's structure (which layers are low-rank, at which ranks,
+    which factors are frozen) and weights, whatever structure it had before."""
+    merge(model)  # back to the dense architecture; load() then applies the saved layer specs
+    load(checkpoint / "model", model)

@@ -1,0 +1,339 @@
+"""DLRT: invariants of both integrators (orthonormal bases, rank bounds, optimizer state that
+follows the basis), convergence on least squares, descent on a quadratic, Linear and Conv2d."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lorank.methods as methods
+from lorank.convert import low_rank_layers
+from lorank.errors import LorankError
+from lorank.layers import LowRankConv2d, LowRankLinear
+from lorank.methods.dlrt import DLRT, _basis_change
+from lorank.optim import optimizer_holds_only
+
+INTEGRATORS = ["bug", "kls"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These steps are tiny; extra threads only contend with each other on a loaded machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def orth_error(factor: torch.Tensor) -> float:
+    gram = factor.detach().T @ factor.detach()
+    return float((gram - torch.eye(gram.shape[0])).abs().max())
+
+
+def ce_loss(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)
+    )
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 3 * 3, 4),
+    )
+
+
+def classification_batch(model_kind: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if model_kind == "mlp":
+        return torch.randn(64, 20, generator=g), torch.randint(0, 3, (64,), generator=g)
+    return torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+
+
+def check_invariants(method: DLRT, model: nn.Module, optimizer) -> None:
+    for name, layer in low_rank_layers(model).items():
+        assert orth_error(layer.U) < 1e-5, name
+        assert orth_error(layer.V) < 1e-5, name
+        lo, hi = method.rank_bounds(layer.full_rank)
+        assert lo <= layer.rank <= hi, (name, layer.rank, lo, hi)
+        assert layer.S.shape == (layer.rank, layer.rank)
+    assert optimizer_holds_only(optimizer, model)
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert held == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("integrator", INTEGRATORS)
+@pytest.mark.parametrize("adaptive", [True, False])
+@pytest.mark.parametrize("model_kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_invariants_after_every_step(integrator, adaptive, model_kind, opt):
+    torch.manual_seed(0)
+    model = mlp() if model_kind == "mlp" else cnn()
+    method = methods.build(
+        {
+            "name": "dlrt",
+            "integrator": integrator,
+            "adaptive": adaptive,
+            "tolerance": 0.05,
+            "init_rank": 3,
+            "r_min": 2,
+            "r_max": 6,
+        }
+    )
+    report = method.prepare(model)
+    kinds = {type(m) for m in model.modules()}
+    assert (LowRankConv2d if model_kind == "cnn" else LowRankLinear) in kinds
+    assert report.layers[-1].status == "kept"  # the output layer stays dense by default
+    params = method.parameters(model)
+    optimizer = (
+        torch.optim.Adam(params, lr=1e-2)
+        if opt == "adam"
+        else torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    )
+    batch = classification_batch(model_kind)
+    first = None
+    for _ in range(8):
+        stats = method.train_step(model, optimizer, batch, ce_loss)
+        first = float(stats["loss"]) if first is None else first
+        check_invariants(method, model, optimizer)
+    # The state rotated into the new bases is still used by the optimizer.
+    assert any(len(s) for s in optimizer.state.values())
+    assert float(ce_loss(model, batch).detach()) < first
+
+
+@pytest.mark.parametrize("integrator", INTEGRATORS)
+def test_passes_per_batch_counts_forwards(integrator):
+    torch.manual_seed(0)
+    model = mlp()
+    method = methods.build({"name": "dlrt", "integrator": integrator, "init_rank": 4})
+    method.prepare(model)
+    optimizer = torch.optim.Adam(method.parameters(model), lr=1e-3)
+    calls = []
+
+    def counting_loss(m, b):
+        calls.append(1)
+        return ce_loss(m, b)
+
+    method.train_step(model, optimizer, classification_batch("mlp"), counting_loss)
+    metrics = method.epoch_metrics(model)
+    assert len(calls) == metrics["passes_per_batch"] == (1 if integrator == "bug" else 3)
+    # The integrator allocates more than the live factors (augmented bases and core).
+    live = sum(p.numel() for p in model.parameters())
+    assert metrics["params_allocated"] > live
+
+
+@pytest.mark.parametrize("integrator", INTEGRATORS)
+def test_full_rank_tau0_converges_to_least_squares_solution(integrator):
+    torch.manual_seed(0)
+    n_in, n_out, n = 6, 5, 200
+    x = torch.randn(n, n_in)
+    w_true, b_true = torch.randn(n_out, n_in), torch.randn(n_out)
+    y = x @ w_true.T + b_true + 0.1 * torch.randn(n, n_out)
+    design = torch.cat([x, torch.ones(n, 1)], 1)
+    solution = torch.linalg.lstsq(design.double(), y.double()).solution.T.float()
+    model = nn.Sequential(nn.Linear(n_in, n_out))
+    method = methods.build(
+        {
+            "name": "dlrt",
+            "integrator": integrator,
+            "tolerance": 0.0,
+            "init_rank": 1.0,
+            "r_max": 1.0,
+            "dense_layers": [],
+            "init": "svd",
+        }
+    )
+    method.prepare(model)
+    layer = model[0]
+    assert layer.rank == min(n_in, n_out)
+    optimizer = torch.optim.SGD(method.parameters(model), lr=0.03)
+
+    def mse(m, b):
+        return 0.5 * ((m(b[0]) - b[1]) ** 2).sum(1).mean()
+
+    for _ in range(350):
+        method.train_step(model, optimizer, (x, y), mse)
+    w = torch.cat([layer.weight_matrix().detach(), layer.bias.detach()[:, None]], 1)
+    assert layer.rank == min(n_in, n_out)
+    assert torch.allclose(w, solution, atol=1e-3), float((w - solution).abs().max())
+
+
+def test_fixed_rank_kls_step_decreases_a_quadratic_loss():
+    torch.manual_seed(1)
+    x = torch.randn(128, 12)
+    target = torch.randn(128, 10)
+    model = nn.Sequential(nn.Linear(12, 10))
+    method = methods.build(
+        {"name": "dlrt", "integrator": "kls", "adaptive": False, "init_rank": 4, "dense_layers": []}
+    )
+    method.prepare(model)
+    optimizer = torch.optim.SGD(method.parameters(model), lr=0.05)
+
+    def quadratic(m, b):
+        return 0.5 * ((m(b[0]) - b[1]) ** 2).sum(1).mean()
+
+    batch = (x, target)
+    for _ in range(5):
+        before = float(quadratic(model, batch).detach())
+        method.train_step(model, optimizer, batch, quadratic)
+        after = float(quadratic(model, batch).detach())
+        assert after < before
+        assert model[0].rank == 4
+        assert orth_error(model[0].U) < 1e-5 and orth_error(model[0].V) < 1e-5
+
+
+@pytest.mark.parametrize("integrator", INTEGRATORS)
+def test_state_transform_is_exact_for_a_rotation_of_the_bases(integrator):
+    """Rotating (U, S, V) → (U A, Aᵀ S B, V B) leaves W unchanged; the moments of the gradients
+    the integrator feeds the optimizer must transform exactly like the gradients themselves."""
+    torch.manual_seed(2)
+    layer = LowRankLinear(9, 7, rank=4, core="full")
+    x = torch.randn(32, 9)
+
+    def grads() -> dict[str, torch.Tensor]:
+        w = layer.weight_matrix()
+        grad_w = torch.autograd.grad((torch.tanh(x @ w.T) ** 2).sum(), w)[0]
+        U, S, V = layer.U.detach(), layer.S.detach(), layer.V.detach()
+        if integrator == "bug":  # ∇U = ∇W V Sᵀ, ∇V = ∇Wᵀ U S
+            return {"U": grad_w @ V @ S.T, "S": U.T @ grad_w @ V, "V": grad_w.T @ U @ S}
+        return {"U": grad_w @ V, "S": U.T @ grad_w @ V, "V": grad_w.T @ U}  # ∇K, ∇S, ∇L
+
+    before = grads()
+    old = {"U": layer.U, "S": layer.S, "V": layer.V}
+    A = torch.linalg.qr(torch.randn(4, 4))[0]
+    B = torch.linalg.qr(torch.randn(4, 4))[0]
+    U, S, V = layer.U.detach(), layer.S.detach(), layer.V.detach()
+    mapping = layer.set_factors(U @ A, A.T @ S @ B, V @ B)
+    after = grads()
+    transform = _basis_change(
+        layer, mapping, U.T @ layer.U.detach(), V.T @ layer.V.detach(), integrator
+    )
+    for slot in ("U", "S", "V"):
+        moved = transform("exp_avg", before[slot], old[slot], mapping[old[slot]])
+        assert torch.allclose(moved, after[slot], atol=1e-5), slot
+        sq = transform("exp_avg_sq", before[slot] ** 2, old[slot], mapping[old[slot]])
+        assert (sq >= 0).all()
+    assert transform("unknown_state", before["S"], old["S"], mapping[old["S"]]) is None
+
+
+def test_no_stale_state_survives_a_rank_change():
+    torch.manual_seed(3)
+    model = mlp()
+    method = methods.build({"name": "dlrt", "tolerance": 0.3, "init_rank": 8, "r_max": 8})
+    method.prepare(model)
+    optimizer = torch.optim.Adam(method.parameters(model), lr=1e-2)
+    ranks = set()
+    for step in range(10):
+        method.train_step(model, optimizer, classification_batch("mlp", step), ce_loss)
+        ranks |= {layer.rank for layer in low_rank_layers(model).values()}
+        live = {id(p) for p in model.parameters()}
+        assert all(id(p) in live for p in optimizer.state)
+        for p, state in optimizer.state.items():
+            assert state["exp_avg"].shape == p.shape == state["exp_avg_sq"].shape
+    assert ranks != {8}  # the tolerance really changed ranks
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    m=st.integers(2, 14),
+    n=st.integers(2, 14),
+    init=st.integers(1, 14),
+    r_min=st.integers(1, 4),
+    r_max=st.integers(1, 14),
+    tau=st.sampled_from([0.0, 0.05, 0.2, 0.6]),
+    integrator=st.sampled_from(INTEGRATORS),
+    adaptive=st.booleans(),
+    conv=st.booleans(),
+)
+def test_shapes_and_ranks_property(m, n, init, r_min, r_max, tau, integrator, adaptive, conv):
+    torch.manual_seed(m * 31 + n)
+    if conv:  # matrix view C_out × (C_in·3·3)
+        model = nn.Sequential(nn.Conv2d(n, m, 3, padding=1))
+        x = torch.randn(4, n, 5, 5)
+    else:
+        model = nn.Sequential(nn.Linear(n, m))
+        x = torch.randn(8, n)
+    method = methods.build(
+        {
+            "name": "dlrt",
+            "integrator": integrator,
+            "adaptive": adaptive,
+            "tolerance": tau,
+            "init_rank": init,
+            "r_min": r_min,
+            "r_max": r_max,
+            "dense_layers": [],
+        }
+    )
+    method.prepare(model)
+    layer = model[0]
+    lo, hi = method.rank_bounds(layer.full_rank)
+    assert lo <= layer.rank <= hi <= layer.full_rank
+    optimizer = torch.optim.Adam(method.parameters(model), lr=1e-2)
+    target = torch.randn_like(model(x))
+    for _ in range(3):
+        method.train_step(
+            model, optimizer, (x, target), lambda mdl, b: ((mdl(b[0]) - b[1]) ** 2).mean()
+        )
+        assert lo <= layer.rank <= hi
+        assert orth_error(layer.U) < 1e-5 and orth_error(layer.V) < 1e-5
+        assert model(x).shape == target.shape
+        assert optimizer_holds_only(optimizer, model)
+
+
+def test_svd_init_reproduces_the_dense_layer_and_options_validate():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    x = torch.randn(3, 6)
+    expected = model(x)
+    method = methods.build(
+        {"name": "dlrt", "init": "svd", "init_rank": 1.0, "r_max": 1.0, "dense_layers": ["2"]}
+    )
+    report = method.prepare(model)
+    assert [e.name for e in report.converted] == ["0"]
+    assert isinstance(model[2], nn.Linear)
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    with pytest.raises(Exception, match="integrator"):
+        methods.build({"name": "dlrt", "integrator": "euler"})
+    with pytest.raises(LorankError, match="dense_layers"):
+        methods.build({"name": "dlrt", "dense_layers": ["0", "2"]}).prepare(
+            nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+        )
+
+
+def test_state_dict_round_trip():
+    method = methods.build({"name": "dlrt"})
+    method.step, method.truncations = 7, 5
+    other = methods.build({"name": "dlrt"})
+    other.load_state_dict(method.state_dict())
+    assert (other.step, other.truncations) == (7, 5)
+
+
+@pytest.mark.slow
+def test_mnist_mlp_reaches_accuracy_at_high_compression(tmp_path, data_root):
+    from lorank.config import load_config
+    from lorank.train import train
+
+    config = load_config(
+        "configs/mnist-mlp-dlrt.toml",
+        ["train.epochs=2", "train.threads=2", "method.tolerance=0.15"],
+    )
+    run = train(config, tmp_path / "run", data_dir=data_root, quiet=True)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_acc"] >= 0.95
+    assert summary["compression"] >= 0.88
