@@ -138,7 +138,8 @@ def describe_validation_error(error: ValidationError, raw: dict[str, Any]) -> st
         return f"config error: {key}.name: {err['msg']}"
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"config error: {key}: {err['msg']}{shown}"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"config error: {key}: {message}{shown}"
 
 
 def _is_union_tag(part: Any, raw: dict[str, Any]) -> bool:

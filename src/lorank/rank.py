@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
 import torch
-from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
+from pydantic import AfterValidator, PlainSerializer, PlainValidator, WithJsonSchema
 from torch import Tensor
 
 from lorank.errors import LorankError
@@ -422,3 +422,18 @@ RankRuleField = Annotated[
     PlainSerializer(str, return_type=str),
     WithJsonSchema({"type": "string", "description": RULE_FORMS}),
 ]
+
+
+def _check_rank_spec(v: int | float) -> int | float:
+    if isinstance(v, bool):
+        raise ValueError("rank must be an int >= 1 or a fraction in (0, 1], not a boolean")
+    if isinstance(v, int) and v < 1:
+        raise ValueError(f"rank {v} must be >= 1 (or a fraction in (0, 1])")
+    if isinstance(v, float) and not 0.0 < v <= 1.0:
+        raise ValueError(f"rank fraction {v} must be in (0, 1] (or an int rank >= 1)")
+    return v
+
+
+#: A config field holding a rank: an int >= 1, or a fraction of each layer's full rank in
+#: (0, 1]. Whether an int fits a layer is checked when the layer is built.
+RankSpec = Annotated[int | float, AfterValidator(_check_rank_spec)]

@@ -79,7 +79,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from lorank.convert import ConversionReport, LowRankConfig, candidate_layers, convert
@@ -89,7 +89,7 @@ from lorank.layers import LowRankLayer
 from lorank.methods.base import LossFn, Method, MethodConfig
 from lorank.methods.registry import register
 from lorank.optim import swap_parameters
-from lorank.rank import RankRule, resolve_rank, tolerance
+from lorank.rank import RankRule, RankSpec, resolve_rank, tolerance
 
 # Optimizer-state keys that average gradients (first moments) or squared gradients.
 _FIRST_MOMENTS = ("exp_avg", "momentum_buffer")
@@ -106,11 +106,11 @@ class DLRTConfig(MethodConfig):
     adaptive: bool = Field(True, description="augment to 2r and truncate by the tolerance")
     tolerance: float = Field(0.1, ge=0, description="τ: drop the tail with ‖σ_tail‖ ≤ τ‖σ‖")
     absolute: bool = Field(False, description="compare the tail with τ itself, not τ‖σ‖")
-    init_rank: int | float = Field(
+    init_rank: RankSpec = Field(
         0.5, description="initial rank: int, or a fraction of each layer's min(m, n)"
     )
     r_min: int = Field(2, ge=1, description="smallest rank a layer may truncate to")
-    r_max: int | float = Field(
+    r_max: RankSpec = Field(
         0.5, description="largest rank: int, or a fraction of min(m, n) (default half)"
     )
     dense_layers: list[str] | None = Field(
@@ -119,6 +119,17 @@ class DLRTConfig(MethodConfig):
     init: Literal["random", "svd"] = Field(
         "random", description="random orthonormal bases, or the SVD of the existing weights"
     )
+
+    @model_validator(mode="after")
+    def _relative_tolerance_below_one(self) -> DLRTConfig:
+        # A relative τ ≥ 1 would truncate every layer to r_min: certainly a typo.
+        if not self.absolute and self.tolerance >= 1:
+            raise ValueError(
+                f"tolerance {self.tolerance} must be in [0, 1) for the relative rule "
+                "(set absolute = true for an absolute tolerance)"
+            )
+        return self
+
     truncate_every: int = Field(
         1, ge=1, description="adaptive: augment and truncate every N steps (fixed rank between)"
     )
