@@ -1,6 +1,7 @@
 """Sweeps: grid × seeds expansion, the [sweep] TOML section, worker planning, resume."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,9 @@ def test_resume_skips_finished_runs_and_restarts_broken_ones(tiny_toml, tmp_path
     done, broken = (out / r.name for r in sweep.runs())
     assert run_status(done) == "completed"
 
-    # Simulate a run killed mid-training: summary says running, metrics torn.
+    # Simulate a run killed before its first checkpoint: summary says running, metrics torn.
+    # (A run killed after a checkpoint resumes from it instead: tests/test_resume.py.)
+    shutil.rmtree(broken / "checkpoints")
     (broken / "summary.json").write_text(json.dumps({"status": "running"}))
     (broken / "metrics.jsonl").write_text('{"epoch": 0')
     (broken / "junk.txt").write_text("left over")

@@ -298,8 +298,12 @@ def execute_run(
     """
     import torch
 
+    from lorank.checkpoint import complete_checkpoints
     from lorank.train import train
 
+    # An interrupted run with a checkpoint continues where it stopped (same result as an
+    # uninterrupted one); a run that died before its first checkpoint starts over.
+    resume = overwrite and bool(complete_checkpoints(Path(out)))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -312,6 +316,7 @@ def execute_run(
             data_dir=data_dir,
             overwrite=overwrite,
             quiet=True,
+            resume=resume,
         )
         result: dict[str, Any] = {"status": "completed"}
     except LorankError as e:
