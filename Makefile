@@ -17,10 +17,11 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
 dev: install
-	$(BIN)/pip install -q -e ".[dev,plot]"
+	$(BIN)/pip install -q -e ".[dev]"
 
+# The flagship: every method on MNIST with the same budget, then report.html + summary.md.
 demo: install
-	$(BIN)/lorank train configs/mnist-mlp-dense.toml --out runs/demo-mnist-mlp --overwrite
+	$(BIN)/lorank compare --out runs/compare
 
 test: dev
 	$(BIN)/ruff check src tests benchmarks
