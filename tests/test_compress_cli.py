@@ -1,0 +1,185 @@
+"""``lorank compress`` end to end on a small dense MLP trained on real MNIST (a subset)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorank
+from lorank.cli import main
+from lorank.config import validate_config
+from lorank.evaluate import evaluate_checkpoint
+from lorank.train import train
+
+CONFIG = """\
+[data]
+name = "mnist"
+batch_size = 128
+train_subset = 3000
+test_subset = 1000
+
+[model]
+name = "mlp"
+hidden = [96, 96]
+
+[optim]
+lr = 2e-3
+
+[train]
+epochs = 2
+threads = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    root = os.environ.get("LORANK_DATA")
+    if not root or not (Path(root) / "mnist").is_dir():
+        pytest.skip("no MNIST: set LORANK_DATA or place ../shared/datasets")
+    base = tmp_path_factory.mktemp("compress")
+    (base / "dense.toml").write_text(CONFIG)
+    import tomllib
+
+    run = train(validate_config(tomllib.loads(CONFIG)), base / "dense", quiet=True)
+    return run, base
+
+
+def compress(args, capsys):
+    code = main(["compress", *[str(a) for a in args], "--quiet"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def summary_of(path):
+    return json.loads((Path(path) / "summary.json").read_text())
+
+
+def test_rule_compression_reports_before_and_after(dense_run, capsys):
+    run, base = dense_run
+    out = base / "tol"
+    code, stdout, _ = compress([run, "--rule", "tolerance=0.3", "--out", out], capsys)
+    assert code == 0
+    summary = summary_of(out)
+    printed = json.loads(stdout)
+    assert printed["test_acc_after"] == summary["test_acc_after"]
+    trained = summary_of(run)
+    assert summary["test_acc_before"] == pytest.approx(trained["test_acc"])
+    assert summary["params_eval_before"] == trained["params_eval"]
+    assert summary["params_eval_after"] < summary["params_eval_before"]
+    assert summary["test_acc_after"] > max(0.7, summary["test_acc_before"] - 0.15)
+    assert summary["rule"] == "tolerance=0.3"
+    names = [row["name"] for row in summary["layers"]]
+    assert names == ["layers.0", "layers.2", "layers.4"]
+    for row in summary["layers"]:
+        assert row["status"] in ("converted", "kept")
+        if row["status"] == "converted":
+            assert summary["ranks"][row["name"]] == row["rank"] < row["full_rank"]
+    assert summary["theorem1"]["bound"] > 0 and summary["output_diff_max"] > 0
+    # the run directory evaluates like any other
+    evaluated = evaluate_checkpoint(out)
+    assert evaluated["test_acc"] == pytest.approx(summary["test_acc_after"])
+    assert evaluated["params_eval"] == summary["params_eval_after"]
+    assert {p.name for p in out.iterdir()} >= {
+        "summary.json",
+        "config.json",
+        "compress.json",
+        "env.json",
+        "metrics.jsonl",
+        "model.json",
+        "model.safetensors",
+    }
+    assert not list(base.glob(".tol.*"))  # no temp directory left behind
+
+
+def test_loss_tolerance_keeps_the_calibration_loss_within_epsilon(dense_run, capsys):
+    run, base = dense_run
+    out = base / "loss"
+    code, _, _ = compress(
+        [run, "--rule", "loss-tolerance=0.02", "--samples", 1000, "--out", out], capsys
+    )
+    assert code == 0
+    summary = summary_of(out)
+    search = summary["search"]
+    assert summary["calibration_samples"] == 1000
+    assert abs(summary["calibration_loss_after"] - summary["calibration_loss_before"]) < 0.02
+    assert search["loss_change"] < 0.02 and 0 < search["delta"] <= 1
+    assert summary["params_eval_after"] < summary["params_eval_before"]
+
+
+def test_finetune_and_overwrite(dense_run, capsys):
+    run, base = dense_run
+    out = base / "ft"
+    out.mkdir()
+    (out / "stale.txt").write_text("x")
+    code, _, err = compress([run, "--rule", "rank=8", "--finetune-epochs", 1, "--out", out], capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    code, _, _ = compress(
+        [
+            run,
+            "--rule",
+            "rank=8",
+            "--finetune-epochs",
+            1,
+            "--out",
+            out,
+            "--overwrite",
+            "--set",
+            "optim.lr=1e-3",
+        ],
+        capsys,
+    )
+    assert code == 0 and not (out / "stale.txt").exists()
+    summary = summary_of(out)
+    assert summary["ranks"] == {"layers.0": 8, "layers.2": 8, "layers.4": 8}
+    assert summary["finetune"]["epochs"] == 1
+    assert summary["test_acc"] == summary["finetune"]["test_acc"]
+    assert summary["test_acc"] > summary["test_acc_after"]  # fine-tuning recovers accuracy
+    records = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == 2  # epoch 0 (compressed) and the fine-tune epoch
+    assert json.loads(records[0])["test_acc"] == pytest.approx(summary["test_acc_after"])
+
+
+def test_plain_state_dict_with_model_config(dense_run, capsys):
+    run, base = dense_run
+    model = lorank.load(run / "model")
+    torch.save(model.state_dict(), base / "weights.pt")
+    out = base / "from_state_dict"
+    code, _, err = compress([base / "weights.pt", "--rule", "energy=0.05", "--out", out], capsys)
+    assert code == 2 and "--model-config" in err
+    code, _, _ = compress(
+        [
+            base / "weights.pt",
+            "--model-config",
+            base / "dense.toml",
+            "--rule",
+            "energy=0.05",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
+    assert code == 0
+    summary = summary_of(out)
+    assert summary["source_kind"] == "state_dict"
+    assert summary["test_acc_before"] == pytest.approx(summary_of(run)["test_acc"])
+
+
+@pytest.mark.parametrize("rule", ["tolerance=abc", "loss-tolerance=-1", "bogus=3", "rank=0"])
+def test_bad_rule_is_a_one_line_error(dense_run, capsys, rule):
+    run, base = dense_run
+    code, _, err = compress([run, "--rule", rule, "--out", base / "bad"], capsys)
+    assert code == 2
+    assert err.startswith("lorank: error:") and err.count("\n") == 1
+    assert "loss-tolerance" in err
+    assert not (base / "bad").exists()
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    code, _, err = compress([tmp_path / "nope", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and err.startswith("lorank: error:") and err.count("\n") == 1
+    assert "not found" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = compress([tmp_path / "empty", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "model.json" in err
