@@ -34,11 +34,22 @@ def loss_fn(model, batch):
 
 def make_model(kind: str, width: int) -> nn.Module:
     if kind == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(48, width), nn.ReLU(),
-                             nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 5))
-    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(width, width, 3, stride=2), nn.ReLU(), nn.Flatten(),
-                         nn.LazyLinear(5))
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(48, width),
+            nn.ReLU(),
+            nn.Linear(width, width),
+            nn.ReLU(),
+            nn.Linear(width, 5),
+        )
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.LazyLinear(5),
+    )
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if n in METHODS])

@@ -25,12 +25,22 @@ from lorank.layers import layer_from_spec
 FORMAT = "lorank-model/1"
 
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then rename, so
     a crash leaves either the old file or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600 files; results should be shareable
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -76,6 +86,7 @@ def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = N
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = stem.with_suffix(".safetensors")
     fd, tmp = tempfile.mkstemp(dir=weights.parent, prefix=f".{weights.name}.", suffix=".tmp")
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     try:
         save_file(_unshare(tensors), tmp, metadata={"format": FORMAT})

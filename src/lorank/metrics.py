@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from lorank.convert import low_rank_layers
-from lorank.layers import LowRankLayer
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
@@ -44,7 +43,3 @@ def _gram_error(factor: torch.Tensor) -> float:
             gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         )
     )
-
-
-def is_low_rank(module: nn.Module) -> bool:
-    return isinstance(module, LowRankLayer)
