@@ -183,3 +183,16 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = compress([tmp_path / "empty", "--out", tmp_path / "out"], capsys)
     assert code == 2 and "model.json" in err
+
+
+def test_compress_a_hugging_face_model_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=100, n_positions=32)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2-tiny")
+    out = tmp_path / "out"
+    code = main(["compress", str(tmp_path / "gpt2-tiny"), "--rule", "rank=8", "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params_eval_after"] < summary["params_eval_before"]
+    assert summary["ranks"] and set(summary["ranks"].values()) == {8}

@@ -356,7 +356,9 @@ def _is_hf_directory(path: Path) -> bool:
         return False
 
 
-def _load_huggingface(path: Path) -> nn.Module:  # pragma: no cover - transformers optional
+def _load_huggingface(
+    path: Path,
+) -> nn.Module:  # transformers is optional (the dev extra installs it)
     try:
         import transformers
     except ImportError:
