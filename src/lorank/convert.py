@@ -17,7 +17,7 @@ from torch import nn
 
 from lorank.errors import LorankError
 from lorank.layers import CoreKind, LowRankConv2d, LowRankLayer, LowRankLinear
-from lorank.rank import resolve_rank
+from lorank.rank import RankSpec, resolve_rank
 
 # The layer parametrization each method trains (``LowRankConfig.method`` picks the default).
 METHOD_CORES: dict[str, CoreKind] = {
@@ -34,7 +34,7 @@ class LowRankConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rank: int | float = Field(0.25, description="int rank, or a fraction of each layer's full rank")
+    rank: RankSpec = Field(0.25, description="int rank, or a fraction of each layer's full rank")
     method: str | None = Field(None, description="picks the core kind this method trains")
     core: Literal["full", "diag", "none"] | None = Field(
         None, description="U S Vᵀ with a full or diagonal S, or U Vᵀ; default from method"

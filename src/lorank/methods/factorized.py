@@ -23,13 +23,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from lorank.convert import ConversionReport, LowRankConfig, convert
 from lorank.layers import CoreKind
 from lorank.methods.base import Method, MethodConfig
 from lorank.methods.registry import register
+from lorank.rank import RankSpec
 
 
 class ConversionFields(BaseModel):
@@ -42,8 +43,8 @@ class ConversionFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rank: int | float = Field(
-        0.25, gt=0, description="rank of each layer: an int, or a fraction of the layer's full rank"
+    rank: RankSpec = Field(
+        0.25, description="rank of each layer: an int, or a fraction of the layer's full rank"
     )
     init: Literal["svd", "random"] = Field(
         "random", description="random orthonormal factors, or the SVD of the dense init"
@@ -58,16 +59,6 @@ class ConversionFields(BaseModel):
     rank_pattern: dict[str, int | float] = Field(
         default_factory=dict, description="per-layer ranks by exact name or name suffix"
     )
-
-    @field_validator("rank")
-    @classmethod
-    def _rank_or_fraction(cls, rank: int | float) -> int | float:
-        if isinstance(rank, float) and not 0 < rank <= 1:
-            raise ValueError(
-                f"a fractional rank must be in (0, 1], got {rank}; for an absolute "
-                "rank write an int such as 32"
-            )
-        return rank
 
     def low_rank_config(self, core: CoreKind) -> LowRankConfig:
         return LowRankConfig(

@@ -56,7 +56,7 @@ from lorank.methods.base import Method, MethodConfig
 from lorank.methods.factorized import ConversionFields
 from lorank.methods.registry import register
 from lorank.optim import swap_parameters
-from lorank.rank import RankRule, RankRuleField, energy
+from lorank.rank import RankRule, RankRuleField, RankSpec, energy
 from lorank.regularizers import SparsityKind, orthogonality, sparsity
 from lorank.search import layer_spectra, loss_bounded_search
 
@@ -65,9 +65,7 @@ class SVDConfig(MethodConfig, ConversionFields):
     """Yang et al.'s SVD training: U diag(s) Vᵀ + orthogonality + sparsity, then pruning."""
 
     name: Literal["svd"] = "svd"
-    rank: int | float = Field(
-        1.0, gt=0, description="starting rank (int or fraction; default full)"
-    )
+    rank: RankSpec = Field(1.0, description="starting rank (int or fraction; default full)")
     init: Literal["svd", "random"] = Field(
         "svd", description="SVD of the dense init (a spread spectrum), or random (flat s)"
     )
