@@ -223,6 +223,22 @@ def convert(model: nn.Module, config: LowRankConfig | None = None) -> Conversion
     return report
 
 
+def planned_report(
+    layers: list[tuple[str, nn.Module]], reason: str, at_full_rank: bool = False
+) -> ConversionReport:
+    """A report for layers a method will convert later (OIALR, hybrid): kept dense for now,
+    with the planned rank (full, or unknown until the switch)."""
+    report = ConversionReport()
+    for name, module in layers:
+        shape = _matrix_shape(module)
+        size = sum(p.numel() for p in module.parameters())
+        planned = min(shape) if at_full_rank else None
+        report.layers.append(
+            LayerConversion(name, type(module).__name__, shape, planned, "kept", reason, size, size)
+        )
+    return report
+
+
 def merge(model: nn.Module) -> nn.Module:
     """Turn every low-rank layer of ``model`` back into a plain ``nn.Linear``/``nn.Conv2d``."""
     for name, module in list(model.named_modules()):

@@ -52,11 +52,10 @@ from torch import Tensor, nn
 
 from lorank.convert import (
     ConversionReport,
-    LayerConversion,
-    _matrix_shape,
     _set_submodule,
     candidate_layers,
     low_rank_layers,
+    planned_report,
 )
 from lorank.errors import LorankError
 from lorank.layers import LowRankLayer
@@ -156,24 +155,10 @@ class Hybrid(Method):
     def prepare(self, model: nn.Module) -> ConversionReport:
         if self.inner is not None:
             return self.inner.prepare(model)
-        report = ConversionReport()
-        for name, module in self._eligible(model):
-            m, n = _matrix_shape(module)
-            size = sum(p.numel() for p in module.parameters())
-            report.layers.append(
-                LayerConversion(
-                    name,
-                    type(module).__name__,
-                    (m, n),
-                    None,
-                    "kept",
-                    "dense until the stable ranks settle",
-                    size,
-                    size,
-                )
-            )
+        eligible = self._eligible(model)
+        for name, module in eligible:
             self.stable_ranks[name] = [stable_rank_of(module)]
-        return report
+        return planned_report(eligible, "dense until the stable ranks settle")
 
     def parameters(self, model: nn.Module) -> list[nn.Parameter]:
         if self.lowrank_phase and self.inner is not None:

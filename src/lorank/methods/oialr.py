@@ -61,12 +61,11 @@ from torch import Tensor, nn
 
 from lorank.convert import (
     ConversionReport,
-    LayerConversion,
     LowRankConfig,
-    _matrix_shape,
     _set_submodule,
     candidate_layers,
     low_rank_from,
+    planned_report,
 )
 from lorank.layers import LowRankLayer
 from lorank.methods.base import Method, MethodConfig
@@ -140,22 +139,8 @@ class OIALR(Method):
     # ------------------------------------------------------------------ hooks
     def prepare(self, model: nn.Module) -> ConversionReport:
         """Plan the switch (report which layers will change); switch now if ``delay == 0``."""
-        report = ConversionReport()
-        for name, module in self._eligible(model):
-            m, n = _matrix_shape(module)
-            size = sum(p.numel() for p in module.parameters())
-            report.layers.append(
-                LayerConversion(
-                    name,
-                    type(module).__name__,
-                    (m, n),
-                    min(m, n),
-                    "kept",
-                    f"dense for {self.config.delay} steps, then U S Vᵀ",
-                    size,
-                    size,
-                )
-            )
+        reason = f"dense for {self.config.delay} steps, then U S Vᵀ"
+        report = planned_report(self._eligible(model), reason, at_full_rank=True)
         if self.config.delay == 0:
             self.switch(model, optimizer=None)
         return report
