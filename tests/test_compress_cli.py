@@ -196,3 +196,57 @@ def test_compress_a_hugging_face_model_directory(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["params_eval_after"] < summary["params_eval_before"]
     assert summary["ranks"] and set(summary["ranks"].values()) == {8}
+
+
+def test_activation_svd_with_greedy_budget(dense_run, capsys):
+    run, base = dense_run
+    out = base / "act-greedy"
+    code, _, err = compress(
+        [run, "--svd", "activation", "--calibration", "512", "--budget", "0.3", "--out", out],
+        capsys,
+    )
+    assert code == 0, err
+    s = summary_of(out)
+    assert s["svd"] == "activation"
+    compressed = [r for r in s["layers"] if r["status"] != "kept"]
+    weights_before = sum(r["shape"][0] * r["shape"][1] for r in s["layers"])
+    weights_after = sum(
+        r["rank"] * sum(r["shape"]) if r["status"] != "kept" else r["shape"][0] * r["shape"][1]
+        for r in s["layers"]
+    )
+    assert compressed and weights_after <= 0.3 * weights_before
+    assert set(s["calibration_rows"]) == {r["name"] for r in s["layers"]}
+    assert all(rows == 512 for rows in s["calibration_rows"].values())
+    comparison = s["svd_comparison"]
+    # Same ranks, activation-aware factors: no worse on the data they were fitted to.
+    assert comparison["activation"]["calibration_loss"] <= comparison["plain"]["calibration_loss"]
+    assert s["test_loss_after"] == pytest.approx(comparison["activation"]["test_loss"], rel=1e-5)
+    assert s["test_acc_after"] > 0.8
+    # The compressed model reloads and evaluates to the same figure.
+    assert evaluate_checkpoint(out)["test_acc"] == pytest.approx(s["test_acc_after"])
+
+
+def test_uniform_budget_with_plain_svd_keeps_each_layer_fraction(dense_run, capsys):
+    run, base = dense_run
+    out = base / "plain-uniform"
+    code, _, err = compress(
+        [run, "--budget", "0.5", "--allocation", "uniform", "--out", out], capsys
+    )
+    assert code == 0, err
+    s = summary_of(out)
+    assert "svd_comparison" not in s
+    for row in s["layers"]:
+        m, n = row["shape"]
+        assert row["rank"] * (m + n) <= 0.5 * m * n
+        assert row["rank"] == max(1, int(0.5 * m * n // (m + n)))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--budget", "1.5"], ["--calibration", "0"], ["--damping", "-1"]],
+)
+def test_bad_calibration_options_are_one_line_errors(dense_run, capsys, extra):
+    run, base = dense_run
+    code, _, err = compress([run, *extra, "--out", base / "bad"], capsys)
+    assert code == 2
+    assert err.startswith("lorank: error:") and len(err.strip().splitlines()) == 1

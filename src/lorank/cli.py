@@ -80,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an existing run directory at --out"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train with N processes on this machine (DistributedDataParallel through torchrun; "
+        "data.batch_size stays the global batch)",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -148,6 +156,41 @@ def _parser() -> argparse.ArgumentParser:
         default=0.01,
         help="loss-tolerance: precision of the search on delta (default 0.01)",
     )
+    p.add_argument(
+        "--svd",
+        choices=("plain", "activation"),
+        default="plain",
+        help="plain truncated SVD of W, or activation-aware: the SVD of W·L with "
+        "C = XᵀX/N = LLᵀ from calibration inputs, minimising the error on them (default plain)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=int,
+        metavar="N",
+        help="training samples run through the model to collect each layer's input second "
+        "moment (default: --samples when --svd activation); also compares plain vs "
+        "activation SVD in summary.json",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        metavar="B",
+        help="keep B (0-1] of the compressed layers' weights, ranks chosen by --allocation "
+        "(overrides --rule)",
+    )
+    p.add_argument(
+        "--allocation",
+        choices=("uniform", "greedy"),
+        default="greedy",
+        help="--budget: same fraction in every layer, or greedy removal of the rank-1 "
+        "component with the least output error per parameter saved (default greedy)",
+    )
+    p.add_argument(
+        "--damping",
+        type=float,
+        default=1e-4,
+        help="--svd activation: Cholesky damping relative to mean(diag C) (default 1e-4)",
+    )
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--data-dir", help="dataset root")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -209,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
         "defaults finish in a few minutes on a 2-core CPU.",
     )
     p.add_argument("--dataset", default="mnist", help="mnist | fashion-mnist | synthetic")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 4)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 5)")
     p.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2 (default 0)")
     p.add_argument(
         "--hidden", default=None, help="MLP hidden widths, e.g. 256,256 (default 256,256)"
@@ -240,10 +283,32 @@ def _version() -> str:
     return f"lorank {__version__}"
 
 
+def _launch_torchrun(nproc: int, argv: Sequence[str]) -> int:
+    """Re-run ``lorank train`` (without ``--nproc``) under torchrun with ``nproc`` processes."""
+    import subprocess
+
+    if nproc < 1:
+        raise LorankError(f"--nproc must be at least 1, not {nproc}")
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc_per_node={nproc}", "-m", "lorank", *rest]
+    return subprocess.run(cmd, check=False).returncode
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from lorank.config import load_config, load_run_config
+    from lorank.distributed import is_main_process
     from lorank.train import train
 
+    if args.nproc is not None:
+        return _launch_torchrun(args.nproc, args.argv)
     if args.resume:
         if args.config or args.out:
             raise LorankError(
@@ -266,8 +331,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         resume=bool(args.resume),
     )
-    summary = json.loads((path / "summary.json").read_text())
-    print(json.dumps({"run_dir": str(path), **summary}, indent=2))
+    if is_main_process():
+        summary = json.loads((path / "summary.json").read_text())
+        print(json.dumps({"run_dir": str(path), **summary}, indent=2))
     return 0
 
 
@@ -294,6 +360,11 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         precision=args.precision,
         overwrite=args.overwrite,
         quiet=args.quiet,
+        svd=args.svd,
+        calibration=args.calibration,
+        budget=args.budget,
+        allocation=args.allocation,
+        damping=args.damping,
     )
     summary = json.loads((path / "summary.json").read_text())
     keys = (
@@ -352,6 +423,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorank.allocation import ALLOCATIONS, allocate
+from lorank.calibration import DEFAULT_DAMPING, activation_spectra, collect_second_moments
 from lorank.config import RunConfig, apply_override, load_config, validate_config
 from lorank.convert import _set_submodule, low_rank_from
 from lorank.data import Dataset, load_dataset
@@ -64,10 +66,12 @@ from lorank.search import (
     mean_loss,
     rule_ranks,
     theorem1_bound,
+    truncated,
 )
 from lorank.train import environment, evaluate, resolve_device, task_loss, train
 
 LOSS_TOLERANCE_KEY = "loss-tolerance"
+SVD_KINDS: tuple[str, ...] = ("plain", "activation")
 
 
 @dataclass
@@ -123,6 +127,11 @@ def compress(
     precision: float = 0.01,
     overwrite: bool = False,
     quiet: bool = True,
+    svd: str = "plain",
+    calibration: int | None = None,
+    budget: float | None = None,
+    allocation: str = "greedy",
+    damping: float = DEFAULT_DAMPING,
 ) -> Path:
     """Compress ``source`` by truncated SVD into the run directory ``out``; return its path.
 
@@ -136,6 +145,16 @@ def compress(
         raise LorankError(f"--finetune-epochs {finetune_epochs} must be >= 0")
     if samples < 1:
         raise LorankError(f"--samples {samples} must be >= 1")
+    if svd not in SVD_KINDS:
+        raise LorankError(f"--svd {svd!r}: choose one of {', '.join(SVD_KINDS)}")
+    if calibration is not None and calibration < 1:
+        raise LorankError(f"--calibration {calibration} must be >= 1 samples")
+    if budget is not None and not 0 < budget <= 1:
+        raise LorankError(f"--budget {budget} must be in (0, 1], e.g. --budget 0.5")
+    if allocation not in ALLOCATIONS:
+        raise LorankError(f"--allocation {allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+    if damping < 0:
+        raise LorankError(f"--damping {damping} must be >= 0")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise LorankError(
             f"output directory {out} already exists; choose another --out or "
@@ -145,11 +164,11 @@ def compress(
     if src.config is not None and src.config.train.threads:
         torch.set_num_threads(src.config.train.threads)
     if src.kind == "huggingface":
-        if rule.rule is None or finetune_epochs:
+        if rule.rule is None or finetune_epochs or svd != "plain" or calibration:
             raise LorankError(
-                "a Hugging Face model can only be compressed with a rank rule "
-                "(no loss-tolerance, no --finetune-epochs): lorank has no data "
-                "pipeline for its tokenizer"
+                "a Hugging Face model can only be compressed with a rank rule or --budget "
+                "and --svd plain (no loss-tolerance, --calibration or --finetune-epochs): "
+                "lorank has no data pipeline for its tokenizer"
             )
         data = None
     else:
@@ -163,7 +182,8 @@ def compress(
         "status": "completed",
         "source": str(source),
         "source_kind": src.kind,
-        "rule": str(rule),
+        "rule": str(rule) if budget is None else f"budget={budget} ({allocation})",
+        "svd": svd,
     }
     before = _measure(model, data)
     summary.update({f"{k}_before": v for k, v in before.items()})
@@ -171,9 +191,27 @@ def compress(
     spectra = layer_spectra(model)
     if not spectra:
         raise LorankError(f"{source} has no Linear/Conv2d or low-rank layer to compress")
+    calibration_batches = None
+    if data is not None and (calibration or svd == "activation"):
+        calibration_batches = data.train_subset_batches(calibration or samples)
+    plain_spectra = spectra
+    activation = None
+    if svd == "activation" or calibration_batches is not None:
+        assert calibration_batches is not None
+        moments = collect_second_moments(
+            model, {s.name: s.module for s in spectra}, calibration_batches
+        )
+        activation = activation_spectra(plain_spectra, moments, damping)
+        summary["calibration_rows"] = {n: m.rows for n, m in moments.items()}
+        del moments
+    if svd == "activation":
+        assert activation is not None
+        spectra = activation
     calibration = data.train_subset_batches(samples) if data is not None else None
     search = None
-    if rule.rule is not None:
+    if budget is not None:
+        chosen = allocate(spectra, budget, allocation)  # type: ignore[arg-type]
+    elif rule.rule is not None:
         chosen = rule_ranks(spectra, rule.rule)
     else:
         assert calibration is not None
@@ -181,8 +219,16 @@ def compress(
             model, calibration, task_loss, rule.epsilon, precision, spectra
         )
         chosen = search.ranks
+    if activation is not None and data is not None and calibration is not None:
+        summary["svd_comparison"] = _compare_svd(
+            model, {"plain": plain_spectra, "activation": activation}, chosen, data, calibration
+        )
     original = copy.deepcopy(model) if calibration is not None else None
-    layers = apply_ranks(model, spectra, chosen)
+    layers = apply_ranks(model, spectra, chosen, exact_factors=svd == "activation")
+    for row, spec in zip(layers, spectra, strict=True):
+        energy = spec.sigma.double().pow(2)
+        row["relative_error"] = float(energy[row["rank"] :].sum() / energy.sum().clamp_min(1e-300))
+        row["relative_error_kind"] = svd
     after = _measure(model, data)
     summary.update({f"{k}_after": v for k, v in after.items()})
     summary["layers"] = layers
@@ -208,6 +254,11 @@ def compress(
         "overrides": list(overrides or []),
         "samples": samples,
         "precision": precision,
+        "svd": svd,
+        "calibration": calibration_batches and sum(len(b[0]) for b in calibration_batches),
+        "budget": budget,
+        "allocation": allocation if budget is not None else None,
+        "damping": damping,
     }
     tmp = Path(
         tempfile.mkdtemp(
@@ -377,12 +428,17 @@ def _load_huggingface(
 
 @torch.no_grad()
 def apply_ranks(
-    model: nn.Module, spectra: list[LayerSpectrum], chosen: dict[str, int]
+    model: nn.Module,
+    spectra: list[LayerSpectrum],
+    chosen: dict[str, int],
+    exact_factors: bool = False,
 ) -> list[dict[str, Any]]:
     """Truncate every layer of ``spectra`` to ``chosen[name]`` in place; one report row each.
 
     Dense layers become diagonal-core low-rank layers (or stay dense at full rank); low-rank
-    layers are truncated to their exact rank-k SVD.
+    layers are truncated to their exact rank-k SVD. With ``exact_factors`` the first k columns
+    of each spectrum's ``(u, sigma, v)`` are used as they are (the activation-aware factors of
+    :mod:`lorank.calibration`, whose v is not orthonormal) instead of a plain SVD.
     """
     rows = []
     for spec in spectra:
@@ -402,7 +458,9 @@ def apply_ranks(
         }
         if isinstance(module, LowRankLayer):
             before, old_rank = module.params_eval, module.rank
-            if k < old_rank:
+            if k < old_rank and exact_factors:
+                module.load_svd_(spec.u[:, :k], spec.sigma[:k], spec.v[:, :k])
+            elif k < old_rank:
                 module.truncate(k)
             row.update(
                 params_before=before,
@@ -413,6 +471,8 @@ def apply_ranks(
             row.update(params_after=before, status="kept")
         else:
             layer = low_rank_from(module, k, core="diag")
+            if exact_factors:
+                layer.load_svd_(spec.u[:, :k], spec.sigma[:k], spec.v[:, :k])
             _set_submodule(model, spec.name, layer)
             row.update(params_after=layer.params_eval, status="converted")
         rows.append(row)
@@ -420,6 +480,27 @@ def apply_ranks(
 
 
 # ---------------------------------------------------------------------- outputs
+
+
+def _compare_svd(
+    model: nn.Module,
+    kinds: dict[str, list[LayerSpectrum]],
+    chosen: dict[str, int],
+    data: Dataset,
+    calibration: list[Any],
+) -> dict[str, dict[str, float]]:
+    """Test and calibration loss of the model truncated at ``chosen`` by each kind of SVD.
+
+    The truncations are trials in place (:func:`lorank.search.truncated`), so the model is
+    unchanged afterwards.
+    """
+    out = {}
+    for kind, spectra in kinds.items():
+        with truncated(spectra, chosen):
+            test = evaluate(model, data.eval_batches("test"))
+            loss = mean_loss(model, calibration, task_loss)
+        out[kind] = {"test_loss": test["loss"], "test_acc": test["acc"], "calibration_loss": loss}
+    return out
 
 
 def _measure(model: nn.Module, data: Dataset | None) -> dict[str, Any]:

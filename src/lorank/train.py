@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from lorank import __version__
+from lorank import __version__, distributed
 from lorank.checkpoint import (
     latest_checkpoint,
     load_optimizer_state,
@@ -163,6 +163,16 @@ class Run:
         atomic_write_text(self.path / "metrics.jsonl", lines)
 
 
+class SilentRun(Run):
+    """The run seen by DDP processes other than rank 0: keeps the records, writes nothing."""
+
+    def write_json(self, name: str, obj: Any) -> None:
+        pass
+
+    def log_all(self) -> None:
+        pass
+
+
 def train(
     config: RunConfig,
     out: str | Path | None = None,
@@ -181,14 +191,27 @@ def train(
     ``resume=True`` continues the run at ``out`` from its newest complete checkpoint, with
     the same model, optimizer, schedule, method and RNG states, so the result is identical
     to an uninterrupted run.
+
+    Under ``torchrun`` (see :mod:`lorank.distributed`) every process runs this function on
+    its shard of each global batch of ``data.batch_size`` samples; only rank 0 writes files
+    and prints.
     """
     tc = config.train
-    device = resolve_device(tc.device)
+    ddp = distributed.setup(tc.device)  # None unless started by torchrun
+    device = ddp.device if ddp else resolve_device(tc.device)
+    main = ddp is None or ddp.is_main
+    quiet = quiet or not main
+    if ddp and tc.nonfinite == "skip":
+        raise LorankError(
+            "train.nonfinite = 'skip' is not supported with several processes; use 'stop'"
+        )
     if tc.threads:
         torch.set_num_threads(tc.threads)
     run_path = Path(out) if out else default_run_dir(config_name)
+    if ddp:
+        run_path = ddp.broadcast_object(run_path)  # one timestamped name for all processes
     checkpoint = latest_checkpoint(run_path) if resume else None
-    if not resume:
+    if not resume and main:
         check_run_dir(run_path, overwrite)  # fail before the slow set-up
     data = load_dataset(config.data, device=device, data_dir=data_dir)
 
@@ -218,7 +241,7 @@ def train(
 
     if checkpoint is None:
         # Only now, with every input validated, create the run directory.
-        run = Run(prepare_run_dir(run_path, overwrite))
+        run = Run(prepare_run_dir(run_path, overwrite)) if main else SilentRun(run_path)
         run.write_json("config.json", config.model_dump(mode="json"))
         run.write_json("env.json", environment(device))
         if report.layers:
@@ -232,7 +255,7 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         method.load_state_dict(state["method"])
         set_rng_state(state["rng"], data_gen)
-        run = Run(run_path)
+        run = Run(run_path) if main else SilentRun(run_path)
         run.records = read_records(run_path)[: state["epoch"] + 1]
         run.log_all()
         run.write_json("summary.json", {"status": "running"})
@@ -252,9 +275,15 @@ def train(
             unit="batch",
         )
         for batch in bar:
-            stats = method.train_step(model, optimizer, batch, task_loss)
+            if ddp:
+                stats = ddp.train_step(method, model, optimizer, batch, task_loss)
+            else:
+                stats = method.train_step(model, optimizer, batch, task_loss)
             steps += 1
-            if tc.nonfinite == "stop" and not torch.isfinite(stats["loss"]):
+            nonfinite = tc.nonfinite == "stop" and not torch.isfinite(stats["loss"])
+            if ddp and tc.nonfinite == "stop":
+                nonfinite = ddp.any_true(nonfinite)  # every process stops together
+            if nonfinite:
                 diverge(run, train_time, epoch, steps, float(stats["loss"]))
             scheduler.step()
             for k, v in stats.items():
@@ -263,7 +292,11 @@ def train(
                 rate = steps * config.data.batch_size / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{float(stats['loss']):.4f}", samples_s=f"{rate:.0f}")
         train_stats = {k: float(v) / max(steps, 1) for k, v in sums.items()}
+        if ddp:
+            train_stats = ddp.average(train_stats)  # the global-batch means
         method.on_epoch_end(model, optimizer, epoch, train_stats)
+        if ddp:
+            ddp.sync_structure(model)  # an epoch hook may have swapped parameters
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_time = time.perf_counter() - start
@@ -283,8 +316,10 @@ def train(
         record["epoch_time_s"] = epoch_time
         record["lr"] = optimizer.param_groups[0]["lr"]
         run.log(record)
-        save(model, run.path / "model", meta)
-        if tc.checkpoint_every and (epoch % tc.checkpoint_every == 0 or epoch == tc.epochs):
+        if main:
+            save(model, run.path / "model", meta)
+        due = tc.checkpoint_every and (epoch % tc.checkpoint_every == 0 or epoch == tc.epochs)
+        if main and due:
             training_state = {
                 "epoch": epoch,
                 "train_time": train_time,
@@ -296,11 +331,14 @@ def train(
             write_checkpoint(run.path, epoch, model, meta, training_state, tc.keep_checkpoints)
         if not quiet:
             print(format_record(record, tc.epochs), file=sys.stderr, flush=True)
-    if tc.epochs == 0:
+    if tc.epochs == 0 and main:
         save(model, run.path / "model", meta)
     run.write_json(
         "summary.json", summarize(run.records, train_time, "completed") | method.summary()
     )
+    if ddp:
+        ddp.barrier()  # summary.json exists before any process returns
+        ddp.close()
     return run.path
 
 

@@ -1,0 +1,113 @@
+r"""Rank allocation across layers under a global parameter budget.
+
+Given each layer's (plain or activation-weighted) spectrum :math:`\sigma^l` and a budget
+:math:`b \in (0, 1]`, choose ranks :math:`k_l` so that the weights of the compressed layers
+take at most :math:`b` times their current count (biases, which truncation never touches, are
+not counted). A layer's weight count at rank k is ``k(m+n)`` (plus ``k²`` for a full core),
+or ``mn`` while it stays dense; a dense layer is only factorized at ranks that save parameters
+(``k ≤ max_rank``). Ranks never increase.
+
+* ``uniform``: every layer keeps the same fraction b of its own weights,
+  :math:`k_l = \max\{k : \text{params}_l(k) \le b\,\text{params}_l\}` (at least 1); the total
+  is then within budget too.
+* ``greedy``: start from the current ranks and repeatedly remove the rank-1 component with the
+  smallest estimated increase in output error per parameter saved, across all layers, until
+  the total fits the budget. Removing component i of layer l raises that layer's squared output
+  error by :math:`\sigma_i^2` (Eckart–Young; with activation-weighted σ this is the error on the
+  calibration inputs, :math:`\|(W-W_r)X^\top\|_F^2/N`). Layers are made comparable by
+  measuring it relative to the layer's output energy :math:`\sum_i \sigma_i^2`. A dense
+  layer's first move jumps to ``max_rank`` (smaller steps would save nothing), with the error
+  of every component it drops. The loop stops at the first allocation within budget, so the
+  result is the largest greedy allocation that fits.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from typing import Literal
+
+from lorank.errors import LorankError
+from lorank.layers import LowRankLayer
+from lorank.search import LayerSpectrum
+
+Allocation = Literal["uniform", "greedy"]
+ALLOCATIONS: tuple[str, ...] = ("uniform", "greedy")
+
+__all__ = ["ALLOCATIONS", "allocate", "weight_params"]
+
+
+def weight_params(spec: LayerSpectrum, rank: int) -> int:
+    """Weights ``spec``'s layer holds at ``rank`` (a dense layer past max_rank stays dense)."""
+    module = spec.module
+    m, n = int(spec.u.shape[0]), int(spec.v.shape[0])
+    if isinstance(module, LowRankLayer):
+        per_rank = m if module.V is module.U else m + n
+        return rank * per_rank + (rank * rank if module.core == "full" else 0)
+    return m * n if rank > spec.max_rank else rank * (m + n)
+
+
+def _current_rank(spec: LayerSpectrum) -> int:
+    return spec.full_rank
+
+
+def allocate(
+    spectra: Sequence[LayerSpectrum], budget: float, method: Allocation = "greedy"
+) -> dict[str, int]:
+    """``{layer: rank}`` keeping at most ``budget`` of the layers' weights (see module doc)."""
+    if not 0 < budget <= 1:
+        raise LorankError(f"--budget {budget} must be in (0, 1], e.g. --budget 0.5")
+    if method not in ALLOCATIONS:
+        raise LorankError(f"--allocation {method!r}: choose one of {', '.join(ALLOCATIONS)}")
+    before = {s.name: weight_params(s, _current_rank(s)) for s in spectra}
+    target = budget * sum(before.values())
+    if method == "uniform":
+        ranks = {}
+        for spec in spectra:
+            k = _current_rank(spec)
+            while k > 1 and weight_params(spec, k) > budget * before[spec.name]:
+                k -= 1
+            ranks[spec.name] = k
+    else:
+        ranks = _greedy(spectra, target)
+    total = sum(weight_params(s, ranks[s.name]) for s in spectra)
+    if total > target + 1e-9:
+        raise LorankError(
+            f"--budget {budget} cannot be met even at rank 1 in every layer "
+            f"({total} > {target:.0f} weights); choose a larger budget"
+        )
+    return ranks
+
+
+def _greedy(spectra: Sequence[LayerSpectrum], target: float) -> dict[str, int]:
+    energy = [s.sigma.double().pow(2) for s in spectra]
+    # tail[l][k] = sum of sigma_i^2 for i >= k (0-based): the error of layer l at rank k.
+    tails = [e.flip(0).cumsum(0).flip(0).tolist() + [0.0] for e in energy]
+    totals = [max(t[0], 1e-300) for t in tails]
+    ranks = [_current_rank(s) for s in spectra]
+    total = sum(weight_params(s, k) for s, k in zip(spectra, ranks, strict=True))
+
+    def next_move(i: int) -> tuple[float, int, int] | None:
+        spec, k = spectra[i], ranks[i]
+        if k <= 1:
+            return None
+        new_k = min(k - 1, spec.max_rank) if not isinstance(spec.module, LowRankLayer) else k - 1
+        if new_k < 1:
+            return None
+        saved = weight_params(spec, k) - weight_params(spec, new_k)
+        if saved <= 0:
+            return None
+        error = (tails[i][new_k] - tails[i][k]) / totals[i]
+        return error / saved, i, new_k
+
+    heap = [m for i in range(len(spectra)) if (m := next_move(i)) is not None]
+    heapq.heapify(heap)
+    while total > target and heap:
+        _, i, new_k = heapq.heappop(heap)
+        if new_k >= ranks[i]:  # stale entry
+            continue
+        total -= weight_params(spectra[i], ranks[i]) - weight_params(spectra[i], new_k)
+        ranks[i] = new_k
+        if (move := next_move(i)) is not None:
+            heapq.heappush(heap, move)
+    return {s.name: k for s, k in zip(spectra, ranks, strict=True)}

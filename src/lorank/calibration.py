@@ -1,0 +1,252 @@
+r"""Calibration statistics and activation-aware truncated SVD.
+
+**Why.** Plain truncated SVD keeps the directions of largest singular value of W, minimising
+:math:`\|W - W_r\|_F`. What a compressed network needs is a small error on the inputs the
+layer actually sees: for the calibration activations :math:`X \in \mathbb{R}^{N\times n}`
+(one row per sample, token or conv patch),
+
+.. math:: \min_{\operatorname{rank} W_r \le r} \|(W - W_r) X^\top\|_F^2
+          = \min \operatorname{tr}\big((W - W_r)\, C\, (W - W_r)^\top\big),
+          \qquad C = X^\top X / N .
+
+**Closed form.** With a Cholesky factor :math:`C = L L^\top` (L lower triangular, invertible),
+:math:`\operatorname{tr}(E C E^\top) = \|E L\|_F^2`. Substituting :math:`Z = W_r L` (rank is
+unchanged by the invertible L), the problem becomes the Eckart–Young problem
+:math:`\min \|W L - Z\|_F`, solved by the truncated SVD :math:`W L = P \Sigma Q^\top`,
+:math:`Z = P_r \Sigma_r Q_r^\top`. Mapping back,
+
+.. math:: W_r = P_r \Sigma_r Q_r^\top L^{-1} = P_r\, \operatorname{diag}(\Sigma_r)\, V_r^\top,
+          \qquad V = L^{-\top} Q \ \ (\text{solve } L^\top V = Q),
+
+and the error is :math:`\|(W - W_r) X^\top\|_F^2 / N = \sum_{i>r} \sigma_i(WL)^2`. So the
+triple :math:`(P, \Sigma, L^{-\top}Q)` plays the role of ``(u, sigma, v)`` of a plain SVD
+(``W = u diag(sigma) vᵀ`` holds exactly; only v is no longer orthonormal): every rank rule,
+the loss-bounded search and the greedy allocation apply to the activation-weighted singular
+values unchanged. With C = I it is exactly the plain SVD. L is never inverted explicitly:
+V comes from one triangular solve.
+
+**Damping.** C is singular when the calibration set has fewer rows than n or some inputs are
+constant (e.g. dead ReLUs, padding). We factor :math:`C + \lambda I` with
+:math:`\lambda = \text{damping}\cdot\operatorname{mean}(\operatorname{diag} C)` (default
+damping 1e-4; multiplied by 10 until the Cholesky succeeds). The damping adds a small plain
+Frobenius term :math:`\lambda\|W - W_r\|_F^2` to the objective, which also decides directions
+the calibration data never excites.
+
+**Collecting C.** :func:`collect_second_moments` registers forward pre-hooks on the target
+layers, runs the calibration batches once (eval mode, no gradient) and accumulates
+:math:`X^\top X` in float64, chunk by chunk (at most ``chunk_rows`` rows are cast to float64 at
+a time, so memory is O(n² + chunk·n) whatever N is). A Linear (and Hugging Face ``Conv1D``)
+sees the rows of its input flattened over every leading dimension (tokens count as rows);
+a Conv2d sees its unfolded patches (``F.unfold`` orders them as C_in × kh × kw, the same order
+as ``weight.flatten(1)``). The hooks are removed afterwards, even on error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorank.errors import LorankError
+from lorank.layers import LowRankConv2d, LowRankLayer, LowRankLinear
+from lorank.search import LayerSpectrum, dense_weight_matrix
+
+__all__ = [
+    "DEFAULT_DAMPING",
+    "SecondMoment",
+    "activation_spectra",
+    "activation_svd",
+    "collect_second_moments",
+    "damped_cholesky",
+    "layer_input_rows",
+]
+
+DEFAULT_DAMPING = 1e-4
+
+
+@dataclass
+class SecondMoment:
+    """The accumulated ``XᵀX`` (float64, n×n) of one layer's inputs over ``rows`` rows."""
+
+    xtx: Tensor
+    rows: int = 0
+
+    @property
+    def mean(self) -> Tensor:
+        """C = XᵀX / N, the per-row second moment."""
+        return self.xtx / max(self.rows, 1)
+
+    def add(self, x: Tensor, chunk_rows: int = 4096) -> None:
+        for start in range(0, x.shape[0], chunk_rows):
+            chunk = x[start : start + chunk_rows].detach().to(self.xtx.device, torch.float64)
+            self.xtx.addmm_(chunk.T, chunk)
+        self.rows += x.shape[0]
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], Any, Any, Any]:
+    return module.kernel_size, module.stride, module.padding, module.dilation  # type: ignore[return-value]
+
+
+def layer_input_rows(module: nn.Module, x: Tensor) -> Tensor:
+    """The rows X (N×n) that ``module`` multiplies by its weight matrix (m×n) for input ``x``."""
+    if isinstance(module, nn.Conv2d | LowRankConv2d):
+        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+            raise LorankError(
+                f"calibration supports Conv2d with groups=1 and zero padding only, got "
+                f"groups={module.groups}, padding_mode={module.padding_mode!r}"
+            )
+        kernel, stride, padding, dilation = _conv_geometry(module)
+        kernel, dilation = tuple(kernel), tuple(dilation)
+        if isinstance(padding, str):
+            if padding == "same":  # PyTorch puts the odd pixel of "same" padding on the right
+                pads = []
+                for k, d in zip(reversed(kernel), reversed(dilation), strict=True):
+                    total = d * (k - 1)
+                    pads += [total // 2, total - total // 2]
+                x = F.pad(x, pads)
+            padding = 0
+        patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    if isinstance(module, nn.Linear | LowRankLinear) or _is_hf_conv1d(module):
+        return x.reshape(-1, x.shape[-1])
+    raise LorankError(f"cannot calibrate a {type(module).__name__}")
+
+
+@torch.no_grad()
+def collect_second_moments(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    batches: Iterable[Any],
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    chunk_rows: int = 4096,
+) -> dict[str, SecondMoment]:
+    """Run ``batches`` through ``model`` once and return ``{name: XᵀX}`` for ``layers``.
+
+    ``forward(model, batch)`` runs one batch (default: ``model(batch[0])`` for an
+    ``(inputs, targets)`` pair, else ``model(batch)``). The model is run in eval mode and left
+    in the mode it had; every hook is removed before returning.
+    """
+    stats: dict[str, SecondMoment] = {}
+    handles = []
+
+    def hook_for(name: str, module: nn.Module) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            rows = layer_input_rows(mod, args[0])
+            if name not in stats:
+                n = rows.shape[1]
+                zeros = torch.zeros(n, n, dtype=torch.float64, device=rows.device)
+                stats[name] = SecondMoment(zeros)
+            stats[name].add(rows, chunk_rows)
+
+        return hook
+
+    run = forward or (lambda m, b: m(b[0]) if isinstance(b, tuple | list) else m(b))
+    was_training = model.training
+    try:
+        for name, module in layers.items():
+            handles.append(module.register_forward_pre_hook(hook_for(name, module)))
+        model.eval()
+        for batch in batches:
+            run(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [name for name in layers if name not in stats]
+    if missing:
+        raise LorankError(
+            f"calibration never reached layer(s) {', '.join(missing[:3])}; are they used in "
+            "the model's forward? (exclude them or check the calibration data)"
+        )
+    return stats
+
+
+def damped_cholesky(c: Tensor, damping: float = DEFAULT_DAMPING) -> tuple[Tensor, float]:
+    """Lower-triangular L with ``L Lᵀ = C + λI``; λ = damping·mean(diag C), ×10 until it works.
+
+    Returns ``(L, λ)``. ``damping=0`` tries the undamped factor first.
+    """
+    c = c.double()
+    n = c.shape[0]
+    scale = float(c.diagonal().mean()) if n else 0.0
+    scale = scale if scale > 0 else 1.0
+    eye = torch.eye(n, dtype=c.dtype, device=c.device)
+    lam = damping * scale
+    for _ in range(12):
+        chol, info = torch.linalg.cholesky_ex(c + lam * eye)
+        if int(info) == 0:
+            return chol, lam
+        lam = max(lam * 10, 1e-10 * scale)
+    raise LorankError(
+        "the calibration second moment is not positive definite even with damping; "
+        "check the calibration data for NaN/inf"
+    )
+
+
+@torch.no_grad()
+def activation_svd(
+    weight_or_layer: Tensor | LowRankLayer,
+    c: Tensor,
+    damping: float = DEFAULT_DAMPING,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(u, sigma, v)`` with ``W = u diag(sigma) vᵀ`` and sigma the singular values of W·L.
+
+    Truncating to the first r columns gives the rank-r W_r minimising
+    ``tr((W − W_r)(C + λI)(W − W_r)ᵀ)``. ``weight_or_layer`` is the m×n weight matrix, or a
+    low-rank layer (its U S Vᵀ is never formed: the SVD is of the r×n matrix R S VᵀL, after
+    a QR of U). Computed in float64, returned in the dtype of the weight.
+    """
+    chol, _ = damped_cholesky(c, damping)
+    device = (
+        weight_or_layer.U.device
+        if isinstance(weight_or_layer, LowRankLayer)
+        else weight_or_layer.device
+    )
+    chol = chol.to(device)
+    if isinstance(weight_or_layer, LowRankLayer):
+        layer = weight_or_layer
+        dtype = layer.U.dtype
+        q_u, r_u = torch.linalg.qr(layer.U.detach().double())
+        left = r_u @ layer.core_matrix().detach().double()
+        small = left @ (layer.V.detach().double().T @ chol)  # r×n
+        p, sigma, qh = torch.linalg.svd(small, full_matrices=False)
+        u = q_u @ p
+    else:
+        weight = weight_or_layer.detach()
+        dtype = weight.dtype
+        u, sigma, qh = torch.linalg.svd(weight.double() @ chol, full_matrices=False)
+    # V = L^{-T} Q: one triangular solve of Lᵀ V = Q, never an explicit inverse.
+    v = torch.linalg.solve_triangular(chol.T, qh.T, upper=True)
+    return u.to(dtype), sigma.to(dtype), v.to(dtype)
+
+
+@torch.no_grad()
+def activation_spectra(
+    spectra: Sequence[LayerSpectrum],
+    moments: dict[str, SecondMoment],
+    damping: float = DEFAULT_DAMPING,
+) -> list[LayerSpectrum]:
+    """The activation-weighted version of plain ``spectra`` (:func:`lorank.search.layer_spectra`).
+
+    A layer without calibration statistics, or a tied symmetric layer (V is U, whose factors
+    cannot differ), keeps its plain SVD.
+    """
+    out = []
+    for spec in spectra:
+        module = spec.module
+        tied = isinstance(module, LowRankLayer) and module.V is module.U
+        if spec.name not in moments or tied:
+            out.append(spec)
+            continue
+        source = module if isinstance(module, LowRankLayer) else dense_weight_matrix(module)
+        u, sigma, v = activation_svd(source, moments[spec.name].mean, damping)
+        out.append(LayerSpectrum(spec.name, module, u, sigma, v, spec.max_rank))
+    return out
