@@ -167,10 +167,10 @@ class SilentRun(Run):
     """The run seen by DDP processes other than rank 0: keeps the records, writes nothing."""
 
     def write_json(self, name: str, obj: Any) -> None:
-        pass
+        return None  # only rank 0 writes the run directory
 
     def log_all(self) -> None:
-        pass
+        return None  # only rank 0 writes metrics.jsonl
 
 
 def train(
