@@ -69,7 +69,7 @@ class ResNet20Config(BaseModel):
 class VGGConfig(BaseModel):
     """Small VGG-style CNN: conv3x3+BN+ReLU blocks, max pooling, two-layer classifier.
 
-    The default (32-64-128-128-256 channels, ~0.7M parameters) is sized so a CIFAR-10 epoch
+    The default (32-64-128-128-256 channels, 0.8M parameters) is sized so a CIFAR-10 epoch
     takes a few minutes on a 2-core CPU.
     """
 
