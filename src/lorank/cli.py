@@ -40,6 +40,12 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"lorank: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _add_set_option(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     from lorank.methods import METHODS
 
@@ -66,14 +72,7 @@ def _parser() -> argparse.ArgumentParser:
         help="continue an interrupted run from its newest checkpoint (its config.json is used; "
         "--set may change e.g. train.epochs)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)",
-    )
+    _add_set_option(p, "override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
     p.add_argument("--out", help="run directory (default: runs/<config-stem>-<timestamp>)")
     p.add_argument("--data-dir", help="dataset root (else data.dir, $LORANK_DATA, ~/.cache/lorank)")
     p.add_argument(
@@ -136,14 +135,7 @@ def _parser() -> argparse.ArgumentParser:
         help="TOML config ([model], [data]) describing a plain "
         "state_dict, or a checkpoint outside a run directory",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the source's config, e.g. --set optim.lr=1e-4 for fine-tuning",
-    )
+    _add_set_option(p, "override the source's config, e.g. --set optim.lr=1e-4 for fine-tuning")
     p.add_argument(
         "--samples",
         type=int,
@@ -214,14 +206,7 @@ def _parser() -> argparse.ArgumentParser:
         help="grid values of a config key, e.g. --grid optim.lr=1e-2,1e-3 (repeatable)",
     )
     p.add_argument("--seeds", help="seeds, e.g. 0,1,2 or 0-4 (default: [sweep] seeds or 0)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a base config value for every run (repeatable)",
-    )
+    _add_set_option(p, "override a base config value for every run (repeatable)")
     p.add_argument(
         "--workers",
         type=int,
@@ -262,14 +247,7 @@ def _parser() -> argparse.ArgumentParser:
         "--methods", default=None, help="comma list (default dense,factorized,svd,dlrt,oialr,nnsvd)"
     )
     p.add_argument("--workers", type=int, help="parallel worker processes")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the shared base config, e.g. --set data.batch_size=128",
-    )
+    _add_set_option(p, "override the shared base config, e.g. --set data.batch_size=128")
     p.add_argument("--out", required=True, help="output directory (runs/ and the report)")
     p.add_argument("--data-dir", help="dataset root")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

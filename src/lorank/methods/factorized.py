@@ -61,17 +61,8 @@ class ConversionFields(BaseModel):
     )
 
     def low_rank_config(self, core: CoreKind) -> LowRankConfig:
-        return LowRankConfig(
-            rank=self.rank,
-            core=core,
-            init=self.init,
-            target_modules=self.target_modules,
-            exclude_modules=self.exclude_modules,
-            keep_first_dense=self.keep_first_dense,
-            keep_last_dense=self.keep_last_dense,
-            skip_if_no_savings=self.skip_if_no_savings,
-            rank_pattern=self.rank_pattern,
-        )
+        shared = self.model_dump(include=set(ConversionFields.model_fields))
+        return LowRankConfig(**shared, core=core)
 
 
 class FactorizedConfig(MethodConfig, ConversionFields):
