@@ -19,22 +19,34 @@ or ``mn`` while it stays dense; a dense layer is only factorized at ranks that s
   layer's first move jumps to ``max_rank`` (smaller steps would save nothing), with the error
   of every component it drops. The loop stops at the first allocation within budget, so the
   result is the largest greedy allocation that fits.
+
+**Budget from a loss tolerance.** :func:`budget_search` (``--loss-tolerance ε``) finds the
+global budget instead of taking it: a bisection on b ∈ (0, 1] for the smallest budget whose
+allocation (uniform or greedy, as above) changes the loss on a fixed calibration subset by
+less than ε. b = 1 keeps every rank (change 0), so the bracket starts feasible; a budget that
+cannot be met even at rank 1 counts as infeasible. As in seed 003's δ-search
+(:func:`lorank.search.loss_bounded_search`, ``--rule loss-tolerance=ε``, which applies one
+relative cutoff δ to every layer), feasibility is assumed monotone, every returned allocation
+was measured to satisfy the bound, and trial truncations are made in place and undone.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import nn
 
 from lorank.errors import LorankError
 from lorank.layers import LowRankLayer
-from lorank.search import LayerSpectrum
+from lorank.search import LayerSpectrum, LossFn, mean_loss, truncated
 
 Allocation = Literal["uniform", "greedy"]
 ALLOCATIONS: tuple[str, ...] = ("uniform", "greedy")
 
-__all__ = ["ALLOCATIONS", "allocate", "weight_params"]
+__all__ = ["ALLOCATIONS", "BudgetSearch", "allocate", "budget_search", "weight_params"]
 
 
 def weight_params(spec: LayerSpectrum, rank: int) -> int:
@@ -111,3 +123,82 @@ def _greedy(spectra: Sequence[LayerSpectrum], target: float) -> dict[str, int]:
         if (move := next_move(i)) is not None:
             heapq.heappush(heap, move)
     return {s.name: k for s, k in zip(spectra, ranks, strict=True)}
+
+
+@dataclass
+class BudgetSearch:
+    """What :func:`budget_search` found."""
+
+    budget: float
+    ranks: dict[str, int]
+    loss_before: float
+    loss_after: float
+    epsilon: float
+    precision: float
+    allocation: str
+    trials: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "budget",
+            "budget": self.budget,
+            "allocation": self.allocation,
+            "ranks": self.ranks,
+            "loss_before": self.loss_before,
+            "loss_after": self.loss_after,
+            "loss_change": abs(self.loss_after - self.loss_before),
+            "epsilon": self.epsilon,
+            "precision": self.precision,
+            "trials": self.trials,
+        }
+
+
+def budget_search(
+    model: nn.Module,
+    batches: Sequence[Any],
+    loss_fn: LossFn,
+    epsilon: float,
+    spectra: Sequence[LayerSpectrum],
+    method: Allocation | str = "greedy",
+    precision: float = 0.01,
+) -> BudgetSearch:
+    """The smallest budget (to within ``precision``) whose ``method`` allocation keeps the
+    loss change on ``batches`` below ``epsilon`` (see module doc); the model is left as it was.
+    """
+    if not epsilon > 0:
+        raise LorankError(f"--loss-tolerance {epsilon!r} must be > 0, e.g. 0.05")
+    if not 0 < precision < 1:
+        raise LorankError(f"--precision {precision!r} must be in (0, 1), e.g. 0.01")
+    batches = list(batches)
+    loss_before = mean_loss(model, batches, loss_fn)
+    trials: list[dict[str, float]] = []
+    measured: dict[tuple[int, ...], float] = {}
+
+    def loss_at(b: float) -> tuple[float, dict[str, int]] | None:
+        try:
+            ranks = allocate(spectra, b, method)  # type: ignore[arg-type]
+        except LorankError:  # not even rank 1 everywhere fits
+            return None
+        key = tuple(ranks[s.name] for s in spectra)
+        if key not in measured:
+            with truncated(spectra, ranks):
+                measured[key] = mean_loss(model, batches, loss_fn)
+        return measured[key], ranks
+
+    best = loss_at(1.0)
+    assert best is not None  # budget 1 keeps every rank
+    lo, hi = 0.0, 1.0
+    trials.append({"budget": 1.0, "loss": best[0], "feasible": 1.0})
+    while hi - lo > precision:
+        mid = 0.5 * (lo + hi)
+        result = loss_at(mid)
+        ok = result is not None and abs(result[0] - loss_before) < epsilon
+        trials.append(
+            {"budget": mid, "loss": result[0] if result else float("nan"), "feasible": float(ok)}
+        )
+        if ok:
+            assert result is not None
+            hi, best = mid, result
+        else:
+            lo = mid
+    return BudgetSearch(hi, best[1], loss_before, best[0], epsilon, precision, str(method), trials)

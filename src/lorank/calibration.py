@@ -39,12 +39,19 @@ a time, so memory is O(n² + chunk·n) whatever N is). A Linear (and Hugging Fac
 sees the rows of its input flattened over every leading dimension (tokens count as rows);
 a Conv2d sees its unfolded patches (``F.unfold`` orders them as C_in × kh × kw, the same order
 as ``weight.flatten(1)``). The hooks are removed afterwards, even on error.
+
+**Calibration files.** :func:`read_calibration_file` reads what ``--calibration-file`` names:
+a tensor of model inputs (``.pt``/``.pth``/``.bin`` via ``torch.load(weights_only=True)``,
+``.safetensors``, ``.npy``; a mapping or pair holds them under ``inputs``/``input_ids``/``x``
+or first), or any other file as UTF-8 text, which the caller encodes with the model's
+vocabulary or tokenizer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,9 +70,12 @@ __all__ = [
     "collect_second_moments",
     "damped_cholesky",
     "layer_input_rows",
+    "read_calibration_file",
 ]
 
 DEFAULT_DAMPING = 1e-4
+TENSOR_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".bin", ".safetensors", ".npy")
+INPUT_KEYS: tuple[str, ...] = ("inputs", "input_ids", "x")
 
 
 @dataclass
@@ -250,3 +260,63 @@ def activation_spectra(
         u, sigma, v = activation_svd(source, moments[spec.name].mean, damping)
         out.append(LayerSpectrum(spec.name, module, u, sigma, v, spec.max_rank))
     return out
+
+
+def read_calibration_file(path: str | Path) -> str | Tensor:
+    """The inputs tensor (``.pt``/``.pth``/``.bin``/``.safetensors``/``.npy``) or the text
+    (any other suffix, UTF-8) of a calibration file; a one-line error if it cannot be read."""
+    path = Path(path)
+    fix = "pass a UTF-8 text file or a .pt/.safetensors/.npy file holding an inputs tensor"
+    if not path.is_file():
+        raise LorankError(f"--calibration-file {path} not found; {fix}")
+    suffix = path.suffix.lower()
+    if suffix not in TENSOR_SUFFIXES:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LorankError(
+                f"--calibration-file {path} is not readable UTF-8 text ({type(e).__name__}); {fix}"
+            ) from None
+        if not text:
+            raise LorankError(f"--calibration-file {path} is empty; {fix}")
+        return text
+    try:
+        if suffix == ".npy":
+            import numpy as np
+
+            loaded: Any = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            loaded = load_file(path)
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise LorankError(
+            f"cannot read --calibration-file {path} ({type(e).__name__}: {first[:200]}); {fix}"
+        ) from None
+    tensor = _inputs_of(loaded)
+    if tensor is None:
+        raise LorankError(
+            f"--calibration-file {path} holds no inputs tensor (a tensor, a pair whose first "
+            f"item is one, or a mapping with a key {'/'.join(INPUT_KEYS)} or one tensor)"
+        )
+    if tensor.numel() == 0:
+        raise LorankError(f"--calibration-file {path} holds an empty tensor; {fix}")
+    return tensor
+
+
+def _inputs_of(loaded: Any) -> Tensor | None:
+    if isinstance(loaded, Tensor):
+        return loaded
+    if isinstance(loaded, tuple | list) and loaded and isinstance(loaded[0], Tensor):
+        return loaded[0]
+    if isinstance(loaded, Mapping):
+        for key in INPUT_KEYS:
+            if isinstance(loaded.get(key), Tensor):
+                return loaded[key]
+        tensors = [v for v in loaded.values() if isinstance(v, Tensor)]
+        if len(tensors) == 1:
+            return tensors[0]
+    return None

@@ -146,7 +146,8 @@ def _parser() -> argparse.ArgumentParser:
         "--precision",
         type=float,
         default=0.01,
-        help="loss-tolerance: precision of the search on delta (default 0.01)",
+        help="loss tolerance: precision of the search on delta (--rule) or on the budget "
+        "(--loss-tolerance) (default 0.01)",
     )
     p.add_argument(
         "--svd",
@@ -159,9 +160,17 @@ def _parser() -> argparse.ArgumentParser:
         "--calibration",
         type=int,
         metavar="N",
-        help="training samples run through the model to collect each layer's input second "
-        "moment (default: --samples when --svd activation); also compares plain vs "
-        "activation SVD in summary.json",
+        help="training samples (or --calibration-file samples) run through the model to "
+        "collect each layer's input second moment (default: --samples when --svd activation); "
+        "also compares plain vs activation SVD in summary.json",
+    )
+    p.add_argument(
+        "--calibration-file",
+        metavar="PATH",
+        help="calibrate on this file instead of the training data: UTF-8 text (encoded with "
+        "the model's characters, or the tokenizer in a Hugging Face directory) or a "
+        ".pt/.safetensors/.npy tensor of inputs (token ids for a language model); needed for "
+        "--svd activation on a Hugging Face model",
     )
     p.add_argument(
         "--budget",
@@ -169,6 +178,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="B",
         help="keep B (0-1] of the compressed layers' weights, ranks chosen by --allocation "
         "(overrides --rule)",
+    )
+    p.add_argument(
+        "--loss-tolerance",
+        type=float,
+        metavar="EPS",
+        help="instead of --budget: the smallest budget (to --precision) whose --allocation "
+        "changes the loss on the calibration subset by less than EPS (overrides --rule)",
     )
     p.add_argument(
         "--allocation",
@@ -343,6 +359,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         budget=args.budget,
         allocation=args.allocation,
         damping=args.damping,
+        calibration_file=args.calibration_file,
+        loss_tolerance=args.loss_tolerance,
     )
     summary = json.loads((path / "summary.json").read_text())
     keys = (

@@ -29,7 +29,24 @@ interrupted compression never leaves a half-written run.
 Sources: a lorank run directory or checkpoint; a plain PyTorch ``state_dict`` file
 (``torch.load(weights_only=True)``; the architecture and dataset come from ``--model-config``);
 or a Hugging Face model directory (needs ``transformers``; compressed and saved, not
-evaluated, since lorank has no data pipeline for its tokenizer).
+evaluated on a test set, since lorank has no data pipeline for it).
+
+**Calibration data.** ``--calibration N`` takes the first N training samples; with
+``--calibration-file`` it takes them from a file instead (:func:`calibration_file_batches`:
+text encoded with the model's characters or the Hugging Face directory's tokenizer, or a
+tensor of inputs). A Hugging Face model is calibrated through its own forward
+(``model(input_ids=...)``, hooks on its GPT-2 ``Conv1D`` layers see the rows x of
+``x @ weight``, the same X as for the Linear ``W = weightᵀ``), and when it has a
+language-model head its loss on the calibration windows stands in for the training loss
+(``calibration_loss_before/after``, ``svd_comparison``, loss tolerances). An output layer
+whose weight is tied to the input embedding stays dense (``tied_layers_kept``): factorizing
+it would add parameters. :func:`load_huggingface_compressed` rebuilds a compressed Hugging
+Face model from its run directory.
+
+**Ranks.** ``--budget B`` allocates a global budget (:mod:`lorank.allocation`);
+``--loss-tolerance ε`` searches the smallest budget whose allocation keeps the loss change
+below ε (:func:`lorank.allocation.budget_search`), while ``--rule loss-tolerance=ε`` is the
+per-layer δ-rule search above.
 """
 
 from __future__ import annotations
@@ -45,10 +62,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from lorank.allocation import ALLOCATIONS, allocate
-from lorank.calibration import DEFAULT_DAMPING, activation_spectra, collect_second_moments
+from lorank.allocation import ALLOCATIONS, allocate, budget_search
+from lorank.calibration import (
+    DEFAULT_DAMPING,
+    activation_spectra,
+    collect_second_moments,
+    read_calibration_file,
+)
 from lorank.config import RunConfig, apply_override, load_config, validate_config
 from lorank.convert import _set_submodule, low_rank_from
 from lorank.data import Dataset, load_dataset
@@ -132,6 +154,8 @@ def compress(
     budget: float | None = None,
     allocation: str = "greedy",
     damping: float = DEFAULT_DAMPING,
+    calibration_file: str | Path | None = None,
+    loss_tolerance: float | None = None,
 ) -> Path:
     """Compress ``source`` by truncated SVD into the run directory ``out``; return its path.
 
@@ -151,6 +175,15 @@ def compress(
         raise LorankError(f"--calibration {calibration} must be >= 1 samples")
     if budget is not None and not 0 < budget <= 1:
         raise LorankError(f"--budget {budget} must be in (0, 1], e.g. --budget 0.5")
+    if loss_tolerance is not None:
+        if budget is not None:
+            raise LorankError(
+                "--budget and --loss-tolerance both choose the global budget; pass one of them"
+            )
+        if not 0 < loss_tolerance < float("inf"):
+            raise LorankError(f"--loss-tolerance {loss_tolerance} must be > 0, e.g. 0.05")
+        if not 0 < precision < 1:
+            raise LorankError(f"--precision {precision} must be in (0, 1), e.g. 0.01")
     if allocation not in ALLOCATIONS:
         raise LorankError(f"--allocation {allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
     if damping < 0:
@@ -160,15 +193,24 @@ def compress(
             f"output directory {out} already exists; choose another --out or "
             "pass --overwrite to replace it"
         )
+    file_content = read_calibration_file(calibration_file) if calibration_file else None
     src = load_source(source, model_config, overrides, data_dir)
     if src.config is not None and src.config.train.threads:
         torch.set_num_threads(src.config.train.threads)
-    if src.kind == "huggingface":
-        if rule.rule is None or finetune_epochs or svd != "plain" or calibration:
+    hf = src.kind == "huggingface"
+    needs_loss = loss_tolerance is not None or rule.epsilon is not None
+    if hf:
+        if finetune_epochs:
             raise LorankError(
-                "a Hugging Face model can only be compressed with a rank rule or --budget "
-                "and --svd plain (no loss-tolerance, --calibration or --finetune-epochs): "
-                "lorank has no data pipeline for its tokenizer"
+                "--finetune-epochs is not available for a Hugging Face model (lorank has no "
+                "training data for it); fine-tune the saved model with "
+                "lorank.integrations.huggingface"
+            )
+        if (svd == "activation" or calibration or needs_loss) and file_content is None:
+            raise LorankError(
+                "a Hugging Face model has no lorank training data: pass --calibration-file "
+                "(a text file, encoded with the model's tokenizer, or a tensor of token ids) "
+                "for --svd activation, --calibration or a loss tolerance"
             )
         data = None
     else:
@@ -177,29 +219,48 @@ def compress(
         data = src.data or load_dataset(src.config.data, device=device, data_dir=data_dir)
         src.model.to(device)
     model = src.model
+    file_batches = None
+    if file_content is not None:
+        assert calibration_file is not None
+        file_batches = calibration_file_batches(
+            model, file_content, calibration or samples, data, Path(source), calibration_file
+        )
+    forward, loss_fn = (_hf_forward, _hf_loss) if hf else (None, task_loss)
+    if hf and file_batches is not None and not _hf_has_loss(model, file_batches):
+        if needs_loss:
+            raise LorankError(
+                f"{source} has no language-model head (its forward returns no loss), so a "
+                "loss tolerance cannot be measured; use --budget or --rule"
+            )
+        loss_fn = None
 
     summary: dict[str, Any] = {
         "status": "completed",
         "source": str(source),
         "source_kind": src.kind,
-        "rule": str(rule) if budget is None else f"budget={budget} ({allocation})",
+        "rule": str(rule),
         "svd": svd,
     }
+    if budget is not None:
+        summary["rule"] = f"budget={budget} ({allocation})"
+    elif loss_tolerance is not None:
+        summary["rule"] = f"loss-tolerance={loss_tolerance} (budget search, {allocation})"
     before = _measure(model, data)
     summary.update({f"{k}_before": v for k, v in before.items()})
 
-    spectra = layer_spectra(model)
+    spectra, tied = _drop_tied(model, layer_spectra(model))
+    if tied:
+        summary["tied_layers_kept"] = tied
     if not spectra:
         raise LorankError(f"{source} has no Linear/Conv2d or low-rank layer to compress")
-    calibration_batches = None
-    if data is not None and (calibration or svd == "activation"):
+    calibration_batches = file_batches
+    if calibration_batches is None and data is not None and (calibration or svd == "activation"):
         calibration_batches = data.train_subset_batches(calibration or samples)
     plain_spectra = spectra
     activation = None
-    if svd == "activation" or calibration_batches is not None:
-        assert calibration_batches is not None
+    if calibration_batches is not None:
         moments = collect_second_moments(
-            model, {s.name: s.module for s in spectra}, calibration_batches
+            model, {s.name: s.module for s in spectra}, calibration_batches, forward
         )
         activation = activation_spectra(plain_spectra, moments, damping)
         summary["calibration_rows"] = {n: m.rows for n, m in moments.items()}
@@ -207,23 +268,36 @@ def compress(
     if svd == "activation":
         assert activation is not None
         spectra = activation
-    calibration = data.train_subset_batches(samples) if data is not None else None
+    # Batches (with targets, or token ids for a HF language model) the loss is measured on.
+    if data is not None:
+        loss_batches = data.train_subset_batches(samples)
+    else:
+        loss_batches = file_batches if loss_fn is not None else None
     search = None
     if budget is not None:
         chosen = allocate(spectra, budget, allocation)  # type: ignore[arg-type]
+    elif loss_tolerance is not None:
+        assert loss_batches is not None and loss_fn is not None
+        search = budget_search(
+            model, loss_batches, loss_fn, loss_tolerance, spectra, allocation, precision
+        )
+        chosen = search.ranks
     elif rule.rule is not None:
         chosen = rule_ranks(spectra, rule.rule)
     else:
-        assert calibration is not None
-        search = loss_bounded_search(
-            model, calibration, task_loss, rule.epsilon, precision, spectra
-        )
+        assert loss_batches is not None and loss_fn is not None and rule.epsilon is not None
+        search = loss_bounded_search(model, loss_batches, loss_fn, rule.epsilon, precision, spectra)
         chosen = search.ranks
-    if activation is not None and data is not None and calibration is not None:
+    if activation is not None and loss_batches is not None and loss_fn is not None:
         summary["svd_comparison"] = _compare_svd(
-            model, {"plain": plain_spectra, "activation": activation}, chosen, data, calibration
+            model,
+            {"plain": plain_spectra, "activation": activation},
+            chosen,
+            data,
+            loss_batches,
+            loss_fn,
         )
-    original = copy.deepcopy(model) if calibration is not None else None
+    original = copy.deepcopy(model) if loss_batches is not None else None
     layers = apply_ranks(model, spectra, chosen, exact_factors=svd == "activation")
     for row, spec in zip(layers, spectra, strict=True):
         energy = spec.sigma.double().pow(2)
@@ -233,17 +307,19 @@ def compress(
     summary.update({f"{k}_after": v for k, v in after.items()})
     summary["layers"] = layers
     summary["search"] = search.to_dict() if search is not None else None
-    if calibration is not None and original is not None:
-        summary["calibration_samples"] = sum(len(b[0]) for b in calibration)
+    if loss_batches is not None and original is not None:
+        assert loss_fn is not None
+        summary["calibration_samples"] = sum(len(b[0]) for b in loss_batches)
         summary["calibration_loss_before"] = (
-            search.loss_before if search else mean_loss(original, calibration, task_loss)
+            search.loss_before if search else mean_loss(original, loss_batches, loss_fn)
         )
-        summary["calibration_loss_after"] = mean_loss(model, calibration, task_loss)
-        summary["output_diff_max"] = max_output_difference(original, model, calibration)
-        truncated_ranks = {e["name"]: e["rank"] for e in layers if e["status"] != "kept"}
-        summary["theorem1"] = theorem1_bound(
-            original, truncated_ranks, max_input_norm(calibration), spectra
-        )
+        summary["calibration_loss_after"] = mean_loss(model, loss_batches, loss_fn)
+        if not hf:
+            summary["output_diff_max"] = max_output_difference(original, model, loss_batches)
+            truncated_ranks = {e["name"]: e["rank"] for e in layers if e["status"] != "kept"}
+            summary["theorem1"] = theorem1_bound(
+                original, truncated_ranks, max_input_norm(loss_batches), spectra
+            )
     del original
 
     options = {
@@ -256,8 +332,10 @@ def compress(
         "precision": precision,
         "svd": svd,
         "calibration": calibration_batches and sum(len(b[0]) for b in calibration_batches),
+        "calibration_file": str(calibration_file) if calibration_file else None,
         "budget": budget,
-        "allocation": allocation if budget is not None else None,
+        "loss_tolerance": loss_tolerance,
+        "allocation": allocation if budget is not None or loss_tolerance is not None else None,
         "damping": damping,
     }
     tmp = Path(
@@ -423,6 +501,197 @@ def _load_huggingface(
         return transformers.AutoModel.from_pretrained(path)
 
 
+# ---------------------------------------------------------------------- calibration files
+
+HF_BLOCK = 128  # tokens per calibration window of a Hugging Face model (capped by its context)
+HF_BATCH = 8
+
+
+def calibration_file_batches(
+    model: nn.Module,
+    content: str | Tensor,
+    n: int,
+    data: Dataset | None,
+    source: Path,
+    path: str | Path,
+) -> list[tuple[Tensor]]:
+    """The first ``n`` samples of a calibration file as ``(inputs,)`` batches for ``model``.
+
+    Text is encoded with the language model's characters (a lorank ``char_transformer``) or
+    the tokenizer saved in the Hugging Face directory ``source``, and cut into windows of the
+    model's context (a Hugging Face model: at most 128 tokens). A tensor holds token ids
+    (N×T, or one 1-D stream that is cut the same way) for a language model, or float inputs
+    (N × input shape, prepared as in training) for a classifier.
+    """
+    if data is None:
+        inputs, batch_size = _hf_inputs(model, content, source, path), HF_BATCH
+    else:
+        inputs, batch_size = _lorank_inputs(model, content, data, path), data.batch_size
+        inputs = inputs.to(data.device)
+    inputs = inputs[:n]
+    return [(inputs[i : i + batch_size],) for i in range(0, len(inputs), batch_size)]
+
+
+def _lorank_inputs(model: nn.Module, content: str | Tensor, data: Dataset, path: Any) -> Tensor:
+    info = data.info
+    if info.task == "language_model":
+        assert info.vocab is not None
+        block = info.input_shape[0]
+        if isinstance(content, str):
+            index = {ch: i for i, ch in enumerate(info.vocab)}
+            unknown = sorted(set(content) - index.keys())
+            if unknown:
+                raise LorankError(
+                    f"--calibration-file {path} has {len(unknown)} character(s) the model's "
+                    f"vocabulary lacks (e.g. {unknown[0]!r}); remove them or pass token ids"
+                )
+            ids = torch.tensor([index[ch] for ch in content], dtype=torch.long)
+        else:
+            ids = _token_ids(content, info.num_classes, path)
+        return _windows(ids, block, block, path)
+    if isinstance(content, str):
+        raise LorankError(
+            f"--calibration-file {path} is text, but this {info.name} model takes tensors; "
+            "pass a .pt/.safetensors/.npy of inputs shaped "
+            f"(N, {', '.join(map(str, info.input_shape))})"
+        )
+    shape = tuple(info.input_shape)
+    x = content
+    if not x.is_floating_point():
+        raise LorankError(
+            f"--calibration-file {path} holds {x.dtype} values; pass the float inputs the "
+            "model sees (normalised as in training)"
+        )
+    if tuple(x.shape) == shape:
+        x = x.unsqueeze(0)
+    per_sample = torch.Size(shape).numel()
+    if x.ndim < 2 or x.shape[1:].numel() != per_sample:
+        raise LorankError(
+            f"--calibration-file {path} holds a tensor of shape {tuple(content.shape)}; "
+            f"this model takes inputs shaped (N, {', '.join(map(str, shape))})"
+        )
+    dtype = next(model.parameters()).dtype
+    return x.reshape(-1, *shape).to(dtype)
+
+
+def _token_ids(t: Tensor, vocab_size: int | None, path: Any) -> Tensor:
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise LorankError(
+            f"--calibration-file {path} holds {t.dtype} values; a language model needs "
+            "integer token ids"
+        )
+    if t.ndim not in (1, 2):
+        raise LorankError(
+            f"--calibration-file {path} holds a tensor of shape {tuple(t.shape)}; pass token "
+            "ids shaped (N, T) or one 1-D stream"
+        )
+    low, high = int(t.min()), int(t.max())
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        raise LorankError(
+            f"--calibration-file {path} has token ids in [{low}, {high}], outside the model's "
+            f"vocabulary [0, {vocab_size}); encode it with the model's tokenizer"
+        )
+    return t.long()
+
+
+def _windows(ids: Tensor, block: int, context: int, path: Any) -> Tensor:
+    """(N, T) ids as they are (T ≤ context), or a 1-D stream cut into windows of ``block``."""
+    if ids.ndim == 2:
+        if ids.shape[1] > context:
+            raise LorankError(
+                f"--calibration-file {path} has sequences of {ids.shape[1]} tokens, longer "
+                f"than the model's context of {context}; cut them or pass a 1-D stream"
+            )
+        return ids
+    if len(ids) <= block:
+        return ids[None]
+    usable = len(ids) // block * block
+    return ids[:usable].reshape(-1, block)
+
+
+def _hf_inputs(model: nn.Module, content: str | Tensor, source: Path, path: Any) -> Tensor:
+    config = getattr(model, "config", None)
+    vocab_size = getattr(config, "vocab_size", None)
+    context = (
+        getattr(config, "n_positions", None)
+        or getattr(config, "max_position_embeddings", None)
+        or HF_BLOCK
+    )
+    if isinstance(content, str):
+        ids = torch.tensor(_hf_tokenizer(source)(content)["input_ids"], dtype=torch.long)
+        if ids.numel() == 0:
+            raise LorankError(f"--calibration-file {path} encodes to no tokens")
+        ids = _token_ids(ids, vocab_size, path)
+    else:
+        ids = _token_ids(content, vocab_size, path)
+    return _windows(ids, min(HF_BLOCK, context), context, path)
+
+
+def _hf_tokenizer(source: Path) -> Any:
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    except Exception as e:  # noqa: BLE001 - no/unreadable tokenizer files: one user error
+        reason = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
+        raise LorankError(
+            f"{source} has no usable tokenizer to encode a text --calibration-file ({reason}); "
+            "save one there or pass a .pt/.safetensors/.npy tensor of token ids"
+        ) from None
+    # Calibration text is cut into windows afterwards: a long text is not an error.
+    tokenizer.model_max_length = int(1e30)
+    return tokenizer
+
+
+def _hf_forward(model: nn.Module, batch: tuple[Tensor, ...]) -> Any:
+    return model(input_ids=batch[0])
+
+
+def _hf_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+    """The causal language-model loss (transformers shifts the labels itself)."""
+    return model(input_ids=batch[0], labels=batch[0]).loss
+
+
+@torch.no_grad()
+def _hf_has_loss(model: nn.Module, batches: list[tuple[Tensor]]) -> bool:
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(input_ids=batches[0][0][:1], labels=batches[0][0][:1])
+    except (TypeError, ValueError):
+        return False
+    finally:
+        model.train(was_training)
+    return isinstance(getattr(out, "loss", None), Tensor)
+
+
+def load_huggingface_compressed(path: str | Path) -> nn.Module:
+    """Reload a Hugging Face model compressed by ``lorank compress`` (its run directory).
+
+    The transformers class and config are stored in ``model.json``; the low-rank layers are
+    rebuilt by :func:`lorank.io.load`.
+    """
+    stem = _lorank_stem(Path(path))
+    if stem is None:
+        raise LorankError(
+            f"{path} holds no model.json; pass the run directory lorank compress wrote"
+        )
+    meta = read_metadata(stem)
+    hf = meta.get("huggingface")
+    if not isinstance(hf, dict):
+        raise LorankError(f"{path} is not a compressed Hugging Face model; use lorank.load")
+    import transformers
+
+    cls = getattr(transformers, hf["class"], None)
+    if cls is None:
+        raise LorankError(
+            f"transformers {transformers.__version__} has no class {hf['class']!r}; "
+            "install the version that wrote the model"
+        )
+    model = cls(cls.config_class.from_dict(hf["config"]))
+    return load(stem, model).eval()
+
+
 # ---------------------------------------------------------------------- surgery
 
 
@@ -486,21 +755,47 @@ def _compare_svd(
     model: nn.Module,
     kinds: dict[str, list[LayerSpectrum]],
     chosen: dict[str, int],
-    data: Dataset,
-    calibration: list[Any],
+    data: Dataset | None,
+    batches: list[Any],
+    loss_fn: Any,
 ) -> dict[str, dict[str, float]]:
-    """Test and calibration loss of the model truncated at ``chosen`` by each kind of SVD.
+    """Test (with ``data``) and calibration loss of the model truncated at ``chosen`` by each
+    kind of SVD.
 
     The truncations are trials in place (:func:`lorank.search.truncated`), so the model is
     unchanged afterwards.
     """
-    out = {}
+    out: dict[str, dict[str, float]] = {}
     for kind, spectra in kinds.items():
         with truncated(spectra, chosen):
-            test = evaluate(model, data.eval_batches("test"))
-            loss = mean_loss(model, calibration, task_loss)
-        out[kind] = {"test_loss": test["loss"], "test_acc": test["acc"], "calibration_loss": loss}
+            row = {"calibration_loss": mean_loss(model, batches, loss_fn)}
+            if data is not None:
+                test = evaluate(model, data.eval_batches("test"))
+                row |= {"test_loss": test["loss"], "test_acc": test["acc"]}
+        out[kind] = row
     return out
+
+
+def _drop_tied(
+    model: nn.Module, spectra: list[LayerSpectrum]
+) -> tuple[list[LayerSpectrum], list[str]]:
+    """``spectra`` without layers whose weight another module shares (a tied output head).
+
+    Factorizing a tied head saves nothing (the embedding still holds the matrix) and adds
+    the factors, so such a layer stays dense.
+    """
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    kept, tied = [], []
+    for spec in spectra:
+        weight = getattr(spec.module, "weight", None)
+        if isinstance(weight, Tensor) and owners.get(id(weight), 0) > 1:
+            tied.append(spec.name)
+        else:
+            kept.append(spec)
+    return kept, tied
 
 
 def _measure(model: nn.Module, data: Dataset | None) -> dict[str, Any]:
@@ -551,6 +846,9 @@ def _write_untrained(model: nn.Module, src: Source, data: Dataset | None, tmp: P
         meta |= {"model": config.model.model_dump(mode="json"), "data_info": asdict(data.info)}
         record = {"epoch": 0, **_measure(model, data), "time_s": 0.0}
         atomic_write_text(tmp / "metrics.jsonl", json.dumps(record) + "\n")
+    if src.kind == "huggingface" and hasattr(model, "config"):
+        # What load_huggingface_compressed rebuilds the dense architecture from.
+        meta["huggingface"] = {"class": type(model).__name__, "config": model.config.to_dict()}
     save(model, tmp / "model", meta)
 
 
