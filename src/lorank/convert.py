@@ -4,6 +4,15 @@ Targets are matched peft-style on module names from ``model.named_modules()``: a
 regular expression that must match the whole name; a list matches a name equal to an entry
 or ending in ``"." + entry``. Hugging Face GPT-2 ``Conv1D`` layers (which store Wᵀ) are
 treated as Linear layers.
+
+``nn.MultiheadAttention`` keeps its q/k/v projection in a packed parameter, not a layer: the
+candidate search first re-expresses each targeted one as a
+:class:`~lorank.attention.LowRankMultiheadAttention` with dense ``nn.Linear`` projections
+(``in_proj`` or ``q_proj``/``k_proj``/``v_proj``, and ``out_proj``; same function, and in the
+default packed layout the same Parameter objects), which then convert like any Linear. A target
+or exclusion naming the attention module applies to all its projections. ``merge`` restores
+plain ``nn.MultiheadAttention`` modules. A model may list layer names it wants dense unless
+targeted explicitly in a ``lorank_dense_modules`` attribute (the ViT's patch embedding).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from lorank.attention import LowRankMultiheadAttention, expand_attention
 from lorank.errors import LorankError
 from lorank.layers import CoreKind, LowRankConv2d, LowRankLayer, LowRankLinear
 from lorank.rank import RankSpec, resolve_rank
@@ -51,6 +61,11 @@ class LowRankConfig(BaseModel):
     skip_if_no_savings: bool = Field(True, description="leave layers dense when r(m+n) ≥ mn")
     rank_pattern: dict[str, int | float] = Field(
         default_factory=dict, description="per-layer ranks by exact name or suffix"
+    )
+    attention_qkv: Literal["packed", "separate"] = Field(
+        "packed",
+        description="nn.MultiheadAttention's q/k/v projection: one packed 3E×E layer (shared "
+        "input basis, reuses the original Parameters) or three separate layers",
     )
 
     def core_kind(self) -> CoreKind:
@@ -126,16 +141,57 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 
 
 def candidate_layers(model: nn.Module, config: LowRankConfig) -> list[tuple[str, nn.Module]]:
-    """Layers the config targets, in ``named_modules`` order (before keep-first/last)."""
+    """Layers the config targets, in ``named_modules`` order (before keep-first/last).
+
+    Targeted ``nn.MultiheadAttention`` modules are re-expressed in place first (module
+    docstring), so their projections are among the returned layers.
+    """
+    _expand_targeted_attention(model, config)
+    dense_default = _dense_by_default(model)
     out = []
     for name, module in model.named_modules():
         if not is_convertible(module):
             continue
-        if config.target_modules is not None and not matches(name, config.target_modules):
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else None
+        if isinstance(parent, nn.MultiheadAttention):
+            continue  # its out_proj: PyTorch's forward reads .weight, it must stay an nn.Linear
+        names = [name]
+        if isinstance(parent, LowRankMultiheadAttention):
+            names.append(parent_name)
+        if config.target_modules is not None and not any(
+            matches(n, config.target_modules) for n in names
+        ):
+            continue
+        if any(matches(n, config.exclude_modules) for n in names):
+            continue
+        if config.target_modules is None and name in dense_default:
+            continue
+        out.append((name, module))
+    return out
+
+
+def _expand_targeted_attention(model: nn.Module, config: LowRankConfig) -> None:
+    names = set()
+    for name, module in model.named_modules():
+        if type(module) is not nn.MultiheadAttention:
             continue
         if matches(name, config.exclude_modules):
             continue
-        out.append((name, module))
+        if module.bias_k is not None or module.add_zero_attn:
+            if config.target_modules is not None and matches(name, config.target_modules):
+                LowRankMultiheadAttention.from_mha(module)  # raises the explanatory error
+            continue
+        names.add(name)
+    if names:
+        expand_attention(model, config.attention_qkv, names)
+
+
+def _dense_by_default(model: nn.Module) -> set[str]:
+    out = set()
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "lorank_dense_modules", ()):
+            out.add(f"{prefix}.{name}" if prefix else name)
     return out
 
 
@@ -240,10 +296,15 @@ def planned_report(
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Turn every low-rank layer of ``model`` back into a plain ``nn.Linear``/``nn.Conv2d``."""
+    """Turn every low-rank layer of ``model`` back into a plain ``nn.Linear``/``nn.Conv2d``,
+    and every :class:`~lorank.attention.LowRankMultiheadAttention` into an
+    ``nn.MultiheadAttention``."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LowRankLayer):
             _set_submodule(model, name, module.to_dense())
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankMultiheadAttention):
+            _set_submodule(model, name, module.to_mha())
     return model
 
 

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorank.attention import LowRankMultiheadAttention, apply_attention_specs
 from lorank.convert import _set_submodule, low_rank_layers
 from lorank.errors import LorankError
 from lorank.layers import layer_from_spec
@@ -83,6 +84,11 @@ def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = N
     stem = _stem(path)
     stem.parent.mkdir(parents=True, exist_ok=True)
     layers = {name: layer.spec() for name, layer in low_rank_layers(model).items()}
+    attention = {
+        name: m.spec()
+        for name, m in model.named_modules()
+        if isinstance(m, LowRankMultiheadAttention)
+    }
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = stem.with_suffix(".safetensors")
     fd, tmp = tempfile.mkstemp(dir=weights.parent, prefix=f".{weights.name}.", suffix=".tmp")
@@ -97,7 +103,13 @@ def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = N
         Path(tmp).unlink(missing_ok=True)
         raise
     atomic_write_json(
-        stem.with_suffix(".json"), {"format": FORMAT, "low_rank_layers": layers, **(metadata or {})}
+        stem.with_suffix(".json"),
+        {
+            "format": FORMAT,
+            "low_rank_layers": layers,
+            **({"attention": attention} if attention else {}),
+            **(metadata or {}),
+        },
     )
     return weights
 
@@ -146,6 +158,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     meta = read_metadata(stem)
     if model is None:
         model = build_from_metadata(meta)
+    # Attention modules first: the low-rank layers named in the specs live inside them.
+    apply_attention_specs(model, meta.get("attention", {}))
     apply_layer_specs(model, meta.get("low_rank_layers", {}))
     weights = stem.with_suffix(".safetensors")
     if not weights.is_file():
