@@ -225,6 +225,11 @@ def train(
         epochs=tc.epochs,
         skip_nonfinite=tc.nonfinite == "skip",
     )
+    if method.gradient_free and (ddp or resume):
+        raise LorankError(
+            f"method {method.name!r} trains in one closed-form pass: it runs in one process "
+            "and has nothing to resume; drop --nproc/--resume (use --overwrite to rerun)"
+        )
     report = method.prepare(model)
     model.to(device)
     data_gen = torch.Generator().manual_seed(tc.seed)
@@ -260,6 +265,10 @@ def train(
         run.log_all()
         run.write_json("summary.json", {"status": "running"})
         first_epoch, train_time = state["epoch"] + 1, state["train_time"]
+
+    if method.gradient_free:
+        train_time = fit_closed_form(run, model, data, method, tc.eval_every, meta, quiet)
+        first_epoch = tc.epochs + 1  # no gradient epochs
 
     for epoch in range(first_epoch, tc.epochs + 1):
         model.train()
@@ -340,6 +349,43 @@ def train(
         ddp.barrier()  # summary.json exists before any process returns
         ddp.close()
     return run.path
+
+
+def fit_closed_form(
+    run: Run,
+    model: nn.Module,
+    data: Dataset,
+    method: Any,
+    eval_every: int,
+    meta: dict[str, Any],
+    quiet: bool,
+) -> float:
+    """Train a gradient-free method by its ``fit`` on the whole training set, log it as
+    epoch 1 and save the model; returns the training time."""
+    start = time.perf_counter()
+    batches = data.train_subset_batches(data.info.train_size, data.eval_batch_size)
+    stats = method.fit(model, batches)
+    train_time = time.perf_counter() - start
+    if "model" in stats:  # the method chose the architecture
+        meta["model"] = {**meta["model"], **stats.pop("model")}
+    record = epoch_record(1, model, data, method, stats, train_time, eval_every, force_eval=True)
+    record["epoch_time_s"] = train_time
+    record["max_rss_mb"] = peak_memory_mb()
+    run.log(record)
+    save(model, run.path / "model", meta)
+    if not quiet:
+        print(format_record(record, 1), file=sys.stderr, flush=True)
+    return train_time
+
+
+def peak_memory_mb() -> float | None:
+    """Peak resident memory of this process so far, dataset included (None off Unix)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
 
 
 def diverge(

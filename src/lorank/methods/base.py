@@ -19,7 +19,7 @@ parameter shapes or identities goes through :func:`lorank.optim.swap_parameters`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -53,6 +53,8 @@ class Method:
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
+    gradient_free: ClassVar[bool] = False
+    """True for methods trained in closed form by :meth:`fit` instead of the epoch loop."""
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
@@ -137,6 +139,16 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state.get("step", 0))
         self.skipped_batches = int(state.get("skipped_batches", 0))
+
+    def fit(self, model: nn.Module, batches: Sequence[Any]) -> dict[str, Any]:
+        """Train ``model`` in place without an optimizer (only when ``gradient_free``).
+
+        ``batches`` is the whole training set, in order and without augmentation. Returns the
+        fit's training statistics (``loss_task`` is logged as ``train_loss``); a method that
+        chooses the architecture itself returns the changed model-config fields under
+        ``"model"`` (e.g. ``{"hidden": [...]}``), which the saved checkpoint's config takes.
+        """
+        raise NotImplementedError(f"method {self.name!r} trains with gradients, not by fit()")
 
     # -- helpers for subclasses -----------------------------------------------------------
     def clip_gradients(self, model: nn.Module) -> None:
