@@ -1,0 +1,228 @@
+"""The benchmark suite: what low-rank training buys in time and memory, measured in one run.
+
+    python -m benchmarks                      # every section (about 30 min on a 2-core CPU)
+    python -m benchmarks --quick              # small sizes, few steps: a smoke run
+    python -m benchmarks --sections layer step --threads 2
+
+Sections: ``layer`` (one layer's training step per method vs dense, beside the FLOP ratio),
+``step`` (whole-model steps: MNIST MLP, LeNet-5, VGG on CIFAR-10 shapes, MLP width 4096),
+``tta`` (time to 97%/98% MNIST test accuracy, data loading alone), ``memory`` (training state
+and measured peak at width 4096), ``inference`` (latency/throughput, dense vs low-rank vs
+merged). Every figure is a ratio measured in the same run, never a timed test assertion.
+
+Results go to ``benchmarks/results/<UTC date>.json``; a full (non ``--quick``) run also
+rewrites ``benchmarks/results/latest.md``, the committed summary with the targets checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import inference, layer_cost, memory, step_cost, time_to_accuracy
+from benchmarks.common import environment
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SECTIONS = ("layer", "step", "tta", "memory", "inference")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--quick", action="store_true", help="small sizes and few steps")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir", help="dataset root (else $LORANK_DATA, ~/.cache/lorank)")
+    parser.add_argument("--steps", type=int, help="timed steps per case (median)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    steps = args.steps or (3 if args.quick else 10)
+    warmup = 1 if args.quick else 2
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "environment": environment(),
+        "sections": {},
+    }
+    print(f"environment: {results['environment']}")
+    started = time.perf_counter()
+    for section in args.sections:
+        print(f"\n== {section} ==", flush=True)
+        t0 = time.perf_counter()
+        results["sections"][section] = run_section(section, args, device, steps, warmup)
+        print(f"({section}: {time.perf_counter() - t0:.0f} s)", flush=True)
+    results["wall_s"] = time.perf_counter() - started
+    results["targets"] = targets(results["sections"])
+    print("\n== targets ==")
+    for line in results["targets"]:
+        print(f"{line['status']:>7}  {line['target']}: {line['measured']}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = results["date"][:10] + ("-quick" if args.quick else "")
+    (args.out / f"{stamp}.json").write_text(json.dumps(results, indent=1))
+    if not args.quick:
+        (args.out / "latest.md").write_text(render_markdown(results))
+        print(f"\nwrote {args.out / 'latest.md'}")
+
+
+def run_section(
+    section: str, args: argparse.Namespace, device: torch.device, steps: int, warmup: int
+) -> Any:
+    quick = args.quick
+    if section == "layer":
+        print(layer_cost.HEADER)
+        widths = [512] if quick else [512, 2048, 4096]
+        ranks = [16, 64] if quick else [16, 64, 128, 256]
+        return layer_cost.run(widths, ranks, steps, warmup, device)
+    if section == "step":
+        print(step_cost.HEADER)
+        models = ["mlp-500x4", "lenet5"] if quick else list(step_cost.MODELS)
+        return step_cost.run(models, steps, warmup, device, args.data_dir)
+    if section == "tta":
+        print(time_to_accuracy.HEADER)
+        methods = ["dense", "dlrt"] if quick else list(time_to_accuracy.METHODS)
+        rows, data_s = time_to_accuracy.run(
+            methods, 1 if quick else None, args.threads, args.data_dir
+        )
+        return {"rows": rows, "data_epoch_s": data_s}
+    if section == "memory":
+        print(memory.HEADER)
+        return memory.run(512 if quick else 4096, 64, args.threads)
+    if section == "inference":
+        print(inference.HEADER)
+        return inference.run(steps * 10, device, quick)
+    raise ValueError(section)
+
+
+def _find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def targets(sections: dict[str, Any]) -> list[dict[str, str]]:
+    """The issue's targets, checked against this run's numbers (skipped if not measured)."""
+    out: list[dict[str, str]] = []
+
+    def check(target: str, ok: bool | None, measured: str) -> None:
+        status = "n/a" if ok is None else ("met" if ok else "MISSED")
+        out.append({"target": target, "status": status, "measured": measured})
+
+    step = sections.get("step", [])
+    dense = _find(step, model="mlp-4096x4", variant="dense")
+    fact = _find(step, model="mlp-4096x4", variant="factorized")
+    if dense and fact:
+        speedup = dense["ms"] / fact["ms"]
+        check(
+            "MLP width 4096 rank 64: factorized step >= 15x faster than dense",
+            speedup >= 15,
+            f"{speedup:.1f}x",
+        )
+    layer = sections.get("layer", [])
+    for variant, limit in (("dlrt-bug", 1.3), ("dlrt-kls", 3.5)):
+        for mode in ("fixed", "adaptive"):
+            ratios = []
+            for r in layer:
+                if r["variant"] == f"{variant}-{mode}":
+                    f = _find(layer, width=r["width"], rank=r["rank"], variant="factorized")
+                    ratios.append((r["ms"] / f["ms"], r["width"], r["rank"]))
+            if ratios:
+                worst = max(ratios)
+                at64 = [x for x in ratios if x[2] <= 64]
+                check(
+                    f"{variant}-{mode} step <= {limit}x factorized at the same rank",
+                    worst[0] <= limit,
+                    f"worst {worst[0]:.2f}x (width {worst[1]}, rank {worst[2]}); "
+                    f"worst at rank <= 64: {max(at64)[0]:.2f}x"
+                    if at64
+                    else "",
+                )
+    small = [
+        r
+        for r in layer
+        if r["width"] >= 2048 and r["rank"] <= 0.1 * r["width"] and r["variant"] != "dense"
+    ]
+    if small:
+        slowest = max(small, key=lambda r: r["x_dense"])
+        check(
+            "every method faster than dense at r/n <= 10%, width >= 2048",
+            slowest["x_dense"] < 1.0,
+            f"slowest {slowest['variant']} at width {slowest['width']} rank "
+            f"{slowest['rank']}: {slowest['x_dense']:.3f}x dense",
+        )
+    vgg_dense = _find(step, model="vgg", variant="dense")
+    vgg_fact = _find(step, model="vgg", variant="factorized")
+    if vgg_dense and vgg_fact:
+        speedup = vgg_dense["ms"] / vgg_fact["ms"]
+        check(
+            "VGG CIFAR-10, convs at 1/4 rank: step >= 2x faster than dense",
+            speedup >= 2,
+            f"{speedup:.2f}x",
+        )
+    tta = sections.get("tta")
+    if tta:
+        d = _find(tta["rows"], method="dense")
+        if d:
+            check(
+                "MNIST MLP dense epoch <= 4 s at batch 256",
+                d["epoch_s"] <= 4,
+                f"{d['epoch_s']:.2f} s",
+            )
+            share = tta["data_epoch_s"] / d["epoch_s"]
+            check("data loading <= 5% of the epoch", share <= 0.05, f"{100 * share:.1f}%")
+    return out
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    s = results["sections"]
+    lines = [
+        "# Benchmark results (latest full run)",
+        "",
+        f"`python -m benchmarks{'' if env['threads'] is None else ''}` on {results['date']}, "
+        f"torch {env['torch']}, {env['processor']}, {env['cpu_count']} CPUs, "
+        f"{env['threads']} torch threads, float32; whole run {results['wall_s'] / 60:.0f} min. "
+        "Every ratio is measured in this same run.",
+        "",
+        "## Targets",
+        "",
+        "| target | status | measured |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {t['target']} | {t['status']} | {t['measured']} |" for t in results["targets"]]
+    if "layer" in s:
+        lines += [
+            "",
+            "## 1. Layer cost (one Linear layer, batch 256, Adam)",
+            "",
+            layer_cost.markdown(s["layer"]),
+        ]
+    if "step" in s:
+        lines += ["", "## 2. Training-step cost", "", step_cost.markdown(s["step"])]
+    if "tta" in s:
+        lines += [
+            "",
+            "## 3. Time to accuracy (MNIST, 784-500×4-10)",
+            "",
+            time_to_accuracy.markdown(s["tta"]["rows"], s["tta"]["data_epoch_s"]),
+        ]
+    if "memory" in s:
+        lines += [
+            "",
+            "## 4. Training memory (MLP 784-4096×4-10, rank 64, batch 256)",
+            "",
+            memory.markdown(s["memory"]),
+        ]
+    if "inference" in s:
+        lines += ["", "## 5. Inference", "", inference.markdown(s["inference"])]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Section 2, training-step cost of whole models on real data shapes.
+
+The MNIST MLP 784-500×4-10 and LeNet-5 (one batch of real MNIST), and the small VGG-style CNN
+on CIFAR-10-shaped input (the channel-factorized convolutions of the issue's conv target), per
+method at a fixed rank fraction, with the forward passes each method runs per batch.
+The classifier stays dense, as in the methods' defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from benchmarks.common import VARIANTS, cross_entropy, prepare, time_train_step
+from lorank.data import DataConfig, load_dataset
+from lorank.metrics import parameter_counts
+from lorank.models import build_model, model_config_from_dict
+
+MODELS = {
+    # name: (dataset, model config, batch size, rank fraction)
+    "mlp-500x4": ("mnist", {"name": "mlp", "hidden": [500] * 4}, 256, 0.1),
+    "lenet5": ("mnist", {"name": "lenet5"}, 128, 0.25),
+    "vgg": ("cifar10", {"name": "vgg"}, 128, 0.25),
+    "mlp-4096x4": ("mnist", {"name": "mlp", "hidden": [4096] * 4}, 256, 64),
+}
+
+
+def run(
+    models: list[str], steps: int, warmup: int, device: torch.device, data_dir: str | None
+) -> list[dict[str, Any]]:
+    rows = []
+    for name in models:
+        dataset, model_cfg, batch_size, rank = MODELS[name]
+        data = load_dataset(
+            DataConfig(name=dataset, batch_size=batch_size, augment=False), device, data_dir
+        )
+        batch = next(data.train_batches(torch.Generator().manual_seed(0)))
+        dense_seconds = None
+        # The slow cases (seconds per dense step) run the main methods only.
+        variants = VARIANTS if name in ("mlp-500x4", "lenet5") else VARIANTS[:4]
+        for variant in variants:
+            torch.manual_seed(0)
+            model = build_model(model_config_from_dict(model_cfg), data.info).to(device)
+            method = prepare(model, variant, rank, last_dense=True)
+            model.to(device)
+            counts = parameter_counts(model)
+            seconds, passes = time_train_step(
+                model, method, batch, cross_entropy, steps, warmup, device
+            )
+            dense_seconds = dense_seconds or seconds
+            rows.append(
+                {
+                    "model": name,
+                    "variant": variant,
+                    "rank": "full" if variant == "dense" else rank,
+                    "batch": batch_size,
+                    "ms": 1e3 * seconds,
+                    "x_dense": seconds / dense_seconds,
+                    "passes": passes,
+                    "params_train": counts["params_train"],
+                }
+            )
+            print(_format(rows[-1]), flush=True)
+    return rows
+
+
+HEADER = f"{'model':<10} {'variant':<18} {'ms/step':>9} {'x dense':>8} {'passes':>6}"
+
+
+def _format(row: dict[str, Any]) -> str:
+    return (
+        f"{row['model']:<10} {row['variant']:<18} {row['ms']:>9.2f} {row['x_dense']:>8.3f} "
+        f"{row['passes']:>6}"
+    )
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    out = [
+        "| model | method | rank | batch | ms/step | × dense | fwd/bwd passes | trainable params |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['model']} | {r['variant']} | {r['rank']} | {r['batch']} | {r['ms']:.1f} "
+            f"| {r['x_dense']:.3f} | {r['passes']} | {r['params_train']:,} |"
+        )
+    return "\n".join(out) + "\n"

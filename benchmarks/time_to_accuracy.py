@@ -1,0 +1,112 @@
+"""Section 3, time to accuracy on MNIST with the 784-500×4-10 MLP.
+
+Trains each method from its shipped config (``configs/mnist-mlp-<method>.toml``; evaluation
+after every epoch) and reports the training wall time (evaluation excluded) until the test
+accuracy first reaches 97% and 98%, and the epoch time. Also times one epoch of the data
+loader alone (shuffle + batch indexing of the in-memory tensors, no model).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorank.config import load_config
+from lorank.data import load_dataset
+from lorank.train import train
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+METHODS = (
+    "dense",
+    "factorized",
+    "svd",
+    "dlrt",
+    "dlrt-kls",
+    "oialr",
+    "hybrid-lr2dense",
+    "hybrid-dense2lr",
+)
+THRESHOLDS = (0.97, 0.98)
+
+
+def data_epoch_seconds(data_dir: str | None, threads: int | None) -> float:
+    config = load_config(CONFIGS / "mnist-mlp-dense.toml")
+    data = load_dataset(config.data, "cpu", data_dir)
+    gen = torch.Generator().manual_seed(0)
+    for _ in data.train_batches(gen):  # warm-up
+        pass
+    start = time.perf_counter()
+    for x, y in data.train_batches(gen):
+        x.sum(), y.sum()  # touch the batch, as a model would
+    return time.perf_counter() - start
+
+
+def run(
+    methods: list[str], epochs: int | None, threads: int | None, data_dir: str | None
+) -> tuple[list[dict[str, Any]], float]:
+    data_seconds = data_epoch_seconds(data_dir, threads)
+    print(f"data loading alone: {data_seconds:.3f} s per MNIST epoch (batch 256)", flush=True)
+    rows = []
+    for name in methods:
+        overrides = ["train.eval_every=1", "train.checkpoint_every=0"]
+        if epochs:
+            overrides.append(f"train.epochs={epochs}")
+        if threads:
+            overrides.append(f"train.threads={threads}")
+        config = load_config(CONFIGS / f"mnist-mlp-{name}.toml", overrides)
+        with tempfile.TemporaryDirectory() as tmp:
+            run_dir = train(config, Path(tmp) / "run", data_dir=data_dir, quiet=True)
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+        trained = [r for r in records if r["epoch"] > 0]
+        row: dict[str, Any] = {
+            "method": name,
+            "epochs": len(trained),
+            "final_acc": trained[-1]["test_acc"],
+            "epoch_s": trained[-1]["time_s"] / len(trained),
+            "params_eval": trained[-1]["params_eval"],
+        }
+        for t in THRESHOLDS:
+            hit = next((r for r in trained if r.get("test_acc", 0) >= t), None)
+            row[f"to_{round(t * 100)}"] = hit["time_s"] if hit else None
+            row[f"epoch_{round(t * 100)}"] = hit["epoch"] if hit else None
+        rows.append(row)
+        print(_format(row), flush=True)
+    return rows, data_seconds
+
+
+HEADER = f"{'method':<16} {'final acc':>9} {'s/epoch':>8} {'to 97%':>9} {'to 98%':>9}"
+
+
+def _seconds(value: float | None, epoch: int | None) -> str:
+    return "not reached" if value is None else f"{value:.1f} s (ep {epoch})"
+
+
+def _format(row: dict[str, Any]) -> str:
+    to97, to98 = _seconds(row["to_97"], row["epoch_97"]), _seconds(row["to_98"], row["epoch_98"])
+    return (
+        f"{row['method']:<16} {100 * row['final_acc']:>8.2f}% {row['epoch_s']:>8.2f} "
+        f"{to97:>14} {to98:>14}"
+    )
+
+
+def markdown(rows: list[dict[str, Any]], data_seconds: float) -> str:
+    dense_epoch = next((r["epoch_s"] for r in rows if r["method"] == "dense"), None)
+    out = [
+        "| method | epochs | final test acc | s/epoch | to 97% | to 98% | eval params |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['method']} | {r['epochs']} | {100 * r['final_acc']:.2f}% | {r['epoch_s']:.2f} "
+            f"| {_seconds(r['to_97'], r['epoch_97'])} | {_seconds(r['to_98'], r['epoch_98'])} "
+            f"| {r['params_eval']:,} |"
+        )
+    share = f" = {100 * data_seconds / dense_epoch:.1f}% of a dense epoch" if dense_epoch else ""
+    out.append("")
+    out.append(f"Data loading alone: {data_seconds:.3f} s per epoch{share}.")
+    return "\n".join(out) + "\n"
