@@ -163,3 +163,17 @@ def test_cli_pil_run_on_mnist_subset(tmp_path, data_root):
     )
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["test_acc"] == pytest.approx(summary["test_acc"])
+
+
+@pytest.mark.slow  # the report's figures take most of its ~20 s
+def test_compare_has_pil_and_bipil_rows(tmp_path, capsys):
+    from lorank.cli import main
+
+    args = ["compare", "--dataset", "synthetic", "--hidden", "32,32", "--methods", "pil,bipil"]
+    args += ["--set", "data.synthetic_train=384", "--set", "data.synthetic_test=128"]
+    assert main([*args, "--workers", "1", "--out", str(tmp_path / "cmp"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    for method in ("pil", "bipil"):
+        summary = json.loads((tmp_path / "cmp/runs" / f"{method},seed=0/summary.json").read_text())
+        assert summary["status"] == "completed" and summary["train_time_s"] > 0
+        assert f"| {method} " in printed

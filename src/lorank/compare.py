@@ -1,10 +1,11 @@
 """``lorank compare``: every method on the same model and data budget, then the report.
 
 The flagship command. It trains ``dense``, ``factorized``, ``svd``, ``dlrt`` and ``oialr`` on
-one MLP with the same data, optimizer (Adam, lr 1e-3, cosine schedule), batch size, epochs
-and seeds, compresses each dense run by truncated SVD with no retraining (``nnsvd``, via
-:func:`lorank.compress.compress`), and writes :func:`lorank.report.report` into ``OUT/``.
-Runs go to ``OUT/runs/<method>,seed=<s>/`` and are resumable exactly like a sweep.
+one MLP with the same data, optimizer (Adam, lr 1e-3, cosine schedule), batch size, epochs and
+seeds, fits the gradient-free baselines ``pil`` and ``bipil`` to the same MLP, compresses each
+dense run by truncated SVD with no retraining (``nnsvd``, via
+:func:`lorank.compress.compress`), and writes :func:`lorank.report.report` into ``OUT/``. Runs
+go to ``OUT/runs/<method>,seed=<s>/`` and are resumable exactly like a sweep.
 
 **The default budget** (chosen to finish in a few minutes on a 2-core laptop CPU with the
 MNIST files embedded in the package): MNIST, all 60k training images, MLP 784-256-256-10,
@@ -19,6 +20,10 @@ Method settings, scaled to the budget:
 * ``dlrt``: rank-adaptive BUG integrator, τ = 0.15, initial and maximal rank 50%;
 * ``oialr``: dense for the first ⌈epochs/3⌉ epochs, then S-only training with a basis
   update and cut (β = 0.3, at most half a layer's rank per update) every half epoch;
+* ``pil`` and ``bipil``: the gradient-free baselines with their defaults (one closed-form
+  fit on the same MLP, no optimizer; ``bipil`` chooses its depth, up to the MLP's, on 10% of
+  the training samples held out, and runs its two twins at half width each), a few seconds
+  each;
 * ``nnsvd``: the dense run compressed with ``loss-tolerance=0.02`` (seed 003's search: the
   largest truncation δ whose training-loss change on 2048 fixed samples stays below 0.02),
   evaluated with no training. (A dense MLP trained this briefly has a flat spectrum: a
@@ -40,8 +45,8 @@ from lorank.errors import LorankError
 from lorank.io import atomic_write_json
 from lorank.sweep import RunSpec, plan_workers, run_specs, run_status
 
-METHODS = ("dense", "factorized", "svd", "dlrt", "oialr", "nnsvd")
-TRAINED = ("dense", "factorized", "svd", "dlrt", "oialr")
+METHODS = ("dense", "factorized", "svd", "dlrt", "oialr", "pil", "bipil", "nnsvd")
+TRAINED = ("dense", "factorized", "svd", "dlrt", "oialr", "pil", "bipil")
 DATASETS = ("mnist", "fashion-mnist", "synthetic")
 DEFAULT_EPOCHS = 5
 DEFAULT_HIDDEN = (256, 256)
@@ -107,6 +112,8 @@ def method_settings(name: str, epochs: int, steps_per_epoch: int) -> dict[str, A
             "r_min": 2,
             "r_max": 0.5,
         }
+    if name in ("pil", "bipil"):
+        return {"name": name}  # gradient-free: one closed-form fit, epochs and optim unused
     if name == "oialr":
         dense_epochs = max(1, math.ceil(epochs / 3)) if epochs > 1 else 0
         return {
