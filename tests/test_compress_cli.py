@@ -250,3 +250,136 @@ def test_bad_calibration_options_are_one_line_errors(dense_run, capsys, extra):
     code, _, err = compress([run, *extra, "--out", base / "bad"], capsys)
     assert code == 2
     assert err.startswith("lorank: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_calibration_file_of_training_inputs_equals_training_calibration(dense_run, capsys):
+    import tomllib
+
+    import numpy as np
+
+    from lorank.data import load_dataset
+
+    run, base = dense_run
+    data = load_dataset(validate_config(tomllib.loads(CONFIG)).data)
+    x = torch.cat([b[0] for b in data.train_subset_batches(300)])
+    np.save(base / "inputs.npy", x.flatten(1).numpy())  # flattened rows are reshaped back
+    common = [run, "--svd", "activation", "--budget", "0.4", "--samples", "256"]
+    outs = [base / "calib-train", base / "calib-file"]
+    code, _, err = compress([*common, "--calibration", "300", "--out", outs[0]], capsys)
+    assert code == 0, err
+    code, _, err = compress(
+        [*common, "--calibration-file", base / "inputs.npy", "--out", outs[1]], capsys
+    )
+    assert code == 0, err
+    train, file = summary_of(outs[0]), summary_of(outs[1])
+    assert set(file["calibration_rows"].values()) == {300}
+    assert json.loads((outs[1] / "compress.json").read_text())["calibration"] == 300
+    assert file["ranks"] == train["ranks"]
+    assert file["test_loss_after"] == pytest.approx(train["test_loss_after"], rel=1e-6)
+
+
+def test_loss_tolerance_flag_searches_the_global_budget(dense_run, capsys):
+    run, base = dense_run
+    out = base / "loss-tol"
+    code, _, err = compress(
+        [run, "--loss-tolerance", "0.05", "--allocation", "greedy", "--samples", "512"]
+        + ["--precision", "0.02", "--out", out],
+        capsys,
+    )
+    assert code == 0, err
+    s = summary_of(out)
+    search = s["search"]
+    assert search["kind"] == "budget" and s["rule"].startswith("loss-tolerance=0.05")
+    assert abs(s["calibration_loss_after"] - s["calibration_loss_before"]) < 0.05
+    assert 0 < search["budget"] < 1
+    # Bisection: the budget returned was feasible, one step below it (to the precision) not.
+    infeasible = [t["budget"] for t in search["trials"] if not t["feasible"]]
+    assert infeasible and search["budget"] - max(infeasible) <= 0.02
+    assert s["params_eval_after"] < s["params_eval_before"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("text.txt", "takes tensors"),
+        ("wrong.pt", "shape"),
+        ("ints.pt", "float inputs"),
+        ("dict.safetensors", "no inputs tensor"),
+        ("garbage.pt", "cannot read"),
+    ],
+)
+def test_bad_calibration_file_is_a_one_line_error(dense_run, capsys, tmp_path, content, message):
+    from safetensors.torch import save_file
+
+    run, _ = dense_run
+    (tmp_path / "text.txt").write_text("hello")
+    torch.save(torch.zeros(4, 10), tmp_path / "wrong.pt")
+    torch.save(torch.zeros(4, 784, dtype=torch.long), tmp_path / "ints.pt")
+    save_file({"a": torch.zeros(2, 784), "b": torch.zeros(2)}, tmp_path / "dict.safetensors")
+    (tmp_path / "garbage.pt").write_bytes(b"not a tensor file")
+    code, _, err = compress(
+        [run, "--calibration-file", tmp_path / content, "--out", tmp_path / "o"], capsys
+    )
+    assert code == 2
+    assert err.startswith("lorank: error:") and len(err.strip().splitlines()) == 1
+    assert message in err
+
+
+def test_loss_tolerance_with_budget_is_an_error(dense_run, capsys, tmp_path):
+    run, _ = dense_run
+    code, _, err = compress(
+        [run, "--budget", "0.5", "--loss-tolerance", "0.1", "--out", tmp_path / "o"], capsys
+    )
+    assert code == 2 and "pass one of them" in err
+
+
+CHAR_CONFIG = """\
+[data]
+name = "tinyshakespeare"
+block_size = 32
+batch_size = 16
+test_subset = 16
+
+[model]
+name = "char_transformer"
+n_layer = 1
+n_head = 2
+d_model = 32
+
+[train]
+threads = 1
+"""
+
+
+def test_text_calibration_file_of_a_char_transformer(tmp_path, capsys):
+    import tomllib
+
+    from lorank.data import load_dataset
+    from lorank.models import build_model
+
+    root = os.environ.get("LORANK_DATA")
+    if not root or not (Path(root) / "tinyshakespeare").is_dir():
+        pytest.skip("no tinyshakespeare: set LORANK_DATA")
+    (tmp_path / "char.toml").write_text(CHAR_CONFIG)
+    config = validate_config(tomllib.loads(CHAR_CONFIG))
+    info = load_dataset(config.data).info
+    torch.manual_seed(0)
+    torch.save(build_model(config.model, info).state_dict(), tmp_path / "char.pt")
+    text = (Path(root) / "tinyshakespeare" / "input.txt").read_text()[:1000]
+    (tmp_path / "calib.txt").write_text(text)
+    args = [tmp_path / "char.pt", "--model-config", tmp_path / "char.toml", "--svd", "activation"]
+    code, _, err = compress(
+        [*args, "--calibration-file", tmp_path / "calib.txt", "--budget", "0.5"]
+        + ["--out", tmp_path / "out"],
+        capsys,
+    )
+    assert code == 0, err
+    s = summary_of(tmp_path / "out")
+    # 1000 characters → 31 windows of 32 tokens; every layer saw each token as one row.
+    assert set(s["calibration_rows"].values()) == {31 * 32}
+    assert s["svd_comparison"]["activation"]["test_loss"] == pytest.approx(s["test_loss_after"])
+    (tmp_path / "odd.txt").write_text(text + "€")
+    code, _, err = compress(
+        [*args, "--calibration-file", tmp_path / "odd.txt", "--out", tmp_path / "o2"], capsys
+    )
+    assert code == 2 and "'€'" in err and len(err.strip().splitlines()) == 1

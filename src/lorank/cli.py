@@ -160,9 +160,10 @@ def _parser() -> argparse.ArgumentParser:
         "--calibration",
         type=int,
         metavar="N",
-        help="training samples (or --calibration-file samples) run through the model to "
-        "collect each layer's input second moment (default: --samples when --svd activation); "
-        "also compares plain vs activation SVD in summary.json",
+        help="training samples (or the first N of --calibration-file) run through the model "
+        "to collect each layer's input second moment (default: --samples when --svd "
+        "activation, the whole --calibration-file); also compares plain vs activation SVD in "
+        "summary.json",
     )
     p.add_argument(
         "--calibration-file",
@@ -372,7 +373,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         "compression",
         "ranks",
     )
-    print(json.dumps({"run_dir": str(path)} | {k: summary.get(k) for k in keys}, indent=2))
+    shown = {k: summary.get(k) for k in keys}
+    # A Hugging Face model has no test set: its loss on the calibration windows says more.
+    for key in ("calibration_loss_before", "calibration_loss_after"):
+        if key in summary:
+            shown[key] = summary[key]
+    print(json.dumps({"run_dir": str(path)} | shown, indent=2))
     return 0
 
 

@@ -51,12 +51,13 @@ per-layer δ-rule search above.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -223,7 +224,7 @@ def compress(
     if file_content is not None:
         assert calibration_file is not None
         file_batches = calibration_file_batches(
-            model, file_content, calibration or samples, data, Path(source), calibration_file
+            model, file_content, calibration, data, Path(source), calibration_file
         )
     forward, loss_fn = (_hf_forward, _hf_loss) if hf else (None, task_loss)
     if hf and file_batches is not None and not _hf_has_loss(model, file_batches):
@@ -495,27 +496,51 @@ def _load_huggingface(
             f"{path} is a Hugging Face model directory; install the optional "
             "extra (pip install 'lorank[hf]') to compress it"
         ) from None
+    with _quiet_transformers(transformers):
+        try:
+            return transformers.AutoModelForCausalLM.from_pretrained(path)
+        except (OSError, ValueError):
+            return transformers.AutoModel.from_pretrained(path)
+
+
+@contextlib.contextmanager
+def _quiet_transformers(transformers: Any) -> Iterator[None]:
+    # Loading bars and config warnings on stderr would bury lorank's one-line errors.
+    logging = transformers.utils.logging
+    bars, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
     try:
-        return transformers.AutoModelForCausalLM.from_pretrained(path)
-    except (OSError, ValueError):
-        return transformers.AutoModel.from_pretrained(path)
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------------- calibration files
 
 HF_BLOCK = 128  # tokens per calibration window of a Hugging Face model (capped by its context)
 HF_BATCH = 8
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.txt",
+)
 
 
 def calibration_file_batches(
     model: nn.Module,
     content: str | Tensor,
-    n: int,
+    n: int | None,
     data: Dataset | None,
     source: Path,
     path: str | Path,
 ) -> list[tuple[Tensor]]:
-    """The first ``n`` samples of a calibration file as ``(inputs,)`` batches for ``model``.
+    """The first ``n`` samples (default all) of a calibration file as ``(inputs,)`` batches.
 
     Text is encoded with the language model's characters (a lorank ``char_transformer``) or
     the tokenizer saved in the Hugging Face directory ``source``, and cut into windows of the
@@ -528,7 +553,7 @@ def calibration_file_batches(
     else:
         inputs, batch_size = _lorank_inputs(model, content, data, path), data.batch_size
         inputs = inputs.to(data.device)
-    inputs = inputs[:n]
+    inputs = inputs[:n] if n is not None else inputs
     return [(inputs[i : i + batch_size],) for i in range(0, len(inputs), batch_size)]
 
 
@@ -620,7 +645,9 @@ def _hf_inputs(model: nn.Module, content: str | Tensor, source: Path, path: Any)
     if isinstance(content, str):
         ids = torch.tensor(_hf_tokenizer(source)(content)["input_ids"], dtype=torch.long)
         if ids.numel() == 0:
-            raise LorankError(f"--calibration-file {path} encodes to no tokens")
+            raise LorankError(
+                f"--calibration-file {path} encodes to no tokens with the tokenizer in {source}"
+            )
         ids = _token_ids(ids, vocab_size, path)
     else:
         ids = _token_ids(content, vocab_size, path)
@@ -630,13 +657,21 @@ def _hf_inputs(model: nn.Module, content: str | Tensor, source: Path, path: Any)
 def _hf_tokenizer(source: Path) -> Any:
     import transformers
 
+    fix = "save one there or pass a .pt/.safetensors/.npy tensor of token ids"
+    if not any((source / name).is_file() for name in TOKENIZER_FILES):
+        # AutoTokenizer may otherwise build an empty tokenizer from the model type alone.
+        raise LorankError(
+            f"{source} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...) to "
+            f"encode a text --calibration-file; {fix}"
+        )
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        with _quiet_transformers(transformers):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     except Exception as e:  # noqa: BLE001 - no/unreadable tokenizer files: one user error
         reason = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
         raise LorankError(
             f"{source} has no usable tokenizer to encode a text --calibration-file ({reason}); "
-            "save one there or pass a .pt/.safetensors/.npy tensor of token ids"
+            f"{fix}"
         ) from None
     # Calibration text is cut into windows afterwards: a long text is not an error.
     tokenizer.model_max_length = int(1e30)
@@ -688,7 +723,8 @@ def load_huggingface_compressed(path: str | Path) -> nn.Module:
             f"transformers {transformers.__version__} has no class {hf['class']!r}; "
             "install the version that wrote the model"
         )
-    model = cls(cls.config_class.from_dict(hf["config"]))
+    with _quiet_transformers(transformers):
+        model = cls(cls.config_class.from_dict(hf["config"]))
     return load(stem, model).eval()
 
 
