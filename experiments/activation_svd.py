@@ -1,13 +1,20 @@
-"""Plain vs activation-aware SVD × uniform vs greedy allocation, at several budgets.
+"""Plain vs activation-aware SVD × uniform vs greedy allocation, at several budgets, with and
+without a short fine-tune.
 
 Usage (the model is a finished lorank run directory):
 
     python experiments/activation_svd.py RUN_DIR OUT.md [--calibration 512] [--budgets ...]
+        [--finetune-epochs 1 --set data.train_subset=2048 --set optim.lr=1e-3 ...]
 
 Each combination is what ``lorank compress RUN_DIR --svd S --budget B --allocation A
 --calibration N`` computes before any fine-tuning; here the calibration statistics and
 spectra are computed once and reused, and the test loss (perplexity for the language model)
-is measured for every combination.
+is measured for every combination. With ``--finetune-epochs E`` each compressed model is then
+fine-tuned exactly as ``lorank compress ... --finetune-epochs E --set ...`` does (the same
+trainer, method ``dense`` on the low-rank model, the source's config with the ``--set``
+overrides, e.g. a training subset for a short fine-tune), and the dense model gets the same
+fine-tune as the reference: the source may be under-trained, so the fine-tuned losses are to
+be compared with it, not with the dense loss before.
 """
 
 from __future__ import annotations
@@ -15,17 +22,23 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from lorank.allocation import allocate
 from lorank.calibration import activation_spectra, collect_second_moments
-from lorank.compress import apply_ranks, load_source
+from lorank.compress import _finetune, apply_ranks, load_source
 from lorank.data import load_dataset
 from lorank.metrics import parameter_counts
 from lorank.search import layer_spectra
 from lorank.train import evaluate
+
+
+def _fmt(loss: float) -> str:
+    return f"{loss:.4f} | {math.exp(min(loss, 50)):.2f}"
 
 
 def main() -> None:
@@ -34,10 +47,12 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--calibration", type=int, default=512)
     parser.add_argument("--budgets", default="0.75,0.5,0.35,0.25")
+    parser.add_argument("--finetune-epochs", type=int, default=0)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--data-dir")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    src = load_source(args.run, None, None, args.data_dir)
+    src = load_source(args.run, None, args.overrides, args.data_dir)
     data = load_dataset(src.config.data, device=torch.device("cpu"), data_dir=args.data_dir)
     model = src.model.eval()
     base = evaluate(model, data.eval_batches("test"))
@@ -49,17 +64,43 @@ def main() -> None:
     kinds = {"plain": plain, "activation": activation_spectra(plain, moments)}
     prep = time.time() - t0
     dense_params = parameter_counts(model)["params_eval"]
+    ft = args.finetune_epochs
+
+    def finetune(trial: torch.nn.Module) -> tuple[float, float]:
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.time()
+            res = _finetune(trial, src.config, ft, Path(tmp), args.data_dir, quiet=True)
+            return res["finetune"]["test_loss"], time.time() - t
+
+    ft_note = ""
+    if ft:
+        dense_ft, dense_ft_s = finetune(copy.deepcopy(model))
+        ft_note = (
+            f" Fine-tune: {ft} epoch(s) of `lorank compress --finetune-epochs {ft}` with "
+            f"{' '.join('--set ' + o for o in args.overrides) or 'the source config'} "
+            f"({data.info.train_size} training windows per epoch); the dense model given the "
+            f"same fine-tune reaches test loss {_fmt(dense_ft).replace(' | ', ' (ppl ')}) "
+            f"in {dense_ft_s:.0f} s."
+        )
     lines = [
         f"# {args.run}: plain vs activation-aware SVD, uniform vs greedy allocation",
         "",
         f"Dense: test loss {base['loss']:.4f} (ppl {math.exp(base['loss']):.2f}), "
         f"acc {base['acc']:.4f}, params_eval {dense_params}. Calibration: "
-        f"{args.calibration} training samples; statistics + SVDs in {prep:.1f} s. "
-        "No fine-tuning.",
+        f"{args.calibration} training samples; statistics + SVDs in {prep:.1f} s." + ft_note,
         "",
-        "| budget | svd | allocation | params_eval | test loss | ppl | test acc |",
-        "|---|---|---|---|---|---|---|",
     ]
+    if ft:
+        lines += [
+            "| budget | svd | allocation | params_eval | test loss | ppl | test acc "
+            "| fine-tuned test loss | ppl | fine-tune s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    else:
+        lines += [
+            "| budget | svd | allocation | params_eval | test loss | ppl | test acc |",
+            "|---|---|---|---|---|---|---|",
+        ]
     for budget in [float(b) for b in args.budgets.split(",")]:
         for svd in ("plain", "activation"):
             for allocation in ("uniform", "greedy"):
@@ -73,9 +114,12 @@ def main() -> None:
                 res = evaluate(trial, data.eval_batches("test"))
                 params = parameter_counts(trial)["params_eval"]
                 row = (
-                    f"| {budget} | {svd} | {allocation} | {params} | {res['loss']:.4f} | "
-                    f"{math.exp(min(res['loss'], 50)):.2f} | {res['acc']:.4f} |"
+                    f"| {budget} | {svd} | {allocation} | {params} | {_fmt(res['loss'])} | "
+                    f"{res['acc']:.4f} |"
                 )
+                if ft:
+                    loss, seconds = finetune(trial)
+                    row += f" {_fmt(loss)} | {seconds:.0f} |"
                 print(row, flush=True)
                 lines.append(row)
     with open(args.out, "w") as f:
