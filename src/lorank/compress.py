@@ -684,7 +684,10 @@ def _hf_forward(model: nn.Module, batch: tuple[Tensor, ...]) -> Any:
 
 def _hf_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
     """The causal language-model loss (transformers shifts the labels itself)."""
-    return model(input_ids=batch[0], labels=batch[0]).loss
+    import transformers
+
+    with _quiet_transformers(transformers):
+        return model(input_ids=batch[0], labels=batch[0]).loss
 
 
 @torch.no_grad()
@@ -692,12 +695,12 @@ def _hf_has_loss(model: nn.Module, batches: list[tuple[Tensor]]) -> bool:
     was_training = model.training
     model.eval()
     try:
-        out = model(input_ids=batches[0][0][:1], labels=batches[0][0][:1])
-    except (TypeError, ValueError):
+        out = _hf_loss(model, (batches[0][0][:1],))
+        return isinstance(out, Tensor)
+    except (TypeError, ValueError, AttributeError):
         return False
     finally:
         model.train(was_training)
-    return isinstance(getattr(out, "loss", None), Tensor)
 
 
 def load_huggingface_compressed(path: str | Path) -> nn.Module:
