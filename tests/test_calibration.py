@@ -7,13 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lorank.allocation import allocate, weight_params
+from lorank.allocation import allocate, budget_search, weight_params
 from lorank.calibration import (
     activation_spectra,
     activation_svd,
     collect_second_moments,
     damped_cholesky,
     layer_input_rows,
+    read_calibration_file,
 )
 from lorank.errors import LorankError
 from lorank.layers import LowRankConv2d, LowRankLinear
@@ -246,3 +247,56 @@ def test_conv_layer_patches_match_functional_unfold():
     conv = nn.Conv2d(2, 3, 2)
     rows = layer_input_rows(conv, x)
     torch.testing.assert_close(rows, F.unfold(x, 2).transpose(1, 2).reshape(-1, 8))
+
+
+@pytest.mark.parametrize("method", ["greedy", "uniform"])
+def test_budget_search_returns_the_smallest_feasible_budget_and_restores_the_model(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8))
+    x = _anisotropic_inputs(256, 16)
+    target = model(x).detach()
+    batches = [(x[i : i + 64], target[i : i + 64]) for i in range(0, 256, 64)]
+
+    def loss(m, batch):
+        return F.mse_loss(m(batch[0]), batch[1])
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    spectra = layer_spectra(model)
+    eps, precision = 1e-2, 0.02
+    result = budget_search(model, batches, loss, eps, spectra, method, precision)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])  # trials only
+    assert result.loss_before == 0.0 and abs(result.loss_after) < eps
+    assert result.ranks == allocate(spectra, result.budget, method)
+    assert 0 < result.budget < 1
+    # The bisection's last infeasible budget is within the precision below the answer.
+    infeasible = [t["budget"] for t in result.trials if not t["feasible"]]
+    assert infeasible and 0 < result.budget - max(infeasible) <= precision
+    with pytest.raises(LorankError, match="loss-tolerance"):
+        budget_search(model, batches, loss, 0.0, spectra, method)
+
+
+def test_calibration_file_formats(tmp_path):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    x = torch.arange(6.0).reshape(2, 3)
+    torch.save((x, torch.zeros(2)), tmp_path / "pair.pt")
+    torch.save({"input_ids": x.long()}, tmp_path / "dict.pth")
+    save_file({"x": x.float()}, tmp_path / "x.safetensors")
+    np.save(tmp_path / "x.npy", x.numpy())
+    (tmp_path / "t.txt").write_text("to be")
+    assert torch.equal(read_calibration_file(tmp_path / "pair.pt"), x)
+    assert torch.equal(read_calibration_file(tmp_path / "dict.pth"), x.long())
+    assert torch.equal(read_calibration_file(tmp_path / "x.safetensors"), x.float())
+    assert torch.equal(read_calibration_file(tmp_path / "x.npy"), x)
+    assert read_calibration_file(tmp_path / "t.txt") == "to be"
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    (tmp_path / "empty.txt").write_text("")
+    for name, message in [
+        ("missing.pt", "not found"),
+        ("latin1.txt", "UTF-8"),
+        ("empty.txt", "empty"),
+    ]:
+        with pytest.raises(LorankError, match=message):
+            read_calibration_file(tmp_path / name)

@@ -7,9 +7,11 @@ not counted). A layer's weight count at rank k is ``k(m+n)`` (plus ``k²`` for a
 or ``mn`` while it stays dense; a dense layer is only factorized at ranks that save parameters
 (``k ≤ max_rank``). Ranks never increase.
 
-* ``uniform``: every layer keeps the same fraction b of its own weights,
-  :math:`k_l = \max\{k : \text{params}_l(k) \le b\,\text{params}_l\}` (at least 1); the total
-  is then within budget too.
+* ``uniform``: every layer keeps the same fraction f = b of its own weights,
+  :math:`k_l = \max\{k : \text{params}_l(k) \le f\,\text{params}_l\}` (at least 1; a layer
+  that no rank would make smaller stays as it is), and the total is then within budget. When
+  such fixed layers or the rounding up to rank 1 push the total over, f is lowered (bisection)
+  to the largest common fraction whose total fits.
 * ``greedy``: start from the current ranks and repeatedly remove the rank-1 component with the
   smallest estimated increase in output error per parameter saved, across all layers, until
   the total fits the budget. Removing component i of layer l raises that layer's squared output
@@ -74,12 +76,7 @@ def allocate(
     before = {s.name: weight_params(s, _current_rank(s)) for s in spectra}
     target = budget * sum(before.values())
     if method == "uniform":
-        ranks = {}
-        for spec in spectra:
-            k = _current_rank(spec)
-            while k > 1 and weight_params(spec, k) > budget * before[spec.name]:
-                k -= 1
-            ranks[spec.name] = k
+        ranks = _uniform(spectra, budget, before, target)
     else:
         ranks = _greedy(spectra, target)
     total = sum(weight_params(s, ranks[s.name]) for s in spectra)
@@ -89,6 +86,39 @@ def allocate(
             f"({total} > {target:.0f} weights); choose a larger budget"
         )
     return ranks
+
+
+def _uniform(
+    spectra: Sequence[LayerSpectrum], budget: float, before: dict[str, int], target: float
+) -> dict[str, int]:
+    def ranks_at(fraction: float) -> dict[str, int]:
+        ranks = {}
+        for spec in spectra:
+            k = _current_rank(spec)
+            while k > 1 and weight_params(spec, k) > fraction * before[spec.name]:
+                k -= 1
+            if weight_params(spec, k) >= before[spec.name]:  # no rank saves anything here
+                k = _current_rank(spec)
+            ranks[spec.name] = k
+        return ranks
+
+    def total(ranks: dict[str, int]) -> int:
+        return sum(weight_params(s, ranks[s.name]) for s in spectra)
+
+    ranks = ranks_at(budget)
+    if total(ranks) <= target:
+        return ranks
+    lo, hi, best = 0.0, budget, ranks_at(0.0)  # fraction 0: rank 1 wherever that saves
+    if total(best) > target:
+        return best  # allocate reports that the budget cannot be met
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        candidate = ranks_at(mid)
+        if total(candidate) <= target:
+            lo, best = mid, candidate
+        else:
+            hi = mid
+    return best
 
 
 def _greedy(spectra: Sequence[LayerSpectrum], target: float) -> dict[str, int]:
