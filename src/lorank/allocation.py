@@ -17,10 +17,18 @@ or ``mn`` while it stays dense; a dense layer is only factorized at ranks that s
   the total fits the budget. Removing component i of layer l raises that layer's squared output
   error by :math:`\sigma_i^2` (Eckart–Young; with activation-weighted σ this is the error on the
   calibration inputs, :math:`\|(W-W_r)X^\top\|_F^2/N`). Layers are made comparable by
-  measuring it relative to the layer's output energy :math:`\sum_i \sigma_i^2`. A dense
-  layer's first move jumps to ``max_rank`` (smaller steps would save nothing), with the error
-  of every component it drops. The loop stops at the first allocation within budget, so the
-  result is the largest greedy allocation that fits.
+  measuring it relative to the layer's output energy :math:`\sum_i \sigma_i^2`.
+
+  A dense layer has no rank-1 step that saves parameters until it is factorized, and
+  factorizing at ``max_rank`` saves almost nothing (r(m+n) ≈ mn there), so pricing its first
+  move as the jump to ``max_rank`` would make every dense layer look prohibitively expensive
+  and the greedy would strip whichever layer it happened to factorize first. Its first move is
+  priced instead with a look-ahead: the jump to the rank k ≤ ``max_rank`` with the smallest
+  error per parameter saved, :math:`\min_k \sum_{i>k}\sigma_i^2 / (mn - k(m+n))`, and made to
+  that k. Such a jump can overshoot the budget, so the removal loop (which stops at the first
+  allocation within budget) is followed by a refill: components are added back, most error
+  removed per parameter first, to factorized layers below their starting rank, while the total
+  stays within budget.
 
 **Budget from a loss tolerance.** :func:`budget_search` (``--loss-tolerance ε``) finds the
 global budget instead of taking it: a bisection on b ∈ (0, 1] for the smallest budget whose
@@ -39,6 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from lorank.errors import LorankError
@@ -124,23 +133,32 @@ def _uniform(
 def _greedy(spectra: Sequence[LayerSpectrum], target: float) -> dict[str, int]:
     energy = [s.sigma.double().pow(2) for s in spectra]
     # tail[l][k] = sum of sigma_i^2 for i >= k (0-based): the error of layer l at rank k.
-    tails = [e.flip(0).cumsum(0).flip(0).tolist() + [0.0] for e in energy]
-    totals = [max(t[0], 1e-300) for t in tails]
-    ranks = [_current_rank(s) for s in spectra]
+    tails = [torch.cat([e.flip(0).cumsum(0).flip(0), e.new_zeros(1)]) for e in energy]
+    totals = [max(float(t[0]), 1e-300) for t in tails]
+    start = [_current_rank(s) for s in spectra]
+    ranks = list(start)
     total = sum(weight_params(s, k) for s, k in zip(spectra, ranks, strict=True))
+
+    def dense(i: int) -> bool:
+        return not isinstance(spectra[i].module, LowRankLayer) and ranks[i] > spectra[i].max_rank
 
     def next_move(i: int) -> tuple[float, int, int] | None:
         spec, k = spectra[i], ranks[i]
+        if dense(i):  # look-ahead: the best jump to a factorized rank (see module doc)
+            if spec.max_rank < 1:
+                return None
+            m, n = int(spec.u.shape[0]), int(spec.v.shape[0])
+            ks = torch.arange(1, spec.max_rank + 1)
+            saved = (m * n - ks * (m + n)).double()
+            ratio = (tails[i][ks] - tails[i][k]) / totals[i] / saved
+            best = int(torch.argmin(ratio))
+            return float(ratio[best]), i, int(ks[best])
         if k <= 1:
             return None
-        new_k = min(k - 1, spec.max_rank) if not isinstance(spec.module, LowRankLayer) else k - 1
-        if new_k < 1:
-            return None
-        saved = weight_params(spec, k) - weight_params(spec, new_k)
+        saved = weight_params(spec, k) - weight_params(spec, k - 1)
         if saved <= 0:
             return None
-        error = (tails[i][new_k] - tails[i][k]) / totals[i]
-        return error / saved, i, new_k
+        return float(tails[i][k - 1] - tails[i][k]) / totals[i] / saved, i, k - 1
 
     heap = [m for i in range(len(spectra)) if (m := next_move(i)) is not None]
     heapq.heapify(heap)
@@ -152,6 +170,29 @@ def _greedy(spectra: Sequence[LayerSpectrum], target: float) -> dict[str, int]:
         ranks[i] = new_k
         if (move := next_move(i)) is not None:
             heapq.heappush(heap, move)
+
+    def add_move(i: int) -> tuple[float, int, int] | None:
+        spec, k = spectra[i], ranks[i]
+        limit = start[i] if isinstance(spec.module, LowRankLayer) else spec.max_rank
+        if dense(i) or k >= limit:
+            return None
+        cost = weight_params(spec, k + 1) - weight_params(spec, k)
+        gain = float(tails[i][k] - tails[i][k + 1]) / totals[i] / max(cost, 1)
+        return -gain, i, k + 1
+
+    refill = [m for i in range(len(spectra)) if (m := add_move(i)) is not None]
+    heapq.heapify(refill)
+    while refill:
+        _, i, new_k = heapq.heappop(refill)
+        if new_k != ranks[i] + 1:  # stale entry
+            continue
+        cost = weight_params(spectra[i], new_k) - weight_params(spectra[i], ranks[i])
+        if total + cost > target:
+            continue  # this layer's next component does not fit; others may
+        total += cost
+        ranks[i] = new_k
+        if (move := add_move(i)) is not None:
+            heapq.heappush(refill, move)
     return {s.name: k for s, k in zip(spectra, ranks, strict=True)}
 
 
