@@ -300,3 +300,34 @@ def test_calibration_file_formats(tmp_path):
     ]:
         with pytest.raises(LorankError, match=message):
             read_calibration_file(tmp_path / name)
+
+
+def _decaying_layer(decay, n, g):
+    q1 = torch.linalg.qr(torch.randn(n, n, generator=g))[0]
+    q2 = torch.linalg.qr(torch.randn(n, n, generator=g))[0]
+    layer = nn.Linear(n, n, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(q1 @ torch.diag(decay ** torch.arange(n, dtype=torch.float64)) @ q2.T)
+    return layer
+
+
+def _relative_error(spectra, ranks):
+    return sum(float(s.sigma[ranks[s.name] :].pow(2).sum() / s.sigma.pow(2).sum()) for s in spectra)
+
+
+@pytest.mark.parametrize("budget", [0.75, 0.5, 0.3])
+def test_greedy_prices_a_dense_layers_first_cut_by_its_best_jump(budget):
+    # Square dense layers: factorizing at max_rank saves almost nothing (63·256 vs 128²), so a
+    # greedy that priced the first cut as that jump stripped one layer (to rank 1 at budget
+    # 0.5) and left the others dense, with twice the uniform allocation's error. With the
+    # look-ahead, refill and exchange no layer is stripped, the budget is filled, and the
+    # estimated error is below the uniform allocation's.
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(*[_decaying_layer(d, 128, g) for d in (0.97, 0.98, 0.99)])
+    spectra = layer_spectra(model)
+    ranks = allocate(spectra, budget, "greedy")
+    uniform = allocate(spectra, budget, "uniform")
+    assert all(8 <= ranks[s.name] for s in spectra)
+    used = sum(weight_params(s, ranks[s.name]) for s in spectra)
+    assert budget * 3 * 128 * 128 - 256 < used <= budget * 3 * 128 * 128
+    assert _relative_error(spectra, ranks) <= _relative_error(spectra, uniform)

@@ -28,7 +28,9 @@ or ``mn`` while it stays dense; a dense layer is only factorized at ranks that s
   that k. Such a jump can overshoot the budget, so the removal loop (which stops at the first
   allocation within budget) is followed by a refill: components are added back, most error
   removed per parameter first, to factorized layers below their starting rank, while the total
-  stays within budget.
+  stays within budget; then an exchange: while the best component to add back (error per
+  parameter) removes more error than the cheapest other component whose removal pays for it
+  adds, the two are swapped; then a last refill.
 
 **Budget from a loss tolerance.** :func:`budget_search` (``--loss-tolerance ε``) finds the
 global budget instead of taking it: a bisection on b ∈ (0, 1] for the smallest budget whose
@@ -171,28 +173,64 @@ def _greedy(spectra: Sequence[LayerSpectrum], target: float) -> dict[str, int]:
         if (move := next_move(i)) is not None:
             heapq.heappush(heap, move)
 
-    def add_move(i: int) -> tuple[float, int, int] | None:
-        spec, k = spectra[i], ranks[i]
-        limit = start[i] if isinstance(spec.module, LowRankLayer) else spec.max_rank
-        if dense(i) or k >= limit:
-            return None
-        cost = weight_params(spec, k + 1) - weight_params(spec, k)
-        gain = float(tails[i][k] - tails[i][k + 1]) / totals[i] / max(cost, 1)
-        return -gain, i, k + 1
+    def limit(i: int) -> int:
+        return start[i] if isinstance(spectra[i].module, LowRankLayer) else spectra[i].max_rank
 
-    refill = [m for i in range(len(spectra)) if (m := add_move(i)) is not None]
-    heapq.heapify(refill)
-    while refill:
-        _, i, new_k = heapq.heappop(refill)
-        if new_k != ranks[i] + 1:  # stale entry
-            continue
-        cost = weight_params(spectra[i], new_k) - weight_params(spectra[i], ranks[i])
-        if total + cost > target:
-            continue  # this layer's next component does not fit; others may
-        total += cost
-        ranks[i] = new_k
-        if (move := add_move(i)) is not None:
-            heapq.heappush(refill, move)
+    def add(i: int) -> tuple[float, int] | None:
+        """(error removed, parameters it costs) by adding layer i's next component back."""
+        k = ranks[i]
+        if dense(i) or k >= limit(i):
+            return None
+        cost = weight_params(spectra[i], k + 1) - weight_params(spectra[i], k)
+        return float(tails[i][k] - tails[i][k + 1]) / totals[i], max(cost, 1)
+
+    def remove(i: int) -> tuple[float, int] | None:
+        """(error added, parameters saved) by dropping layer i's last kept component."""
+        k = ranks[i]
+        if dense(i) or k <= 1:
+            return None
+        saved = weight_params(spectra[i], k) - weight_params(spectra[i], k - 1)
+        return float(tails[i][k - 1] - tails[i][k]) / totals[i], saved
+
+    def refill() -> None:
+        nonlocal total
+        heap = []
+        for i in range(len(spectra)):
+            if (a := add(i)) is not None:
+                heap.append((-a[0] / a[1], i))
+        heapq.heapify(heap)
+        while heap:
+            _, i = heapq.heappop(heap)
+            a = add(i)
+            if a is None or total + a[1] > target:
+                continue  # costs never shrink as rank grows: this layer is done
+            total += a[1]
+            ranks[i] += 1
+            if (a := add(i)) is not None:
+                heapq.heappush(heap, (-a[0] / a[1], i))
+
+    refill()
+    # Exchange: a jump (or the order of the removals) can leave one layer cut deeper than
+    # another for the same price; move components while that lowers the estimated error.
+    for _ in range(sum(start)):
+        adds = [(a[0] / a[1], a, i) for i in range(len(spectra)) if (a := add(i)) is not None]
+        if not adds:
+            break
+        _, (gain, cost), i = max(adds)
+        removes = [
+            (r[0] / r[1], r, j)
+            for j in range(len(spectra))
+            if j != i and (r := remove(j)) is not None and total - r[1] + cost <= target
+        ]
+        if not removes:
+            break
+        _, (loss, saved), j = min(removes)
+        if loss >= gain:
+            break
+        total += cost - saved
+        ranks[i] += 1
+        ranks[j] -= 1
+    refill()
     return {s.name: k for s, k in zip(spectra, ranks, strict=True)}
 
 
