@@ -137,6 +137,7 @@ def _greedy(spectra: Sequence[LayerSpectrum], target: float) -> dict[str, int]:
     # tail[l][k] = sum of sigma_i^2 for i >= k (0-based): the error of layer l at rank k.
     tails = [torch.cat([e.flip(0).cumsum(0).flip(0), e.new_zeros(1)]) for e in energy]
     totals = [max(float(t[0]), 1e-300) for t in tails]
+    tail_lists = [t.tolist() for t in tails]  # scalar reads in the loops below
     start = [_current_rank(s) for s in spectra]
     ranks = list(start)
     total = sum(weight_params(s, k) for s, k in zip(spectra, ranks, strict=True))
@@ -160,7 +161,7 @@ def _greedy(spectra: Sequence[LayerSpectrum], target: float) -> dict[str, int]:
         saved = weight_params(spec, k) - weight_params(spec, k - 1)
         if saved <= 0:
             return None
-        return float(tails[i][k - 1] - tails[i][k]) / totals[i] / saved, i, k - 1
+        return (tail_lists[i][k - 1] - tail_lists[i][k]) / totals[i] / saved, i, k - 1
 
     heap = [m for i in range(len(spectra)) if (m := next_move(i)) is not None]
     heapq.heapify(heap)
@@ -182,7 +183,7 @@ def _greedy(spectra: Sequence[LayerSpectrum], target: float) -> dict[str, int]:
         if dense(i) or k >= limit(i):
             return None
         cost = weight_params(spectra[i], k + 1) - weight_params(spectra[i], k)
-        return float(tails[i][k] - tails[i][k + 1]) / totals[i], max(cost, 1)
+        return (tail_lists[i][k] - tail_lists[i][k + 1]) / totals[i], max(cost, 1)
 
     def remove(i: int) -> tuple[float, int] | None:
         """(error added, parameters saved) by dropping layer i's last kept component."""
@@ -190,7 +191,7 @@ def _greedy(spectra: Sequence[LayerSpectrum], target: float) -> dict[str, int]:
         if dense(i) or k <= 1:
             return None
         saved = weight_params(spectra[i], k) - weight_params(spectra[i], k - 1)
-        return float(tails[i][k - 1] - tails[i][k]) / totals[i], saved
+        return (tail_lists[i][k - 1] - tail_lists[i][k]) / totals[i], saved
 
     def refill() -> None:
         nonlocal total
