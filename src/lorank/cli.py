@@ -185,14 +185,15 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         metavar="EPS",
         help="instead of --budget: the smallest budget (to --precision) whose --allocation "
-        "changes the loss on the calibration subset by less than EPS (overrides --rule)",
+        "changes the loss on --samples training samples (a Hugging Face model: on the "
+        "--calibration-file) by less than EPS (overrides --rule)",
     )
     p.add_argument(
         "--allocation",
         choices=("uniform", "greedy"),
         default="greedy",
-        help="--budget: same fraction in every layer, or greedy removal of the rank-1 "
-        "component with the least output error per parameter saved (default greedy)",
+        help="--budget/--loss-tolerance: same fraction in every layer, or greedy removal of "
+        "the rank-1 component with the least output error per parameter saved (default greedy)",
     )
     p.add_argument(
         "--damping",
