@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import inference, layer_cost, memory, step_cost, time_to_accuracy
+from benchmarks import common, inference, layer_cost, memory, step_cost, time_to_accuracy
 from benchmarks.common import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,16 +40,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", help="dataset root (else $LORANK_DATA, ~/.cache/lorank)")
     parser.add_argument("--steps", type=int, help="timed steps per case (median)")
+    parser.add_argument(
+        "--clock",
+        choices=tuple(common.CLOCKS),
+        default="wall",
+        help="wall time, or process CPU time (steadier on a shared machine)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    common.clock = common.CLOCKS[args.clock]
     steps = args.steps or (3 if args.quick else 10)
     warmup = 1 if args.quick else 2
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
+        "clock": args.clock,
         "environment": environment(),
         "sections": {},
     }
@@ -187,7 +195,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         f"`python -m benchmarks{'' if env['threads'] is None else ''}` on {results['date']}, "
         f"torch {env['torch']}, {env['processor']}, {env['cpu_count']} CPUs, "
-        f"{env['threads']} torch threads, float32; whole run {results['wall_s'] / 60:.0f} min. "
+        f"{env["threads"]} torch threads, float32, {results["clock"]} clock; whole run {results['wall_s'] / 60:.0f} min. "
         "Every ratio is measured in this same run.",
         "",
         "## Targets",

@@ -29,45 +29,48 @@ forward/backward at :math:`(U, S, V)` gives :math:`\nabla_U = \nabla W V S^\top`
 :math:`\nabla_S = U^\top \nabla W V`, :math:`\nabla_V = \nabla W^\top U S`; the base optimizer
 takes one step on all three, giving :math:`(U_1, S_1, V_1)`. Then
 
-* augment: :math:`\hat U = \mathrm{qr}([U \mid U_1])`, :math:`\hat V = \mathrm{qr}([V \mid
-  V_1])`. Since :math:`U_1 - U` is the optimizer's step along :math:`\nabla_U = \nabla_K
-  S^\top`, the new directions span the same space as the K-step's whenever S is invertible,
-  so no :math:`S^{-1}` is ever formed;
-* Galerkin core: :math:`\tilde S = (\hat U^\top U_1)\,S_1\,(V_1^\top \hat V)`. This is exact:
-  :math:`\hat U \tilde S \hat V^\top = U_1 S_1 V_1^\top` because :math:`U_1, V_1` lie in the
-  augmented spans, so the S step taken by the optimizer is carried over unchanged;
-* truncate :math:`\tilde S` by its SVD as in KLS step 5. Fixed rank: :math:`\hat U =
-  \mathrm{qr}(U_1)` (r columns) and no truncation, again exact.
+* augment: :math:`\hat U = [U \mid N]` with :math:`N R = (I - UU^\top)(U_1 - U)` (projected
+  twice, Cholesky QR), so :math:`U_1 = \hat U C_U` with :math:`C_U = [I + U^\top(U_1 - U);\ R]`
+  built from r×r matrices only. Since :math:`U_1 - U` is the optimizer's step along
+  :math:`\nabla_U = \nabla_K S^\top`, the new directions span the same space as the K-step's
+  whenever S is invertible, so no :math:`S^{-1}` is ever formed;
+* Galerkin core: :math:`\tilde S = C_U S_1 C_V^\top`. This is exact: :math:`\hat U \tilde S
+  \hat V^\top = U_1 S_1 V_1^\top`, so the S step taken by the optimizer is carried over
+  unchanged;
+* truncate :math:`\tilde S = P\Sigma Q^\top` as in KLS step 5, then one Cholesky-QR pass on
+  :math:`\hat U P_{r_1}` (folded into the core) so rounding errors never accumulate. Fixed
+  rank: :math:`U_1 = \hat U R_U` by one Cholesky-QR pass (a stepped basis is within one small
+  step of orthonormal) and :math:`\tilde S = R_U S_1 R_V^\top`, again exact.
 
-The step therefore costs one forward/backward of the factorized layer plus a QR of an
-m×2r and an n×2r matrix and an SVD of a 2r×2r matrix per layer.
+The step therefore costs one forward/backward of the factorized layer, a few m×r×r GEMMs
+per basis (about 4 fixed, 12 adaptive) and, when adaptive, an SVD of a 2r×2r matrix per layer.
 
 ``truncate_every = k`` augments and truncates every k-th step only; the steps between are the
 same integrator at fixed rank (so ranks never grow unboundedly without truncation).
 
 **Optimizer state** (the choice the issue leaves open). The factors are trained by the
 configured base optimizer (e.g. Adam), like the biases and the dense layers; its moments
-follow every basis change instead of being reset. When a layer goes from bases
-:math:`(U, V)` to :math:`(U', V')` let :math:`A = U^\top U'`, :math:`B = V^\top V'` (the
-change of coordinates; orthogonal for a pure rotation, a projection when directions are added
-or dropped). First moments (Adam ``exp_avg``, SGD ``momentum_buffer``) are mapped like the
-gradients they average:
+follow every basis change instead of being reset. First moments (Adam ``exp_avg``, SGD
+``momentum_buffer``) are mapped like the gradients they average:
 
-* core: :math:`m_S \leftarrow A^\top m_S B` (the design's :math:`m \leftarrow M m N^\top`);
-* BUG, whose U and V slots hold moments of :math:`\nabla_U, \nabla_V`:
-  :math:`m_U \leftarrow m_U A`, :math:`m_V \leftarrow m_V B`;
+* BUG re-factorizes :math:`U_1 = U' X_U`, :math:`V_1 = V' X_V` (fixed rank: :math:`X = R`;
+  adaptive: :math:`X_U = R' P_{r_1}^\top C_U`, which also projects onto the kept directions).
+  At the same W the gradients then satisfy :math:`\nabla_{U'} = \nabla_{U_1} X_U^\top` and
+  :math:`\nabla_{S'} = X_U^{-\top} \nabla_{S_1} X_V^{-1}` (pseudo-inverses when the rank
+  changed), so :math:`m_U \leftarrow m_U X_U^\top`, :math:`m_S \leftarrow X_U^{-\top} m_S
+  X_V^{-1}`, :math:`m_V \leftarrow m_V X_V^\top`: exact for any invertible change of basis;
 * KLS, whose U and V slots hold moments of :math:`\nabla_K = \nabla W V` and
-  :math:`\nabla_L = \nabla W^\top U`: :math:`m_K \leftarrow m_K B`, :math:`m_L \leftarrow
-  m_L A`.
+  :math:`\nabla_L = \nabla W^\top U`, with :math:`A = U^\top U'`, :math:`B = V^\top V'`:
+  :math:`m_K \leftarrow m_K B`, :math:`m_L \leftarrow m_L A`, :math:`m_S \leftarrow A^\top m_S
+  B` (exact for a rotation of the bases; a projection when directions are dropped).
 
-These maps are exact for a rotation of the bases (the gradient at the same W transforms the
-same way) and keep the part of the moment inside the new bases otherwise; newly added
-directions start from zero. Second moments (``exp_avg_sq``, ``max_exp_avg_sq``) are mapped
-with the elementwise squares :math:`A^{\circ 2}, B^{\circ 2}` (the variance of a linear map of
-independent entries), which keeps them non-negative. Adam's step count carries on, so bias
-correction does not restart. Every change goes through
-:meth:`~lorank.layers.LowRankLayer.set_factors` and :func:`lorank.optim.swap_parameters`;
-unknown state keys are dropped (fresh state), so no state of a wrong shape or basis survives.
+Second moments (``exp_avg_sq``, ``max_exp_avg_sq``) are mapped with the elementwise squares
+of the same matrices (the variance of a linear map of independent entries), which keeps them
+non-negative; on BUG's fixed-rank steps, where :math:`X = R = I + O(h)`, they are kept as
+they are (the map would change them by O(h), far below Adam's own averaging, for two more
+GEMMs per basis). Newly added directions start from zero. Adam's step count carries on, so
+bias correction does not restart. Unknown state keys are dropped (fresh state), so no state
+of a wrong shape or basis survives.
 
 Bias vectors and the layers kept dense (by default the output layer) are trained by the same
 base optimizer, once per batch (in KLS during the S-step).
@@ -214,22 +217,77 @@ class DLRT(Method):
         loss_fn: LossFn,
         adapt: bool,
     ) -> Tensor:
-        old_bases = [(layer.U.detach().clone(), layer.V.detach().clone()) for layer in layers]
+        # Only the augmentation needs the bases from before the optimizer step.
+        old_bases = (
+            [(lr.U.detach().clone(), lr.V.detach().clone()) for lr in layers] if adapt else []
+        )
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model, batch)
         loss.backward()
         self.clip_gradients(model)
         optimizer.step()
         with torch.no_grad():
-            for layer, (U0, V0) in zip(layers, old_bases, strict=True):
+            for i, layer in enumerate(layers):
                 U1, S1, V1 = layer.U.detach(), layer.S.detach(), layer.V.detach()
                 if adapt:
-                    Uh, Vh = _augmented_basis(U0, U1), _augmented_basis(V0, V1)
+                    (Uh, Cu), (Vh, Cv) = (
+                        _augment(old_bases[i][0], U1),
+                        _augment(old_bases[i][1], V1),
+                    )
                 else:
-                    Uh, Vh = _orthonormal_basis(U1), _orthonormal_basis(V1)
-                core = (Uh.T @ U1) @ S1 @ (V1.T @ Vh)
-                self._set(layer, optimizer, Uh, core, Vh, U0, V0, "bug", truncate=adapt)
+                    (Uh, Cu), (Vh, Cv) = _qr(U1), _qr(V1)
+                self._galerkin(layer, optimizer, Uh, Cu, S1, Vh, Cv, truncate=adapt)
         return loss
+
+    def _galerkin(
+        self,
+        layer: LowRankLayer,
+        optimizer: torch.optim.Optimizer,
+        Uh: Tensor,
+        Cu: Tensor,
+        S1: Tensor,
+        Vh: Tensor,
+        Cv: Tensor,
+        truncate: bool,
+    ) -> None:
+        """Install the BUG result given orthonormal ``Uh``, ``Vh`` with ``U₁ = Uh Cu``,
+        ``V₁ = Vh Cv``: the core ``Cu S₁ Cvᵀ`` (exactly ``Uhᵀ U₁ S₁ V₁ᵀ Vh``, from small
+        matrices only), truncated by the rule when asked, and the optimizer state moved by
+        ``X_U``, ``X_V`` with ``U₁ ≈ U' X_U`` (see the module docstring)."""
+        core = Cu @ S1 @ Cv.T
+        if truncate:
+            P, sigma, Qt = _svd(core)
+            lo, hi = self.rank_bounds(layer.full_rank)
+            r = min(self.rule.select(sigma, lo, hi, full_rank=layer.full_rank), sigma.numel())
+            Pu, Pv = P[:, :r], Qt[:r].T
+            # Uh Pu is orthonormal up to rounding; one Cholesky-QR pass (folded into the
+            # core) keeps rounding errors from accumulating over many steps.
+            (Uh, Ru), (Vh, Rv) = _qr(Uh @ Pu), _qr(Vh @ Pv)
+            core = Ru @ torch.diag(sigma[:r]) @ Rv.T
+            Xu, Xv = Ru @ (Pu.T @ Cu), Rv @ (Pv.T @ Cv)
+        else:
+            Xu, Xv = Cu, Cv
+        maps = {"U": Xu.T, "V": Xv.T, "S": (_pinv(Xu).T, _pinv(Xv))}
+        if truncate and Uh.shape != layer.U.shape:
+            mapping = layer.set_factors(Uh, core, Vh)
+            swap_parameters(optimizer, mapping, _state_map(layer, mapping, maps))
+            return
+        # Same shapes: update the parameters and their state in place (no new Parameters,
+        # no optimizer bookkeeping). A fixed-rank step's X = R is I + O(step), so its
+        # second moments are kept as they are: the elementwise-square map would change them
+        # by O(step) too, far below Adam's own averaging, at the cost of two more GEMMs.
+        for name, value in (("U", Uh), ("S", core), ("V", Vh)):
+            param = getattr(layer, name)
+            param.copy_(value)
+            state = optimizer.state.get(param)
+            if not state:
+                continue
+            for key in list(state):
+                if key in _FIRST_MOMENTS or (truncate and key in _SECOND_MOMENTS):
+                    state[key] = _apply_map(maps, name, state[key], key in _SECOND_MOMENTS)
+                elif key not in _SECOND_MOMENTS and isinstance(state[key], Tensor):
+                    if state[key].dim() > 0:
+                        del state[key]  # unknown per-entry state: start it fresh
 
     def _kls_step(
         self,
@@ -267,7 +325,7 @@ class DLRT(Method):
                 K1, L1 = layer.U.detach(), layer.V.detach()
                 if adapt:
                     if 2 * layer.rank <= layer.full_rank:
-                        Uh, Vh = _augmented_basis(U0, K1), _augmented_basis(V0, L1)
+                        Uh, Vh = _augment(U0, K1)[0], _augment(V0, L1)[0]
                     else:
                         # The core must stay square, so near full rank both bases get
                         # k = min(m, n) columns; K₁, L₁ come first, so the old directions are
@@ -276,9 +334,9 @@ class DLRT(Method):
                         Uh = torch.linalg.qr(torch.cat([K1, U0], 1))[0][:, :k]
                         Vh = torch.linalg.qr(torch.cat([L1, V0], 1))[0][:, :k]
                 else:
-                    Uh, Vh = _orthonormal_basis(K1), _orthonormal_basis(L1)
+                    Uh, Vh = _qr(K1)[0], _qr(L1)[0]
                 core = (Uh.T @ U0) @ S0 @ (V0.T @ Vh)
-                self._set(layer, optimizer, Uh, core, Vh, U0, V0, "kls", truncate=False)
+                self._set(layer, optimizer, Uh, core, Vh, U0, V0, truncate=False)
         # S-step on the (augmented) core; biases and dense layers take their step here too.
         optimizer.zero_grad(set_to_none=True)
         factors = {id(p) for layer in layers for p in (layer.U, layer.V)}
@@ -300,7 +358,6 @@ class DLRT(Method):
                         V,
                         U.clone(),
                         V.clone(),
-                        "kls",
                         truncate=True,
                     )
         return loss
@@ -314,10 +371,9 @@ class DLRT(Method):
         Vh: Tensor,
         U_old: Tensor,
         V_old: Tensor,
-        integrator: str,
         truncate: bool,
     ) -> None:
-        """Install ``Uh core Vhᵀ`` (truncated by the rule when asked) and move the state."""
+        """KLS: install ``Uh core Vhᵀ`` (truncated by the rule when asked), move the state."""
         if truncate:
             P, sigma, Qt = _svd(core)
             lo, hi = self.rank_bounds(layer.full_rank)
@@ -326,7 +382,9 @@ class DLRT(Method):
             Uh, core, Vh = Uh @ P[:, :r], torch.diag(sigma[:r]), Vh @ Qt[:r].T
         mapping = layer.set_factors(Uh, core, Vh)
         A, B = U_old.T @ layer.U.detach(), V_old.T @ layer.V.detach()
-        swap_parameters(optimizer, mapping, _basis_change(layer, mapping, A, B, integrator))
+        # KLS's U and V slots hold moments of ∇_K = ∇W V and ∇_L = ∇Wᵀ U.
+        maps = {"U": B, "V": A, "S": (A.T, B)}
+        swap_parameters(optimizer, mapping, _state_map(layer, mapping, maps))
 
     # ------------------------------------------------------------------ reporting
     def passes_per_batch(self) -> int:
@@ -385,89 +443,111 @@ def _svd(core: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return P.to(core.dtype), sigma.to(core.dtype), Qt.to(core.dtype)
 
 
-def _cholesky_qr(x: Tensor, passes: int = 2) -> Tensor | None:
-    """Cholesky QR: ``Q = X R⁻¹`` with ``RᵀR = XᵀX``, repeated ``passes`` times (the second
-    pass brings a well-conditioned ``x`` to working precision). Only GEMMs and an r×r
-    triangular inverse, several times faster than Householder QR on thin matrices. ``None``
-    when the Gram matrix is not numerically positive definite."""
-    q = x
-    for _ in range(passes):
-        chol, info = torch.linalg.cholesky_ex(q.T @ q)
+def _cholesky_qr(
+    x: Tensor, passes: int, gram: Tensor | None = None
+) -> tuple[Tensor, Tensor] | None:
+    """Cholesky QR, ``x = Q R``: ``R`` from the Cholesky factor of ``xᵀx``, ``Q = x R⁻¹``;
+    ``passes`` times (a second pass brings a well-conditioned ``x`` to working precision).
+    Only GEMMs and r×r triangular work: several times faster than Householder QR on thin
+    matrices. ``None`` when the Gram matrix is not numerically positive definite. ``gram``:
+    ``xᵀx`` when the caller already has it."""
+    q, r_total = x, None
+    for i in range(passes):
+        chol, info = torch.linalg.cholesky_ex(gram if i == 0 and gram is not None else q.T @ q)
         if int(info) != 0:
             return None
-        eye = torch.eye(chol.shape[0], dtype=chol.dtype, device=chol.device)
-        q = q @ torch.linalg.solve_triangular(chol, eye, upper=False).T
-    return q
+        r = chol.T
+        eye = torch.eye(r.shape[0], dtype=r.dtype, device=r.device)
+        q = q @ torch.linalg.solve_triangular(r, eye, upper=True)
+        r_total = r if r_total is None else r @ r_total
+    assert r_total is not None
+    return q, r_total
 
 
-def _orthonormal_basis(x: Tensor) -> Tensor:
-    """Orthonormal columns spanning the columns of ``x`` (at most ``rows`` of them): Cholesky
-    QR for a tall, well-conditioned ``x``, Householder QR otherwise."""
+def _qr(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x = Q R`` with orthonormal ``Q`` (min(rows, cols) columns).
+
+    A stepped basis is within one small step of orthonormal, where one Cholesky-QR pass
+    already reaches working precision (its error grows with κ(x)², here ≈ 1); a second pass
+    runs only when the Gram matrix is far from the identity. Householder QR is the fallback
+    for wide or rank-deficient ``x``."""
     if x.shape[1] <= x.shape[0]:
-        q = _cholesky_qr(x)
-        if q is not None:
-            return q
-    q, _ = torch.linalg.qr(x)
-    return q[:, : min(x.shape)]
+        gram = x.T @ x
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        passes = 1 if float((gram - eye).abs().max()) < 0.1 else 2
+        out = _cholesky_qr(x, passes, gram)
+        if out is not None:
+            return out
+    q, r = torch.linalg.qr(x)
+    k = min(x.shape)
+    return q[:, :k], r[:k]
 
 
-def _augmented_basis(basis: Tensor, x: Tensor) -> Tensor:
-    """``[basis' | new]``: an orthonormal basis of span([basis | x]), min(2r, rows) columns,
-    whose first r columns span ``basis`` (orthonormal up to rounding).
+def _augment(basis: Tensor, stepped: Tensor) -> tuple[Tensor, Tensor]:
+    """``Uh = [basis | N]``, orthonormal with min(2r, rows) columns, and ``C`` with
+    ``stepped = Uh C``.
 
-    ``x`` (a stepped factor) is close to ``basis``, so the concatenation is far too
-    ill-conditioned for Cholesky QR; instead the new directions are ``x`` minus its projection
-    on ``basis`` (projected twice, "twice is enough"), orthonormalized, and the near-orthonormal
-    concatenation gets one more Cholesky QR pass, which also removes any drift of ``basis``
-    from orthonormality accumulated over steps. Near full rank (2r > rows), or when the new
-    directions are rank-deficient, Householder QR of the concatenation is used.
-    """
+    The new directions come from the step ``D = stepped - basis`` itself (no cancellation,
+    unlike projecting ``stepped``): ``D`` minus its projection on ``basis``, projected twice
+    ("twice is enough"), is ``N R`` by Cholesky QR, so ``stepped = basis (I + c) + N R`` with
+    ``c`` the two projection coefficients; ``C`` needs no product with a tall matrix. Near
+    full rank (2r > rows) or when the step is rank-deficient, Householder QR of
+    ``[basis | stepped]`` is used instead."""
     rows, r = basis.shape
     if 2 * r <= rows:
-        new = x - basis @ (basis.T @ x)
-        new = _cholesky_qr(new - basis @ (basis.T @ new))
-        if new is not None:
-            full = _cholesky_qr(torch.cat([basis, new], 1), passes=1)
-            if full is not None:
-                return full
-    q, _ = torch.linalg.qr(torch.cat([basis, x], 1))
-    return q[:, : min(rows, 2 * r)]
+        step = stepped - basis
+        c1 = basis.T @ step
+        residual = step - basis @ c1
+        c2 = basis.T @ residual
+        residual = residual - basis @ c2
+        out = _cholesky_qr(residual, passes=2)
+        if out is not None:
+            new, r_new = out
+            eye = torch.eye(r, dtype=basis.dtype, device=basis.device)
+            return torch.cat([basis, new], 1), torch.cat([eye + c1 + c2, r_new], 0)
+    q, _ = torch.linalg.qr(torch.cat([basis, stepped], 1))
+    q = q[:, : min(rows, 2 * r)]
+    return q, q.T @ stepped
 
 
-def _basis_change(
+def _pinv(x: Tensor) -> Tensor:
+    """Inverse of a small square factor, pseudo-inverse when the rank changed."""
+    if x.shape[0] == x.shape[1]:
+        inv, info = torch.linalg.inv_ex(x)
+        if int(info) == 0:
+            return inv
+    return torch.linalg.pinv(x)
+
+
+def _state_map(
     layer: LowRankLayer,
     mapping: dict[nn.Parameter, nn.Parameter],
-    A: Tensor,
-    B: Tensor,
-    integrator: str,
+    maps: dict[str, Any],
 ) -> Callable[[str, Tensor, nn.Parameter, nn.Parameter], Tensor | None]:
-    """The state transform for one layer going from bases (U, V) to (U', V')."""
+    """The optimizer-state transform of one layer: first moments of the U and V slots are
+    multiplied on the right by ``maps["U"]``, ``maps["V"]``, the core's by
+    ``left @ m @ right`` with ``(left, right) = maps["S"]``; second moments by the
+    elementwise squares of the same matrices (which keeps them non-negative)."""
     slots = {}
     for old, new in mapping.items():
-        if new is layer.U:
-            slots[old] = "U"
-        elif new is layer.V:
-            slots[old] = "V"
-        else:
-            slots[old] = "S"
-    # Which coordinate change the U and V slots' moments follow (see the module docstring).
-    right = {"U": A, "V": B} if integrator == "bug" else {"U": B, "V": A}
+        slots[old] = "U" if new is layer.U else "V" if new is layer.V else "S"
 
     def transform(key: str, value: Tensor, old: nn.Parameter, new: nn.Parameter) -> Tensor | None:
-        if key in _FIRST_MOMENTS:
-            square = False
-        elif key in _SECOND_MOMENTS:
-            square = True
-        else:
+        if key not in _FIRST_MOMENTS and key not in _SECOND_MOMENTS:
             return None  # unknown state: start fresh rather than guess
-        slot = slots[old]
-        a, b = (A * A, B * B) if square else (A, B)
-        if slot == "S":
-            return a.T @ value @ b
-        r = right[slot]
-        return value @ (r * r if square else r)
+        return _apply_map(maps, slots[old], value, key in _SECOND_MOMENTS)
 
     return transform
+
+
+def _apply_map(maps: dict[str, Any], slot: str, value: Tensor, square: bool) -> Tensor:
+    if slot == "S":
+        left, right = maps["S"]
+        if square:
+            left, right = left * left, right * right
+        return left @ value @ right
+    m = maps[slot]
+    return value @ (m * m if square else m)
 
 
 def _full_rank(module: nn.Module) -> int:
