@@ -323,20 +323,26 @@ class DLRT(Method):
         with torch.no_grad():
             for layer, (U0, S0, V0) in zip(layers, start, strict=True):
                 K1, L1 = layer.U.detach(), layer.V.detach()
-                if adapt:
-                    if 2 * layer.rank <= layer.full_rank:
-                        Uh, Vh = _augment(U0, K1)[0], _augment(V0, L1)[0]
-                    else:
-                        # The core must stay square, so near full rank both bases get
-                        # k = min(m, n) columns; K₁, L₁ come first, so the old directions are
-                        # the ones dropped, as the fixed-rank step would do.
-                        k = layer.full_rank
-                        Uh = torch.linalg.qr(torch.cat([K1, U0], 1))[0][:, :k]
-                        Vh = torch.linalg.qr(torch.cat([L1, V0], 1))[0][:, :k]
+                r = layer.rank
+                if adapt and 2 * r <= layer.full_rank:
+                    (Uh, _), (Vh, _) = _augment(U0, K1), _augment(V0, L1)
+                elif adapt:
+                    # The core must stay square, so near full rank both bases get
+                    # k = min(m, n) columns; K₁, L₁ come first, so the old directions are
+                    # the ones dropped, as the fixed-rank step would do.
+                    k = layer.full_rank
+                    Uh = torch.linalg.qr(torch.cat([K1, U0], 1))[0][:, :k]
+                    Vh = torch.linalg.qr(torch.cat([L1, V0], 1))[0][:, :k]
                 else:
                     Uh, Vh = _qr(K1)[0], _qr(L1)[0]
-                core = (Uh.T @ U0) @ S0 @ (V0.T @ Vh)
-                self._set(layer, optimizer, Uh, core, Vh, U0, V0, truncate=False)
+                if adapt and _starts_with(Uh, U0) and _starts_with(Vh, V0):
+                    # [U₀ | N]: the old basis in new coordinates is [I; 0], so the core
+                    # M S₀ Nᵀ and the coordinate changes need no product with a tall basis.
+                    A = torch.eye(r, Uh.shape[1], dtype=S0.dtype, device=S0.device)
+                    B = torch.eye(r, Vh.shape[1], dtype=S0.dtype, device=S0.device)
+                else:
+                    A, B = U0.T @ Uh, V0.T @ Vh
+                self._set(layer, optimizer, Uh, A.T @ S0 @ B, Vh, A, B, truncate=False)
         # S-step on the (augmented) core; biases and dense layers take their step here too.
         optimizer.zero_grad(set_to_none=True)
         factors = {id(p) for layer in layers for p in (layer.U, layer.V)}
@@ -350,16 +356,8 @@ class DLRT(Method):
             with torch.no_grad():
                 for layer in layers:
                     U, S, V = layer.U.detach(), layer.S.detach(), layer.V.detach()
-                    self._set(
-                        layer,
-                        optimizer,
-                        U,
-                        S.clone(),
-                        V,
-                        U.clone(),
-                        V.clone(),
-                        truncate=True,
-                    )
+                    eye = torch.eye(layer.rank, dtype=S.dtype, device=S.device)
+                    self._set(layer, optimizer, U, S.clone(), V, eye, eye, truncate=True)
         return loss
 
     def _set(
@@ -369,19 +367,21 @@ class DLRT(Method):
         Uh: Tensor,
         core: Tensor,
         Vh: Tensor,
-        U_old: Tensor,
-        V_old: Tensor,
+        A: Tensor,
+        B: Tensor,
         truncate: bool,
     ) -> None:
-        """KLS: install ``Uh core Vhᵀ`` (truncated by the rule when asked), move the state."""
+        """KLS: install ``Uh core Vhᵀ`` (truncated by the rule when asked) and move the state;
+        ``A = U_oldᵀ Uh``, ``B = V_oldᵀ Vh`` are the coordinate changes before truncation."""
         if truncate:
             P, sigma, Qt = _svd(core)
             lo, hi = self.rank_bounds(layer.full_rank)
             r = self.rule.select(sigma, lo, hi, full_rank=layer.full_rank)
             r = min(r, sigma.numel())
-            Uh, core, Vh = Uh @ P[:, :r], torch.diag(sigma[:r]), Vh @ Qt[:r].T
+            Pr, Qr = P[:, :r], Qt[:r].T
+            Uh, core, Vh = Uh @ Pr, torch.diag(sigma[:r]), Vh @ Qr
+            A, B = A @ Pr, B @ Qr
         mapping = layer.set_factors(Uh, core, Vh)
-        A, B = U_old.T @ layer.U.detach(), V_old.T @ layer.V.detach()
         # KLS's U and V slots hold moments of ∇_K = ∇W V and ∇_L = ∇Wᵀ U.
         maps = {"U": B, "V": A, "S": (A.T, B)}
         swap_parameters(optimizer, mapping, _state_map(layer, mapping, maps))
@@ -508,6 +508,12 @@ def _augment(basis: Tensor, stepped: Tensor) -> tuple[Tensor, Tensor]:
     q, _ = torch.linalg.qr(torch.cat([basis, stepped], 1))
     q = q[:, : min(rows, 2 * r)]
     return q, q.T @ stepped
+
+
+def _starts_with(basis: Tensor, head: Tensor) -> bool:
+    """Whether ``basis``'s first columns are ``head`` itself (``_augment``'s fast path)."""
+    r = head.shape[1]
+    return basis.shape[1] > r and bool(torch.equal(basis[:, :r], head))
 
 
 def _pinv(x: Tensor) -> Tensor:
