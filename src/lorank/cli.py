@@ -262,7 +262,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--train-subset", type=int, default=None, help="training samples (default: all)")
     p.add_argument(
-        "--methods", default=None, help="comma list (default dense,factorized,svd,dlrt,oialr,nnsvd)"
+        "--methods",
+        default=None,
+        help="comma list (default dense,factorized,svd,dlrt,oialr,pil,bipil,nnsvd)",
     )
     p.add_argument("--workers", type=int, help="parallel worker processes")
     _add_set_option(p, "override the shared base config, e.g. --set data.batch_size=128")
