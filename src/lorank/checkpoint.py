@@ -116,8 +116,10 @@ def load_optimizer_state(
                 "model lacks; the checkpoint does not match this config"
             ) from None
     for name, state in saved["state"].items():
+        # Own, freshly allocated copies: tensors read from a file can sit at any offset of
+        # one buffer, and vectorized kernels may round differently on unaligned memory.
         optimizer.state[params[name]] = {
-            k: v.to(device) if isinstance(v, Tensor) and v.dim() > 0 else v
+            k: v.to(device, copy=True) if isinstance(v, Tensor) and v.dim() > 0 else v
             for k, v in state.items()
         }
 

