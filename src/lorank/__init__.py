@@ -10,6 +10,7 @@ The public API::
 
 __version__ = "0.1.0"
 
+from lorank.attention import LowRankMultiheadAttention
 from lorank.convert import ConversionReport, LowRankConfig, convert, low_rank_layers, merge
 from lorank.errors import LorankError
 from lorank.io import load, save
@@ -23,6 +24,7 @@ __all__ = [
     "LowRankConv2d",
     "LowRankLayer",
     "LowRankLinear",
+    "LowRankMultiheadAttention",
     "RankRule",
     "__version__",
     "convert",
