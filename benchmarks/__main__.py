@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         "clock": args.clock,
         "environment": environment(),
         "sections": {},
+        "section_env": {},
     }
     print(f"environment: {results['environment']}")
     started = time.perf_counter()
@@ -67,6 +68,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n== {section} ==", flush=True)
         t0 = time.perf_counter()
         results["sections"][section] = run_section(section, args, device, steps, warmup)
+        results["section_env"][section] = {
+            "threads": torch.get_num_threads(),
+            "clock": args.clock,
+            "wall_s": time.perf_counter() - t0,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
         print(f"({section}: {time.perf_counter() - t0:.0f} s)", flush=True)
     results["wall_s"] = time.perf_counter() - started
     results["targets"] = targets(results["sections"])
@@ -75,7 +82,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{line['status']:>7}  {line['target']}: {line['measured']}")
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = results["date"][:10] + ("-quick" if args.quick else "")
-    (args.out / f"{stamp}.json").write_text(json.dumps(results, indent=1))
+    path = args.out / f"{stamp}.json"
+    if path.exists():
+        # Sections run separately on the same day add up to one result (each keeps its own
+        # environment: threads, clock).
+        earlier = json.loads(path.read_text())
+        for name, section in earlier.get("sections", {}).items():
+            results["sections"].setdefault(name, section)
+            results["section_env"].setdefault(name, earlier["section_env"].get(name, {}))
+        results["targets"] = targets(results["sections"])
+    path.write_text(json.dumps(results, indent=1))
     if not args.quick:
         (args.out / "latest.md").write_text(render_markdown(results))
         print(f"\nwrote {args.out / 'latest.md'}")
@@ -193,10 +209,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Benchmark results (latest full run)",
         "",
-        f"`python -m benchmarks{'' if env['threads'] is None else ''}` on {results['date']}, "
-        f"torch {env['torch']}, {env['processor']}, {env['cpu_count']} CPUs, "
-        f"{env["threads"]} torch threads, float32, {results["clock"]} clock; whole run {results['wall_s'] / 60:.0f} min. "
-        "Every ratio is measured in this same run.",
+        f"`python -m benchmarks`, torch {env['torch']}, {env['processor']}, "
+        f"{env['cpu_count']} CPUs, float32. Each section says its threads, clock and date; "
+        "every ratio is measured within one section's run, never across runs.",
         "",
         "## Targets",
         "",
@@ -204,31 +219,34 @@ def render_markdown(results: dict[str, Any]) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {t['target']} | {t['status']} | {t['measured']} |" for t in results["targets"]]
-    if "layer" in s:
-        lines += [
-            "",
-            "## 1. Layer cost (one Linear layer, batch 256, Adam)",
-            "",
-            layer_cost.markdown(s["layer"]),
-        ]
-    if "step" in s:
-        lines += ["", "## 2. Training-step cost", "", step_cost.markdown(s["step"])]
-    if "tta" in s:
-        lines += [
-            "",
-            "## 3. Time to accuracy (MNIST, 784-500×4-10)",
-            "",
-            time_to_accuracy.markdown(s["tta"]["rows"], s["tta"]["data_epoch_s"]),
-        ]
-    if "memory" in s:
-        lines += [
-            "",
-            "## 4. Training memory (MLP 784-4096×4-10, rank 64, batch 256)",
-            "",
-            memory.markdown(s["memory"]),
-        ]
-    if "inference" in s:
-        lines += ["", "## 5. Inference", "", inference.markdown(s["inference"])]
+    titles = {
+        "layer": "1. Layer cost (one Linear layer, batch 256, Adam)",
+        "step": "2. Training-step cost",
+        "tta": "3. Time to accuracy (MNIST, 784-500×4-10)",
+        "memory": "4. Training memory (MLP 784-4096×4-10, rank 64, batch 256)",
+        "inference": "5. Inference",
+    }
+    for name, title in titles.items():
+        if name not in s:
+            continue
+        e = results["section_env"].get(name, {})
+        env_line = (
+            f"_{e.get('threads', '?')} torch thread(s), {e.get('clock', '?')} clock, "
+            f"{e.get('wall_s', 0) / 60:.1f} min, {e.get('date', '')}_\n"
+        )
+        if name == "tta":
+            body = time_to_accuracy.markdown(s["tta"]["rows"], s["tta"]["data_epoch_s"])
+        else:
+            body = {
+                "layer": layer_cost,
+                "step": step_cost,
+                "memory": memory,
+                "inference": inference,
+            }[name].markdown(s[name])
+        lines += ["", f"## {title}", "", env_line, body]
+    analysis = Path(__file__).resolve().parent / "analysis.md"
+    if analysis.exists():
+        lines += ["", analysis.read_text()]
     return "\n".join(lines) + "\n"
 
 
