@@ -39,7 +39,8 @@ METHODS = {
     "dense": {"name": "dense"},
     "factorized": {"name": "factorized", "rank": 16},
     "dlrt_bug": {"name": "dlrt", "integrator": "bug", "adaptive": True, "tolerance": 0.2},
-    "dlrt_kls": {"name": "dlrt", "integrator": "kls", "adaptive": True, "tolerance": 0.2},
+    # τ where no singular value sits on the cut: one at the threshold flips a rank on round-off.
+    "dlrt_kls": {"name": "dlrt", "integrator": "kls", "adaptive": True, "tolerance": 0.35},
     "oialr": {"name": "oialr", "delay": 8, "frequency": 4, "cutoff": 0.3},
     "svd": {"name": "svd", "rank": 32, "rule": "energy=0.1", "finetune_epochs": 1},
     "nnsvd": {"name": "nnsvd", "rank": 16},
@@ -122,7 +123,7 @@ def test_two_processes_match_one_process_for_every_method(tmp_path: Path, data_r
         rel = 5e-3 if name.startswith("dlrt") else 1e-3
         assert two["test_loss"] == pytest.approx(one["test_loss"], rel=rel), name
         assert two["train_loss"] == pytest.approx(one["train_loss"], rel=rel), name
-        assert abs(two["test_acc"] - one["test_acc"]) <= 0.005, name
+        assert abs(two["test_acc"] - one["test_acc"]) <= 0.005 + 1e-9, name  # one sample
         print(name, "1p/2p test_loss", one["test_loss"], two["test_loss"], "ranks", two["ranks"])
         records = [json.loads(line) for line in (tmp_path / "ddp" / name / "metrics.jsonl").open()]
         assert records[-1]["train_loss"] < records[1]["train_loss"] * 1.05 or name == "dlrt_kls"
