@@ -139,15 +139,17 @@ def targets(sections: dict[str, Any]) -> list[dict[str, str]]:
         out.append({"target": target, "status": status, "measured": measured})
 
     step = sections.get("step", [])
-    dense = _find(step, model="mlp-4096x4", variant="dense")
-    fact = _find(step, model="mlp-4096x4", variant="factorized")
-    if dense and fact:
-        speedup = dense["ms"] / fact["ms"]
-        check(
-            "MLP width 4096 rank 64: factorized step >= 15x faster than dense",
-            speedup >= 15,
-            f"{speedup:.1f}x",
-        )
+
+    def speedup_target(model: str, target: str, limit: float) -> None:
+        dense = _find(step, model=model, variant="dense")
+        fact = _find(step, model=model, variant="factorized")
+        if dense and fact:
+            speedup = dense["ms"] / fact["ms"]
+            check(target, speedup >= limit, f"{speedup:.2f}x")
+
+    speedup_target(
+        "mlp-4096x4", "MLP width 4096 rank 64: factorized step >= 15x faster than dense", 15
+    )
     layer = sections.get("layer", [])
     for variant, limit in (("dlrt-bug", 1.3), ("dlrt-kls", 3.5)):
         for mode in ("fixed", "adaptive"):
@@ -180,15 +182,7 @@ def targets(sections: dict[str, Any]) -> list[dict[str, str]]:
             f"slowest {slowest['variant']} at width {slowest['width']} rank "
             f"{slowest['rank']}: {slowest['x_dense']:.3f}x dense",
         )
-    vgg_dense = _find(step, model="vgg", variant="dense")
-    vgg_fact = _find(step, model="vgg", variant="factorized")
-    if vgg_dense and vgg_fact:
-        speedup = vgg_dense["ms"] / vgg_fact["ms"]
-        check(
-            "VGG CIFAR-10, convs at 1/4 rank: step >= 2x faster than dense",
-            speedup >= 2,
-            f"{speedup:.2f}x",
-        )
+    speedup_target("vgg", "VGG CIFAR-10, convs at 1/4 rank: step >= 2x faster than dense", 2)
     tta = sections.get("tta")
     if tta:
         d = _find(tta["rows"], method="dense")
