@@ -268,26 +268,19 @@ class DLRT(Method):
         else:
             Xu, Xv = Cu, Cv
         maps = {"U": Xu.T, "V": Xv.T, "S": (_pinv(Xu).T, _pinv(Xv))}
-        if truncate and Uh.shape != layer.U.shape:
+        if Uh.shape != layer.U.shape:
             mapping = layer.set_factors(Uh, core, Vh)
-            swap_parameters(optimizer, mapping, _state_map(layer, mapping, maps))
-            return
-        # Same shapes: update the parameters and their state in place (no new Parameters,
-        # no optimizer bookkeeping). A fixed-rank step's X = R is I + O(step), so its
-        # second moments are kept as they are: the elementwise-square map would change them
-        # by O(step) too, far below Adam's own averaging, at the cost of two more GEMMs.
-        for name, value in (("U", Uh), ("S", core), ("V", Vh)):
-            param = getattr(layer, name)
-            param.copy_(value)
-            state = optimizer.state.get(param)
-            if not state:
-                continue
-            for key in list(state):
-                if key in _FIRST_MOMENTS or (truncate and key in _SECOND_MOMENTS):
-                    state[key] = _apply_map(maps, name, state[key], key in _SECOND_MOMENTS)
-                elif key not in _SECOND_MOMENTS and isinstance(state[key], Tensor):
-                    if state[key].dim() > 0:
-                        del state[key]  # unknown per-entry state: start it fresh
+        else:
+            # Same shapes: update the parameters in place (no new Parameters); their state is
+            # transformed in place by the identity mapping.
+            for name, value in (("U", Uh), ("S", core), ("V", Vh)):
+                getattr(layer, name).copy_(value)
+            mapping = {p: p for p in (layer.U, layer.S, layer.V)}
+        # A fixed-rank step's X = R is I + O(step), so its second moments are kept as they
+        # are: the elementwise-square map would change them by O(step) too, far below Adam's
+        # own averaging, at the cost of two more GEMMs per basis.
+        transform = _state_map(layer, mapping, maps, map_second_moments=truncate)
+        swap_parameters(optimizer, mapping, transform)
 
     def _kls_step(
         self,
@@ -529,11 +522,13 @@ def _state_map(
     layer: LowRankLayer,
     mapping: dict[nn.Parameter, nn.Parameter],
     maps: dict[str, Any],
+    map_second_moments: bool = True,
 ) -> Callable[[str, Tensor, nn.Parameter, nn.Parameter], Tensor | None]:
     """The optimizer-state transform of one layer: first moments of the U and V slots are
     multiplied on the right by ``maps["U"]``, ``maps["V"]``, the core's by
     ``left @ m @ right`` with ``(left, right) = maps["S"]``; second moments by the
-    elementwise squares of the same matrices (which keeps them non-negative)."""
+    elementwise squares of the same matrices (which keeps them non-negative), or kept as
+    they are when ``map_second_moments`` is false."""
     slots = {}
     for old, new in mapping.items():
         slots[old] = "U" if new is layer.U else "V" if new is layer.V else "S"
@@ -541,6 +536,8 @@ def _state_map(
     def transform(key: str, value: Tensor, old: nn.Parameter, new: nn.Parameter) -> Tensor | None:
         if key not in _FIRST_MOMENTS and key not in _SECOND_MOMENTS:
             return None  # unknown state: start fresh rather than guess
+        if key in _SECOND_MOMENTS and not map_second_moments:
+            return value
         return _apply_map(maps, slots[old], value, key in _SECOND_MOMENTS)
 
     return transform
