@@ -16,7 +16,7 @@ from torch import nn
 import lorank
 from benchmarks.common import median_time
 from benchmarks.memory import mlp
-from lorank.convert import LowRankConfig
+from lorank.core.convert import LowRankConfig
 
 CASES = ((500, 32), (4096, 64))  # (width, rank)
 

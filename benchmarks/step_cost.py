@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from benchmarks.common import VARIANTS, cross_entropy, prepare, time_train_step
+from lorank.core.metrics import parameter_counts
 from lorank.data import DataConfig, load_dataset
-from lorank.metrics import parameter_counts
 from lorank.models import build_model, model_config_from_dict
 
 MODELS = {

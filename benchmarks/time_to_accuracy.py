@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from lorank.config import load_config
 from lorank.data import load_dataset
-from lorank.train import train
+from lorank.training.config import load_config
+from lorank.training.trainer import train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 METHODS = (

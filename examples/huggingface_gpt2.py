@@ -15,8 +15,8 @@ import tempfile
 
 import torch
 
+from lorank.core.metrics import parameter_counts, ranks
 from lorank.integrations.hf import LowRankTrainer, LowRankTrainerCallback
-from lorank.metrics import parameter_counts, ranks
 
 
 class RandomTokens(torch.utils.data.Dataset):

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lorank.core.metrics import parameter_counts, ranks
 from lorank.integrations.lightning import LowRankCallback
-from lorank.metrics import parameter_counts, ranks
 
 METHODS = {
     "oialr": {"name": "oialr", "delay": 8, "frequency": 4, "cutoff": 0.3},

@@ -14,9 +14,9 @@ import argparse
 import torch
 from torch import nn
 
+from lorank.core.metrics import parameter_counts, ranks
 from lorank.integrations import LowRankHook, owns_step
 from lorank.methods import build
-from lorank.metrics import parameter_counts, ranks
 
 METHODS = {
     "oialr": {"name": "oialr", "delay": 100, "frequency": 50, "cutoff": 0.4},

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from lorank.allocation import allocate
-from lorank.calibration import activation_spectra, collect_second_moments
-from lorank.compress import _finetune, apply_ranks, load_source
+from lorank.compress.allocation import allocate
+from lorank.compress.calibration import activation_spectra, collect_second_moments
+from lorank.compress.pipeline import _finetune, apply_ranks, load_source
+from lorank.core.metrics import parameter_counts
+from lorank.core.search import layer_spectra
 from lorank.data import load_dataset
-from lorank.metrics import parameter_counts
-from lorank.search import layer_spectra
-from lorank.train import evaluate
+from lorank.training.trainer import evaluate
 
 
 def _fmt(loss: float) -> str:

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lorank
-from lorank.attention import LowRankMultiheadAttention, expand_attention
-from lorank.convert import LowRankConfig, convert, low_rank_layers, merge
+from lorank.core.attention import LowRankMultiheadAttention, expand_attention
+from lorank.core.convert import LowRankConfig, convert, low_rank_layers, merge
+from lorank.core.layers import LowRankLinear
 from lorank.errors import LorankError
-from lorank.layers import LowRankLinear
 
 torch.set_num_threads(1)
 

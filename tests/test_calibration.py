@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lorank.allocation import allocate, budget_search, weight_params
-from lorank.calibration import (
+from lorank.compress.allocation import allocate, budget_search, weight_params
+from lorank.compress.calibration import (
     activation_spectra,
     activation_svd,
     collect_second_moments,
@@ -16,9 +16,9 @@ from lorank.calibration import (
     layer_input_rows,
     read_calibration_file,
 )
+from lorank.core.layers import LowRankConv2d, LowRankLinear
+from lorank.core.search import layer_spectra
 from lorank.errors import LorankError
-from lorank.layers import LowRankConv2d, LowRankLinear
-from lorank.search import layer_spectra
 
 
 @pytest.fixture(autouse=True)

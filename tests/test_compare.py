@@ -5,9 +5,9 @@ import json
 import pytest
 
 from lorank.cli import main
-from lorank.compare import METHODS, method_settings, parse_hidden
-from lorank.config import validate_config
 from lorank.errors import LorankError
+from lorank.experiments.compare import METHODS, method_settings, parse_hidden
+from lorank.training.config import validate_config
 
 
 @pytest.mark.parametrize("epochs", [1, 2, 5])

@@ -9,9 +9,9 @@ import torch
 
 import lorank
 from lorank.cli import main
-from lorank.config import validate_config
-from lorank.evaluate import evaluate_checkpoint
-from lorank.train import train
+from lorank.training.config import validate_config
+from lorank.training.evaluate import evaluate_checkpoint
+from lorank.training.trainer import train
 
 CONFIG = """\
 [data]

@@ -3,7 +3,7 @@
 import pytest
 
 from lorank import LorankError
-from lorank.config import apply_override, load_config
+from lorank.training.config import apply_override, load_config
 
 
 def write(tmp_path, text):

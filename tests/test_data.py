@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lorank.data as data
+import lorank.data.files as data
 from lorank.data import DataConfig, DatasetInfo, load_dataset
 from lorank.errors import LorankError
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorank.config import RunConfig
-from lorank.distributed import Distributed, parameter_signature
-from lorank.train import train
+from lorank.training.config import RunConfig
+from lorank.training.distributed import Distributed, parameter_signature
+from lorank.training.trainer import train
 
 BASE = {
     "data": {
@@ -56,8 +56,8 @@ WORKER = textwrap.dedent(
     """
     import json, sys
     import torch.distributed as dist
-    from lorank.config import RunConfig
-    from lorank.train import train
+    from lorank.training.config import RunConfig
+    from lorank.training.trainer import train
 
     dist.init_process_group("gloo")  # owned here, so train() reuses it across runs
     configs = json.loads(open(sys.argv[1]).read())
@@ -65,7 +65,7 @@ WORKER = textwrap.dedent(
         train(RunConfig.model_validate(cfg), sys.argv[2] + "/" + name, quiet=True)
     # The debug check must notice a single differing entry on one process.
     import torch
-    from lorank.distributed import check_agreement
+    from lorank.training.distributed import check_agreement
     from lorank.errors import LorankError
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 3)
@@ -167,7 +167,7 @@ def test_lorank_train_nproc_launches_torchrun(tmp_path: Path):
     assert two.returncode == 0, two.stderr[-3000:]
     # only rank 0 printed the summary, and wrote the run directory
     assert two.stdout.count('"run_dir"') == 1
-    from lorank.config import load_config
+    from lorank.training.config import load_config
 
     train(load_config(cfg, []), tmp_path / "one", quiet=True)
     s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -193,7 +193,7 @@ def test_shard_weights_recover_the_global_mean():
 
 
 def test_parameter_signature_sees_swaps_and_freezes():
-    from lorank.convert import LowRankConfig, convert
+    from lorank.core.convert import LowRankConfig, convert
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
     before = parameter_signature(model)

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lorank.methods as methods
-from lorank.convert import low_rank_layers
+from lorank.core.convert import low_rank_layers
+from lorank.core.layers import LowRankConv2d, LowRankLinear
+from lorank.core.optim import optimizer_holds_only
 from lorank.errors import LorankError
-from lorank.layers import LowRankConv2d, LowRankLinear
 from lorank.methods.dlrt import DLRT, _state_map
-from lorank.optim import optimizer_holds_only
 
 INTEGRATORS = ["bug", "kls"]
 
@@ -333,8 +333,8 @@ def test_state_dict_round_trip():
 
 @pytest.mark.slow
 def test_mnist_mlp_reaches_accuracy_at_high_compression(tmp_path, data_root):
-    from lorank.config import load_config
-    from lorank.train import train
+    from lorank.training.config import load_config
+    from lorank.training.trainer import train
 
     config = load_config(
         "configs/mnist-mlp-dlrt.toml",

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 import lorank
-from lorank.config import validate_config
+from lorank.core.layers import LowRankLinear
 from lorank.errors import LorankError
-from lorank.layers import LowRankLinear
 from lorank.methods import build
 from lorank.models import MLP, MLPConfig
-from lorank.train import train
+from lorank.training.config import validate_config
+from lorank.training.trainer import train
 
 
 def small_mlp(hidden=(64, 48), inputs=20, classes=5):
@@ -61,7 +61,7 @@ def test_svd_init_is_the_best_rank_r_approximation_of_the_dense_init():
 def test_fractional_rank_and_rank_pattern():
     model = small_mlp()
     build({"name": "factorized", "rank": 0.25, "rank_pattern": {"layers.2": 3}}).prepare(model)
-    assert lorank.metrics.ranks(model) == {"layers.0": 5, "layers.2": 3}  # ceil(0.25 * 20) = 5
+    assert lorank.core.metrics.ranks(model) == {"layers.0": 5, "layers.2": 3}  # ceil(0.25 * 20) = 5
 
 
 @pytest.mark.parametrize(

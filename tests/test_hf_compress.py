@@ -11,15 +11,15 @@ import math
 import pytest
 import torch
 
-from lorank.calibration import activation_svd, collect_second_moments
 from lorank.cli import main
-from lorank.compress import (
+from lorank.compress.calibration import activation_svd, collect_second_moments
+from lorank.compress.pipeline import (
     _hf_forward,
     calibration_file_batches,
     compress,
     load_huggingface_compressed,
 )
-from lorank.search import dense_weight_matrix
+from lorank.core.search import dense_weight_matrix
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorank.config import validate_config
-from lorank.convert import low_rank_layers
+from lorank.core.convert import low_rank_layers
+from lorank.core.optim import optimizer_holds_only
 from lorank.errors import LorankError
 from lorank.methods import build
 from lorank.methods.hybrid import Hybrid, stable_rank_of
-from lorank.optim import optimizer_holds_only
+from lorank.training.config import validate_config
 
 torch.set_num_threads(1)
 
@@ -225,7 +225,7 @@ def test_config_errors_name_the_inner_option():
 
 
 def test_trainer_records_the_switch(tmp_path):
-    from lorank.train import train as run_training
+    from lorank.training.trainer import train as run_training
 
     config = validate_config(
         {

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
+from lorank.core.metrics import parameter_counts, ranks
+from lorank.core.optim import optimizer_holds_only
 from lorank.errors import LorankError
 from lorank.integrations import LowRankHook, owns_step
 from lorank.methods import build
-from lorank.metrics import parameter_counts, ranks
-from lorank.optim import optimizer_holds_only
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lorank
+from lorank.core.metrics import parameter_counts
+from lorank.core.optim import optimizer_holds_only
 from lorank.methods import METHODS, build
-from lorank.metrics import parameter_counts
-from lorank.optim import optimizer_holds_only
 
 # method -> (config, promises orthonormal bases)
 CASES = {

@@ -8,13 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorank
-from lorank.config import validate_config
+from lorank.core.metrics import ranks
+from lorank.core.regularizers import orthonormal_penalty
 from lorank.methods import build
 from lorank.methods.nnsvd import SymmetricLowRankLinear
-from lorank.metrics import ranks
 from lorank.models import MLP, MLPConfig
-from lorank.regularizers import orthonormal_penalty
-from lorank.train import train
+from lorank.training.config import validate_config
+from lorank.training.trainer import train
 
 
 def small_mlp():

@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lorank.convert import low_rank_layers
+from lorank.core.convert import low_rank_layers
+from lorank.core.layers import LowRankLayer
+from lorank.core.optim import optimizer_holds_only
 from lorank.errors import LorankError
-from lorank.layers import LowRankLayer
 from lorank.methods import build
 from lorank.methods.oialr import OIALR, basis_stability
-from lorank.optim import optimizer_holds_only
 
 torch.set_num_threads(1)
 
@@ -328,8 +328,8 @@ def test_mnist_end_to_end_switches_prunes_and_learns(tmp_path, data_root):
     trainable core and still classifies well; the run files carry the switch and stability."""
     import json
 
-    from lorank.config import validate_config
-    from lorank.train import train as run_training
+    from lorank.training.config import validate_config
+    from lorank.training.trainer import train as run_training
 
     config = validate_config(
         {

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lorank import LowRankLinear
-from lorank.optim import (
+from lorank.core.optim import (
     OptimConfig,
     add_parameters,
     build_optimizer,

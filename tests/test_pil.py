@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from lorank.config import load_config
+from lorank.core.io import load
+from lorank.core.rank import delta
 from lorank.data import DatasetInfo
 from lorank.errors import LorankError
-from lorank.io import load
 from lorank.methods import build
 from lorank.methods._ridge import Gram, principal_projection, ridge
 from lorank.models import LeNet5Config, MLPConfig, build_model
-from lorank.rank import delta
-from lorank.train import evaluate, train
+from lorank.training.config import load_config
+from lorank.training.trainer import evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

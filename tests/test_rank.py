@@ -6,8 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError, field_validator
 
-from lorank.errors import LorankError
-from lorank.rank import (
+from lorank.core.rank import (
     RankRule,
     RankRuleField,
     cutoff,
@@ -20,6 +19,7 @@ from lorank.rank import (
     stable_rank,
     tolerance,
 )
+from lorank.errors import LorankError
 
 # sigma = [4, 3, 2, 1]: squares 16, 9, 4, 1, total 30, ||sigma|| = sqrt(30) ~ 5.477.
 # Tails ||sigma_{r+1:}||: r=0 sqrt30, r=1 sqrt14 ~ 3.742, r=2 sqrt5 ~ 2.236, r=3 1, r=4 0.

@@ -4,8 +4,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from lorank.errors import LorankError
-from lorank.regularizers import (
+from lorank.core.regularizers import (
     SPARSITY,
     hoyer,
     hoyer_square,
@@ -15,6 +14,7 @@ from lorank.regularizers import (
     orthonormal_penalty,
     sparsity,
 )
+from lorank.errors import LorankError
 
 F64 = torch.float64
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lorank.cli import main
-from lorank.report import (
+from lorank.experiments.report import (
     collect,
     curve,
     group_runs,
@@ -20,7 +20,7 @@ from lorank.report import (
     mean_std,
     pareto_front,
 )
-from lorank.sweep import Sweep, divergence_epoch, load_sweep, run_sweep
+from lorank.experiments.sweep import Sweep, divergence_epoch, load_sweep, run_sweep
 
 # ---------------------------------------------------------------------- hand-made runs
 

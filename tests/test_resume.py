@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from lorank.checkpoint import complete_checkpoints
 from lorank.cli import main
+from lorank.training.checkpoint import complete_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [

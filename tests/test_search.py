@@ -10,11 +10,9 @@ from torch import nn
 
 import lorank
 from lorank.compress import apply_ranks
-from lorank.errors import LorankError
-from lorank.layers import LowRankLinear
-from lorank.models import MLP, LeNet5, MLPConfig
-from lorank.rank import delta
-from lorank.search import (
+from lorank.core.layers import LowRankLinear
+from lorank.core.rank import delta
+from lorank.core.search import (
     feedforward_chain,
     layer_spectra,
     loss_bounded_search,
@@ -25,7 +23,9 @@ from lorank.search import (
     theorem1_bound,
     truncated,
 )
-from lorank.train import task_loss
+from lorank.errors import LorankError
+from lorank.models import MLP, LeNet5, MLPConfig
+from lorank.training.trainer import task_loss
 
 _FITTED: dict[int, tuple[dict, list]] = {}
 

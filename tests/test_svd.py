@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 
 import lorank
-from lorank.config import validate_config
+from lorank.core.metrics import ranks
+from lorank.core.optim import optimizer_holds_only
+from lorank.core.regularizers import hoyer, orthogonality
 from lorank.errors import LorankError
 from lorank.methods import build
-from lorank.metrics import ranks
 from lorank.models import MLP, MLPConfig
-from lorank.optim import optimizer_holds_only
-from lorank.regularizers import hoyer, orthogonality
-from lorank.train import task_loss, train
+from lorank.training.config import validate_config
+from lorank.training.trainer import task_loss, train
 
 
 def small_mlp(seed=0):

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 
 from lorank.cli import main
-from lorank.config import validate_config
 from lorank.errors import LorankError
-from lorank.sweep import (
+from lorank.experiments.sweep import (
     Sweep,
     load_sweep,
     parse_grid_arg,
@@ -18,6 +17,7 @@ from lorank.sweep import (
     run_status,
     run_sweep,
 )
+from lorank.training.config import validate_config
 
 TINY = """
 [data]

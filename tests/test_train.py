@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from lorank.cli import main
-from lorank.config import load_config
-from lorank.train import train
+from lorank.training.config import load_config
+from lorank.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,13 +6,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import lorank
-from lorank.attention import LowRankMultiheadAttention
+from lorank.core.attention import LowRankMultiheadAttention
+from lorank.core.layers import LowRankLinear
+from lorank.core.optim import optimizer_holds_only
 from lorank.data import DatasetInfo
 from lorank.errors import LorankError
-from lorank.layers import LowRankLinear
 from lorank.methods import build
 from lorank.models import ViT, ViTConfig, build_model, model_config_from_dict
-from lorank.optim import optimizer_holds_only
 
 torch.set_num_threads(1)
 

@@ -10,12 +10,12 @@ The public API::
 
 __version__ = "0.1.0"
 
-from lorank.attention import LowRankMultiheadAttention
-from lorank.convert import ConversionReport, LowRankConfig, convert, low_rank_layers, merge
+from lorank.core.attention import LowRankMultiheadAttention
+from lorank.core.convert import ConversionReport, LowRankConfig, convert, low_rank_layers, merge
+from lorank.core.io import load, save
+from lorank.core.layers import LowRankConv2d, LowRankLayer, LowRankLinear
+from lorank.core.rank import RankRule
 from lorank.errors import LorankError
-from lorank.io import load, save
-from lorank.layers import LowRankConv2d, LowRankLayer, LowRankLinear
-from lorank.rank import RankRule
 
 __all__ = [
     "ConversionReport",

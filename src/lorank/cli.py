@@ -301,9 +301,9 @@ def _launch_torchrun(nproc: int, argv: Sequence[str]) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lorank.config import load_config, load_run_config
-    from lorank.distributed import is_main_process
-    from lorank.train import train
+    from lorank.training.config import load_config, load_run_config
+    from lorank.training.distributed import is_main_process
+    from lorank.training.trainer import train
 
     if args.nproc is not None:
         return _launch_torchrun(args.nproc, args.argv)
@@ -336,7 +336,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from lorank.evaluate import evaluate_checkpoint
+    from lorank.training.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.path, data_dir=args.data_dir, config_path=args.config)
     print(json.dumps(result, indent=2))
@@ -386,7 +386,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from lorank.sweep import load_sweep, run_sweep
+    from lorank.experiments.sweep import load_sweep, run_sweep
 
     sweep = load_sweep(args.config, args.grid, args.seeds, args.overrides)
     out = run_sweep(sweep, args.out, workers=args.workers, data_dir=args.data_dir, quiet=args.quiet)
@@ -396,7 +396,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from lorank.report import report
+    from lorank.experiments.report import report
 
     out = report(args.paths, args.out, title=args.title)
     print(json.dumps({"report": str(out / "report.html"), "summary": str(out / "summary.md")}))
@@ -404,8 +404,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from lorank.compare import compare, parse_hidden
-    from lorank.sweep import parse_seeds
+    from lorank.experiments.compare import compare, parse_hidden
+    from lorank.experiments.sweep import parse_seeds
 
     out = compare(
         dataset=args.dataset,

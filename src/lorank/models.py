@@ -3,7 +3,7 @@
 Every weight matrix lives in an ``nn.Linear`` or ``nn.Conv2d`` (plus embeddings and norms), so
 the low-rank conversion can find and replace layers by type and by name; the ViT's attention is
 PyTorch's ``nn.MultiheadAttention``, whose packed projection the conversion re-expresses as a
-layer first (:mod:`lorank.attention`). Each model has its own
+layer first (:mod:`lorank.core.attention`). Each model has its own
 pydantic config with a ``name`` discriminator, so a saved JSON config rebuilds the same network.
 """
 

@@ -3,7 +3,7 @@
 A ``TrainerCallback`` cannot replace the Trainer's optimizer, so the model is converted
 *before* the Trainer is built (the Trainer then builds its optimizer over the low-rank
 factors), and every later rank or basis change updates the Trainer's optimizer in place:
-:func:`lorank.optim.swap_parameters` rewrites ``param_groups`` and moves or resets the
+:func:`lorank.core.optim.swap_parameters` rewrites ``param_groups`` and moves or resets the
 per-parameter state; the learning-rate scheduler keeps working because it only reads
 ``param_groups``::
 
@@ -30,10 +30,10 @@ from typing import Any
 
 from torch import nn
 
+from lorank.core.metrics import parameter_counts
 from lorank.errors import LorankError
 from lorank.integrations.torch_hook import LowRankHook
 from lorank.methods import Method
-from lorank.metrics import parameter_counts
 
 try:
     from transformers import Trainer, TrainerCallback

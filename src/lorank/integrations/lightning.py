@@ -16,7 +16,7 @@
 The callback converts the module in ``setup`` (before ``configure_optimizers``), runs the
 method's ``after_step`` after every optimizer step (``on_train_batch_end`` when the global
 step advanced) and ``on_epoch_end`` after every training epoch; rank changes update the
-Trainer's optimizer in place (:func:`lorank.optim.swap_parameters`).
+Trainer's optimizer in place (:func:`lorank.core.optim.swap_parameters`).
 
 **DDP** (``strategy="ddp"``/``"ddp_spawn"``; ``LORANK_DEBUG_DDP=1`` checks after every step
 that all processes hold the same parameters): every process takes the same decisions from
@@ -33,10 +33,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lorank.distributed import DEBUG_ENV, check_agreement, parameter_signature
 from lorank.errors import LorankError
 from lorank.integrations.torch_hook import LowRankHook
 from lorank.methods import Method
+from lorank.training.distributed import DEBUG_ENV, check_agreement, parameter_signature
 
 try:
     import lightning.pytorch as pl

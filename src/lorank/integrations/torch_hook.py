@@ -26,7 +26,7 @@ svd, nnsvd, oialr; :func:`owns_step` tells), with :class:`LowRankHook`::
         hook.after_optimizer_step(model, optimizer)        # rank/basis updates, in place
 
 Rank changes replace parameters; the method moves them and their optimizer state inside
-*your* optimizer (:func:`lorank.optim.swap_parameters`), so keep using the same optimizer
+*your* optimizer (:func:`lorank.core.optim.swap_parameters`), so keep using the same optimizer
 object, and build any learning-rate scheduler on it as usual (it reads ``param_groups``).
 """
 
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorank.convert import ConversionReport
+from lorank.core.convert import ConversionReport
 from lorank.errors import LorankError
 from lorank.methods import Method, build
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lorank.rank import RankRule
+from lorank.core.rank import RankRule
 
 #: Eigenvalues below this fraction of the largest are treated as zero by the pseudoinverse.
 PINV_RTOL = 1e-12

@@ -2,8 +2,9 @@
 
 A method is optimizer-shaped (like ``torch.ao.pruning.BaseSparsifier``): it prepares the
 model, may add loss terms, may own the whole step when it needs more than one
-forward/backward, and acts after ``optimizer.step()``. The trainer (``lorank.train``) only
-ever calls these hooks, so adding a method never touches the trainer::
+forward/backward, and acts after ``optimizer.step()``. The trainer
+(:mod:`lorank.training.trainer`) only ever calls these hooks, so adding a method never
+touches the trainer::
 
     method = lorank.methods.build({"name": "svd", "rank": 0.5})
     report = method.prepare(model)
@@ -14,7 +15,7 @@ ever calls these hooks, so adding a method never touches the trainer::
         method.on_epoch_end(model, optimizer, epoch, metrics={})
 
 ``loss_fn(model, batch) -> Tensor`` computes the task loss of one batch. Every change of
-parameter shapes or identities goes through :func:`lorank.optim.swap_parameters`.
+parameter shapes or identities goes through :func:`lorank.core.optim.swap_parameters`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from lorank.convert import ConversionReport
+from lorank.core.convert import ConversionReport
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 

@@ -85,14 +85,14 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from lorank.convert import ConversionReport, LowRankConfig, candidate_layers, convert
-from lorank.convert import low_rank_layers as find_low_rank_layers
+from lorank.core.convert import ConversionReport, LowRankConfig, candidate_layers, convert
+from lorank.core.convert import low_rank_layers as find_low_rank_layers
+from lorank.core.layers import LowRankLayer
+from lorank.core.optim import swap_parameters
+from lorank.core.rank import RankRule, RankSpec, resolve_rank, tolerance
 from lorank.errors import LorankError
-from lorank.layers import LowRankLayer
 from lorank.methods.base import LossFn, Method, MethodConfig
 from lorank.methods.registry import register
-from lorank.optim import swap_parameters
-from lorank.rank import RankRule, RankSpec, resolve_rank, tolerance
 
 # Optimizer-state keys that average gradients (first moments) or squared gradients.
 _FIRST_MOMENTS = ("exp_avg", "momentum_buffer")

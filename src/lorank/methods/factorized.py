@@ -26,11 +26,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from lorank.convert import ConversionReport, LowRankConfig, convert
-from lorank.layers import CoreKind
+from lorank.core.convert import ConversionReport, LowRankConfig, convert
+from lorank.core.layers import CoreKind
+from lorank.core.rank import RankSpec
 from lorank.methods.base import Method, MethodConfig
 from lorank.methods.registry import register
-from lorank.rank import RankSpec
 
 
 class ConversionFields(BaseModel):
@@ -38,7 +38,7 @@ class ConversionFields(BaseModel):
 
     Shared by the methods that convert the model once in :meth:`Method.prepare`
     (``factorized``, ``svd``, ``nnsvd``); :meth:`low_rank_config` turns it into the
-    :class:`~lorank.convert.LowRankConfig` that :func:`lorank.convert` takes.
+    :class:`~lorank.core.convert.LowRankConfig` that :func:`lorank.convert` takes.
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -32,7 +32,7 @@ initialisation keep full rank). Training continues with ``lowrank_method``, whos
 
 **The optimizer across the switch.** Parameters that disappear (dense weights, or factors)
 leave the optimizer and the new ones join it with fresh state, through
-:func:`lorank.optim.swap_parameters` and :func:`lorank.optim.add_parameters`; there is no
+:func:`lorank.core.optim.swap_parameters` and :func:`lorank.core.optim.add_parameters`; there is no
 linear map from the old state to the new parameters' state. Biases are the same ``Parameter``
 objects before and after, so their state continues.
 
@@ -50,21 +50,21 @@ import torch
 from pydantic import Field, ValidationError, model_validator
 from torch import Tensor, nn
 
-from lorank.convert import (
+from lorank.core.convert import (
     ConversionReport,
     _set_submodule,
     candidate_layers,
     low_rank_layers,
     planned_report,
 )
+from lorank.core.layers import LowRankLayer
+from lorank.core.metrics import parameter_counts
+from lorank.core.optim import add_parameters, swap_parameters
+from lorank.core.rank import RankRuleField
 from lorank.errors import LorankError
-from lorank.layers import LowRankLayer
 from lorank.methods.base import LossFn, Method, MethodConfig
 from lorank.methods.factorized import ConversionFields
 from lorank.methods.registry import METHODS, build, register
-from lorank.metrics import parameter_counts
-from lorank.optim import add_parameters, swap_parameters
-from lorank.rank import RankRuleField
 
 LOWRANK_METHODS = ("factorized", "svd")
 

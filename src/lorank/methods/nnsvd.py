@@ -30,12 +30,12 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from lorank.convert import ConversionReport, _set_submodule, convert, low_rank_layers
-from lorank.layers import LowRankLinear, orthonormal_
+from lorank.core.convert import ConversionReport, _set_submodule, convert, low_rank_layers
+from lorank.core.layers import LowRankLinear, orthonormal_
+from lorank.core.regularizers import orthonormal_penalty
 from lorank.methods.base import Method, MethodConfig
 from lorank.methods.factorized import ConversionFields
 from lorank.methods.registry import register
-from lorank.regularizers import orthonormal_penalty
 
 
 class SymmetricLowRankLinear(LowRankLinear):

@@ -42,7 +42,7 @@ update :math:`\nabla_{S'} = P^\top \nabla_S Q` — so with ``optimizer_state = "
 * any other state (unknown optimizers) is reset, i.e. the new S starts with fresh state.
 
 ``optimizer_state = "reset"`` gives S fresh state at the switch and at every update instead.
-All changes go through :func:`lorank.optim.swap_parameters`; the replaced weights leave the
+All changes go through :func:`lorank.core.optim.swap_parameters`; the replaced weights leave the
 optimizer, the frozen bases never enter it, and the bias ``Parameter`` objects are reused so
 their state is untouched.
 
@@ -59,7 +59,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from lorank.convert import (
+from lorank.core.convert import (
     ConversionReport,
     LowRankConfig,
     _set_submodule,
@@ -67,11 +67,11 @@ from lorank.convert import (
     low_rank_from,
     planned_report,
 )
-from lorank.layers import LowRankLayer
+from lorank.core.layers import LowRankLayer
+from lorank.core.optim import StateTransform, swap_parameters
+from lorank.core.rank import cutoff
 from lorank.methods.base import Method, MethodConfig
 from lorank.methods.registry import register
-from lorank.optim import StateTransform, swap_parameters
-from lorank.rank import cutoff
 
 # Optimizer state keys that are linear in the gradient, and those that are element-wise
 # squares of it (torch SGD / Adam / AdamW names).

@@ -54,12 +54,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from lorank.convert import ConversionReport
+from lorank.core.convert import ConversionReport
+from lorank.core.rank import RankRule, RankRuleField, energy
 from lorank.errors import LorankError
 from lorank.methods._ridge import Gram, principal_projection, ridge
 from lorank.methods.base import Method, MethodConfig
 from lorank.methods.registry import register
-from lorank.rank import RankRule, RankRuleField, energy
 
 Batch = tuple[Tensor, Tensor]
 

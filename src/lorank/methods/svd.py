@@ -16,7 +16,7 @@ the layer's singular values and the sparsity term drives most of them towards ze
 **Pruning** picks each layer's rank with a rank rule (default ``energy=0.01``: keep the
 smallest set of ``|s_i|`` holding 99% of :math:`\sum s_i^2`) applied to ``|s|``, and physically
 slices the kept columns of ``U``, ``V`` and entries of ``s``. The optimizer's state is sliced the
-same way (:func:`lorank.optim.swap_parameters` with a slicing transform), so Adam's moments of
+same way (:func:`lorank.core.optim.swap_parameters` with a slicing transform), so Adam's moments of
 the surviving directions continue.
 
 **When things happen.** All rank changes happen in :meth:`SVD.on_epoch_end`, after an epoch's
@@ -24,7 +24,7 @@ training and before that epoch's evaluation, so the epoch's metrics record (rank
 test accuracy) already shows the pruned model. At the end of epoch ``e``, in this order:
 
 1. with ``loss_tolerance`` set, seed 003's Algorithm 3: the loss-bounded search
-   (:mod:`lorank.search`) picks δ on ``search_samples`` fixed training samples and every layer
+   (:mod:`lorank.core.search`) picks δ on ``search_samples`` fixed training samples and every layer
    is truncated to its exact rank-k SVD (U, V re-orthonormalised; the optimizer state of a
    truncated layer is reset because its basis changed);
 2. a prune by ``rule`` if ``e`` is in ``prune_epochs``, or ``e = E − finetune_epochs`` (the
@@ -49,16 +49,16 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from lorank.convert import ConversionReport, convert, low_rank_layers
+from lorank.core.convert import ConversionReport, convert, low_rank_layers
+from lorank.core.layers import LowRankLayer
+from lorank.core.optim import swap_parameters
+from lorank.core.rank import RankRule, RankRuleField, RankSpec, energy
+from lorank.core.regularizers import SparsityKind, orthogonality, sparsity
+from lorank.core.search import layer_spectra, loss_bounded_search
 from lorank.errors import LorankError
-from lorank.layers import LowRankLayer
 from lorank.methods.base import Method, MethodConfig
 from lorank.methods.factorized import ConversionFields
 from lorank.methods.registry import register
-from lorank.optim import swap_parameters
-from lorank.rank import RankRule, RankRuleField, RankSpec, energy
-from lorank.regularizers import SparsityKind, orthogonality, sparsity
-from lorank.search import layer_spectra, loss_bounded_search
 
 
 class SVDConfig(MethodConfig, ConversionFields):

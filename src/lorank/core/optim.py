@@ -3,7 +3,7 @@
 Methods that change parameter shapes or identities (a rank change, a switch between dense and
 low-rank, frozen bases) never edit optimizer internals themselves: they call
 :func:`swap_parameters` with the ``{old: new}`` mapping returned by
-:meth:`lorank.layers.LowRankLayer.set_factors`. This works with any ``torch.optim`` optimizer
+:meth:`lorank.core.layers.LowRankLayer.set_factors`. This works with any ``torch.optim`` optimizer
 (and with a Hugging Face or Lightning loop that owns the optimizer), because it edits
 ``param_groups`` and ``state`` in place instead of rebuilding the optimizer.
 """

@@ -49,10 +49,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorank.convert import LowRankConfig, candidate_layers, low_rank_layers
+from lorank.core.convert import LowRankConfig, candidate_layers, low_rank_layers
+from lorank.core.layers import LowRankLayer
+from lorank.core.rank import RankRule, delta
 from lorank.errors import LorankError
-from lorank.layers import LowRankLayer
-from lorank.rank import RankRule, delta
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 

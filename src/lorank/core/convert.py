@@ -7,7 +7,7 @@ treated as Linear layers.
 
 ``nn.MultiheadAttention`` keeps its q/k/v projection in a packed parameter, not a layer: the
 candidate search first re-expresses each targeted one as a
-:class:`~lorank.attention.LowRankMultiheadAttention` with dense ``nn.Linear`` projections
+:class:`~lorank.core.attention.LowRankMultiheadAttention` with dense ``nn.Linear`` projections
 (``in_proj`` or ``q_proj``/``k_proj``/``v_proj``, and ``out_proj``; same function, and in the
 default packed layout the same Parameter objects), which then convert like any Linear. A target
 or exclusion naming the attention module applies to all its projections. ``merge`` restores
@@ -24,10 +24,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from lorank.attention import LowRankMultiheadAttention, expand_attention
+from lorank.core.attention import LowRankMultiheadAttention, expand_attention
+from lorank.core.layers import CoreKind, LowRankConv2d, LowRankLayer, LowRankLinear
+from lorank.core.rank import RankSpec, resolve_rank
 from lorank.errors import LorankError
-from lorank.layers import CoreKind, LowRankConv2d, LowRankLayer, LowRankLinear
-from lorank.rank import RankSpec, resolve_rank
 
 # The layer parametrization each method trains (``LowRankConfig.method`` picks the default).
 METHOD_CORES: dict[str, CoreKind] = {
@@ -297,7 +297,7 @@ def planned_report(
 
 def merge(model: nn.Module) -> nn.Module:
     """Turn every low-rank layer of ``model`` back into a plain ``nn.Linear``/``nn.Conv2d``,
-    and every :class:`~lorank.attention.LowRankMultiheadAttention` into an
+    and every :class:`~lorank.core.attention.LowRankMultiheadAttention` into an
     ``nn.MultiheadAttention``."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LowRankLayer):

@@ -4,7 +4,8 @@ The flagship command. It trains ``dense``, ``factorized``, ``svd``, ``dlrt`` and
 one MLP with the same data, optimizer (Adam, lr 1e-3, cosine schedule), batch size, epochs and
 seeds, fits the gradient-free baselines ``pil`` and ``bipil`` to the same MLP, compresses each
 dense run by truncated SVD with no retraining (``nnsvd``, via
-:func:`lorank.compress.compress`), and writes :func:`lorank.report.report` into ``OUT/``. Runs
+:func:`lorank.compress.compress`), and writes :func:`~lorank.experiments.report.report` into
+``OUT/``. Runs
 go to ``OUT/runs/<method>,seed=<s>/`` and are resumable exactly like a sweep.
 
 **The default budget** (chosen to finish in a few minutes on a 2-core laptop CPU with the
@@ -40,10 +41,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lorank.config import apply_override, validate_config
+from lorank.core.io import atomic_write_json
 from lorank.errors import LorankError
-from lorank.io import atomic_write_json
-from lorank.sweep import RunSpec, plan_workers, run_specs, run_status
+from lorank.experiments.sweep import RunSpec, plan_workers, run_specs, run_status
+from lorank.training.config import apply_override, validate_config
 
 METHODS = ("dense", "factorized", "svd", "dlrt", "oialr", "pil", "bipil", "nnsvd")
 TRAINED = ("dense", "factorized", "svd", "dlrt", "oialr", "pil", "bipil")
@@ -151,7 +152,7 @@ def compare(
 ) -> Path:
     """Train and compress every method into ``out/runs/``, write the report into ``out``."""
     from lorank.compress import compress
-    from lorank.report import report
+    from lorank.experiments.report import report
 
     if dataset not in DATASETS:
         raise LorankError(f"--dataset {dataset!r}: compare trains an MLP on {', '.join(DATASETS)}")

@@ -2,7 +2,7 @@
 
 A sweep is a base config (a TOML file plus ``--set`` overrides), a grid ``{dotted key:
 [values]}`` and a list of seeds. Its runs are the Cartesian product grid × seeds; each one is
-the base config with those values set, trained by :func:`lorank.train.train` into
+the base config with those values set, trained by :func:`lorank.training.trainer.train` into
 ``OUT/<name>/`` where the name spells the grid values and the seed
 (``lr=0.001,lambda_orth=0.1,seed=0``).
 
@@ -47,9 +47,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lorank.config import apply_override, validate_config
+from lorank.core.io import atomic_write_json
 from lorank.errors import LorankError
-from lorank.io import atomic_write_json
+from lorank.training.config import apply_override, validate_config
 
 FINISHED = ("completed", "diverged")
 # A training loss this many times that of a uniform guess, ln(classes), means the run blew
@@ -298,8 +298,8 @@ def execute_run(
     """
     import torch
 
-    from lorank.checkpoint import complete_checkpoints
-    from lorank.train import train
+    from lorank.training.checkpoint import complete_checkpoints
+    from lorank.training.trainer import train
 
     # An interrupted run with a checkpoint continues where it stopped (same result as an
     # uninterrupted one); a run that died before its first checkpoint starts over.

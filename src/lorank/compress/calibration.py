@@ -58,9 +58,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorank.core.layers import LowRankConv2d, LowRankLayer, LowRankLinear
+from lorank.core.search import LayerSpectrum, dense_weight_matrix
 from lorank.errors import LorankError
-from lorank.layers import LowRankConv2d, LowRankLayer, LowRankLinear
-from lorank.search import LayerSpectrum, dense_weight_matrix
 
 __all__ = [
     "DEFAULT_DAMPING",
@@ -244,7 +244,7 @@ def activation_spectra(
     moments: dict[str, SecondMoment],
     damping: float = DEFAULT_DAMPING,
 ) -> list[LayerSpectrum]:
-    """The activation-weighted version of plain ``spectra`` (:func:`lorank.search.layer_spectra`).
+    """The activation-weighted version of plain spectra (:func:`~lorank.core.search.layer_spectra`).
 
     A layer without calibration statistics, or a tied symmetric layer (V is U, whose factors
     cannot differ), keeps its plain SVD.

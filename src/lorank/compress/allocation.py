@@ -37,7 +37,7 @@ global budget instead of taking it: a bisection on b ∈ (0, 1] for the smallest
 allocation (uniform or greedy, as above) changes the loss on a fixed calibration subset by
 less than ε. b = 1 keeps every rank (change 0), so the bracket starts feasible; a budget that
 cannot be met even at rank 1 counts as infeasible. As in seed 003's δ-search
-(:func:`lorank.search.loss_bounded_search`, ``--rule loss-tolerance=ε``, which applies one
+(:func:`lorank.core.search.loss_bounded_search`, ``--rule loss-tolerance=ε``, which applies one
 relative cutoff δ to every layer), feasibility is assumed monotone, every returned allocation
 was measured to satisfy the bound, and trial truncations are made in place and undone.
 """
@@ -52,9 +52,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lorank.core.layers import LowRankLayer
+from lorank.core.search import LayerSpectrum, LossFn, mean_loss, truncated
 from lorank.errors import LorankError
-from lorank.layers import LowRankLayer
-from lorank.search import LayerSpectrum, LossFn, mean_loss, truncated
 
 Allocation = Literal["uniform", "greedy"]
 ALLOCATIONS: tuple[str, ...] = ("uniform", "greedy")

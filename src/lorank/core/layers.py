@@ -19,7 +19,7 @@ stride, padding and dilation), the core and ``U`` act as one 1×1 convolution fr
 
 The active rank is the number of columns of ``U``; methods change it with
 :meth:`LowRankLayer.set_factors`, which returns the ``{old: new}`` parameter mapping that
-:func:`lorank.optim.swap_parameters` needs to keep the optimizer consistent.
+:func:`lorank.core.optim.swap_parameters` needs to keep the optimizer consistent.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorank.core.rank import resolve_rank
 from lorank.errors import LorankError
-from lorank.rank import resolve_rank
 
 CoreKind = Literal["full", "diag", "none"]
 CORE_KINDS: tuple[str, ...] = ("full", "diag", "none")
@@ -185,7 +185,7 @@ class LowRankLayer(nn.Module):
         """Replace the factors (any rank) by new parameters; return ``{old: new}``.
 
         The new parameters keep the old ones' ``requires_grad`` flags, so a frozen basis stays
-        frozen. Pass the mapping to :func:`lorank.optim.swap_parameters`.
+        frozen. Pass the mapping to :func:`lorank.core.optim.swap_parameters`.
         """
         r = U.shape[1]
         if U.shape != (self.out_dim, r) or V.shape != (self.in_dim, r):

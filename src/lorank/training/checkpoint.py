@@ -2,7 +2,7 @@
 LR schedule, method state, every RNG, and the metrics written so far.
 
 Layout: ``RUN/checkpoints/epoch-NNNN/`` holding ``model.safetensors`` + ``model.json`` (see
-:mod:`lorank.io`), ``state.safetensors`` (every tensor of the optimizer, method and RNG state)
+:mod:`lorank.core.io`), ``state.safetensors`` (every tensor of the optimizer, method and RNG state)
 and ``state.json`` (everything else, with ``{"__tensor__": key}`` placeholders). A checkpoint
 is written into a hidden temporary folder and renamed into place, so a crash never leaves a
 half-written ``epoch-*`` folder; only the newest ``keep`` checkpoints are kept.
@@ -26,9 +26,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lorank.convert import merge
+from lorank.core.convert import merge
+from lorank.core.io import atomic_write_json, load, save
 from lorank.errors import LorankError
-from lorank.io import atomic_write_json, load, save
 
 CHECKPOINTS = "checkpoints"
 
@@ -80,7 +80,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[
         if missing:
             raise RuntimeError(
                 "the optimizer holds a parameter the model no longer has; "
-                "a method changed shapes without lorank.optim.swap_parameters"
+                "a method changed shapes without lorank.core.optim.swap_parameters"
             )
         groups.append(
             {

@@ -6,15 +6,15 @@ is replaced by its best rank-k approximation :math:`W_k = U_k \Sigma_k V_k^\top`
 ``LowRankConv2d`` with a diagonal core. The rank of each layer comes from
 
 * a rank rule on that layer's singular values (``rank=16``, ``tolerance=0.1``,
-  ``energy=0.01``, ``cutoff=0.1``, ... see :mod:`lorank.rank`), or
-* ``loss-tolerance=ε``: seed 003's loss-bounded search (:mod:`lorank.search`), the largest δ
+  ``energy=0.01``, ``cutoff=0.1``, ... see :mod:`lorank.core.rank`), or
+* ``loss-tolerance=ε``: seed 003's loss-bounded search (:mod:`lorank.core.search`), the largest δ
   whose ``delta(δ)`` truncation changes the training loss on a fixed subset by less than ε.
 
 A dense layer whose chosen rank would not save parameters (r(m+n) ≥ mn) is left dense. The
 compressed model is evaluated with no training (test loss/accuracy and parameter counts
 before and after, per-layer ranks, the largest output change on the calibration subset and,
 for MLPs, seed 003's Theorem-1 bound), optionally fine-tuned for N epochs with the ordinary
-trainer (:func:`lorank.train.train`, method ``dense`` on the already-low-rank model), and
+trainer (:func:`lorank.training.trainer.train`, method ``dense`` on the already-low-rank model), and
 written as a run directory:
 
 * ``summary.json`` the figures above (``test_acc_before``/``test_acc_after``,
@@ -43,9 +43,9 @@ whose weight is tied to the input embedding stays dense (``tied_layers_kept``): 
 it would add parameters. :func:`load_huggingface_compressed` rebuilds a compressed Hugging
 Face model from its run directory.
 
-**Ranks.** ``--budget B`` allocates a global budget (:mod:`lorank.allocation`);
+**Ranks.** ``--budget B`` allocates a global budget (:mod:`lorank.compress.allocation`);
 ``--loss-tolerance ε`` searches the smallest budget whose allocation keeps the loss change
-below ε (:func:`lorank.allocation.budget_search`), while ``--rule loss-tolerance=ε`` is the
+below ε (:func:`lorank.compress.allocation.budget_search`), while ``--rule loss-tolerance=ε`` is the
 per-layer δ-rule search above.
 """
 
@@ -65,22 +65,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorank.allocation import ALLOCATIONS, allocate, budget_search
-from lorank.calibration import (
+from lorank.compress.allocation import ALLOCATIONS, allocate, budget_search
+from lorank.compress.calibration import (
     DEFAULT_DAMPING,
     activation_spectra,
     collect_second_moments,
     read_calibration_file,
 )
-from lorank.config import RunConfig, apply_override, load_config, validate_config
-from lorank.convert import _set_submodule, low_rank_from
-from lorank.data import Dataset, load_dataset
-from lorank.errors import LorankError
-from lorank.io import atomic_write_json, atomic_write_text, load, read_metadata, save
-from lorank.layers import LowRankLayer
-from lorank.metrics import parameter_counts, ranks
-from lorank.rank import RULE_FORMS, RankRule
-from lorank.search import (
+from lorank.core.convert import _set_submodule, low_rank_from
+from lorank.core.io import atomic_write_json, atomic_write_text, load, read_metadata, save
+from lorank.core.layers import LowRankLayer
+from lorank.core.metrics import parameter_counts, ranks
+from lorank.core.rank import RULE_FORMS, RankRule
+from lorank.core.search import (
     LayerSpectrum,
     layer_spectra,
     loss_bounded_search,
@@ -91,7 +88,10 @@ from lorank.search import (
     theorem1_bound,
     truncated,
 )
-from lorank.train import environment, evaluate, resolve_device, task_loss, train
+from lorank.data import Dataset, load_dataset
+from lorank.errors import LorankError
+from lorank.training.config import RunConfig, apply_override, load_config, validate_config
+from lorank.training.trainer import environment, evaluate, resolve_device, task_loss, train
 
 LOSS_TOLERANCE_KEY = "loss-tolerance"
 SVD_KINDS: tuple[str, ...] = ("plain", "activation")
@@ -404,7 +404,7 @@ def load_source(
         )
     lorank_stem = _lorank_stem(path)
     if lorank_stem is not None:
-        from lorank.evaluate import run_config_of
+        from lorank.training.evaluate import run_config_of
 
         read_metadata(lorank_stem)
         run_dir = lorank_stem.parent if (lorank_stem.parent / "config.json").is_file() else None
@@ -707,7 +707,7 @@ def load_huggingface_compressed(path: str | Path) -> nn.Module:
     """Reload a Hugging Face model compressed by ``lorank compress`` (its run directory).
 
     The transformers class and config are stored in ``model.json``; the low-rank layers are
-    rebuilt by :func:`lorank.io.load`.
+    rebuilt by :func:`lorank.core.io.load`.
     """
     stem = _lorank_stem(Path(path))
     if stem is None:
@@ -746,7 +746,7 @@ def apply_ranks(
     Dense layers become diagonal-core low-rank layers (or stay dense at full rank); low-rank
     layers are truncated to their exact rank-k SVD. With ``exact_factors`` the first k columns
     of each spectrum's ``(u, sigma, v)`` are used as they are (the activation-aware factors of
-    :mod:`lorank.calibration`, whose v is not orthonormal) instead of a plain SVD.
+    :mod:`lorank.compress.calibration`, whose v is not orthonormal) instead of a plain SVD.
     """
     rows = []
     for spec in spectra:
@@ -801,7 +801,7 @@ def _compare_svd(
     """Test (with ``data``) and calibration loss of the model truncated at ``chosen`` by each
     kind of SVD.
 
-    The truncations are trials in place (:func:`lorank.search.truncated`), so the model is
+    The truncations are trials in place (:func:`lorank.core.search.truncated`), so the model is
     unchanged afterwards.
     """
     out: dict[str, dict[str, float]] = {}

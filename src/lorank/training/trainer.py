@@ -30,8 +30,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from lorank import __version__, distributed
-from lorank.checkpoint import (
+from lorank import __version__
+from lorank.core.io import atomic_write_json, atomic_write_text, save
+from lorank.core.metrics import orthogonality_errors, parameter_counts, ranks
+from lorank.core.optim import build_optimizer, build_scheduler
+from lorank.data import Dataset, load_dataset
+from lorank.errors import LorankError, TrainingDiverged
+from lorank.methods import build as build_method
+from lorank.models import build_model
+from lorank.training import distributed
+from lorank.training.checkpoint import (
     latest_checkpoint,
     load_optimizer_state,
     optimizer_state,
@@ -41,14 +49,7 @@ from lorank.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from lorank.config import RunConfig
-from lorank.data import Dataset, load_dataset
-from lorank.errors import LorankError, TrainingDiverged
-from lorank.io import atomic_write_json, atomic_write_text, save
-from lorank.methods import build as build_method
-from lorank.metrics import orthogonality_errors, parameter_counts, ranks
-from lorank.models import build_model
-from lorank.optim import build_optimizer, build_scheduler
+from lorank.training.config import RunConfig
 
 
 def resolve_device(name: str) -> torch.device:
@@ -192,7 +193,7 @@ def train(
     the same model, optimizer, schedule, method and RNG states, so the result is identical
     to an uninterrupted run.
 
-    Under ``torchrun`` (see :mod:`lorank.distributed`) every process runs this function on
+    Under ``torchrun`` (see :mod:`lorank.training.distributed`) every process runs this function on
     its shard of each global batch of ``data.batch_size`` samples; only rank 0 writes files
     and prints.
     """

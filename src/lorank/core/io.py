@@ -18,10 +18,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorank.attention import LowRankMultiheadAttention, apply_attention_specs
-from lorank.convert import _set_submodule, low_rank_layers
+from lorank.core.attention import LowRankMultiheadAttention, apply_attention_specs
+from lorank.core.convert import _set_submodule, low_rank_layers
+from lorank.core.layers import layer_from_spec
 from lorank.errors import LorankError
-from lorank.layers import layer_from_spec
 
 FORMAT = "lorank-model/1"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorank.convert import low_rank_layers
+from lorank.core.convert import low_rank_layers
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

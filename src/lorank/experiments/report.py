@@ -6,7 +6,7 @@ folder; a ``lorank compress`` run adds its rank rule); each group is summarised 
 over its seeds (sample standard deviation, n − 1; 0 for one seed).
 
 **Divergence.** A run is *diverged* at the first epoch whose training loss is NaN/inf or
-exceeds ``lorank.sweep.EXPLOSION_FACTOR`` × ln(classes) (a model far worse than a uniform
+exceeds ``EXPLOSION_FACTOR`` × ln(classes) (a model far worse than a uniform
 guess has blown up; it typically collapses to predicting one class, the "9.8%" of seed 000),
 or when its ``summary.json`` says ``diverged``. Diverged runs are listed with that epoch and
 left out of every accuracy mean, curve band and scatter; heat maps mark them as hatched
@@ -43,9 +43,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from lorank.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lorank.errors import LorankError
-from lorank.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from lorank.sweep import (
+from lorank.experiments.sweep import (
     EXECUTION_KEYS,
     _read_records,
     divergence_epoch,
@@ -554,8 +554,8 @@ def final_spectra(run: RunData) -> dict[str, list[float]]:
     import torch
     from torch import nn
 
-    from lorank.io import load
-    from lorank.layers import LowRankLayer
+    from lorank.core.io import load
+    from lorank.core.layers import LowRankLayer
 
     if not (run.path / "model.json").is_file():
         return {}

@@ -4,7 +4,7 @@ PyTorch's attention keeps the query/key/value projection as one packed parameter
 ``in_proj_weight`` :math:`\in \mathbb{R}^{3E\times E}` that no ``nn.Linear`` owns, so
 conversion cannot swap it for a factorized layer. This module computes exactly what
 ``nn.MultiheadAttention`` computes, but with every projection a submodule that may be a dense
-``nn.Linear`` or a :class:`~lorank.layers.LowRankLinear`:
+``nn.Linear`` or a :class:`~lorank.core.layers.LowRankLinear`:
 
 * ``qkv="packed"`` (the default): one ``in_proj`` of shape 3E×E, as PyTorch (and timm's ViT,
   on which OIALR was shown) stores it. Factorized, q, k and v share one input basis
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorank.core.layers import LowRankLinear
 from lorank.errors import LorankError
-from lorank.layers import LowRankLinear
 
 QKVLayout = Literal["packed", "separate"]
 QKV_LAYOUTS: tuple[str, ...] = ("packed", "separate")

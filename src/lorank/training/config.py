@@ -13,12 +13,12 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lorank.core.optim import OptimConfig
 from lorank.data import DataConfig
 from lorank.errors import LorankError
 from lorank.methods import AnyMethodConfig
 from lorank.methods.dense import DenseConfig
 from lorank.models import MLPConfig, ModelConfig
-from lorank.optim import OptimConfig
 
 
 class TrainConfig(BaseModel):

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lorank.config import RunConfig, load_config, validate_config
+from lorank.core.io import load, read_metadata
+from lorank.core.metrics import parameter_counts, ranks
 from lorank.data import load_dataset
 from lorank.errors import LorankError
-from lorank.io import load, read_metadata
-from lorank.metrics import parameter_counts, ranks
-from lorank.train import evaluate, resolve_device
+from lorank.training.config import RunConfig, load_config, validate_config
+from lorank.training.trainer import evaluate, resolve_device
 
 
 def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None]:

@@ -1,0 +1,1 @@
+"""Experiments on top of training and compression: sweeps, ``lorank compare`` and reports."""
