@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lorank.data.datasets as datasets
 import lorank.data.files as data
-from lorank.data import DataConfig, DatasetInfo, load_dataset
+from lorank.data import DataConfig, Dataset, DatasetInfo, load_dataset
 from lorank.errors import LorankError
 
 IDX_NAMES = data._IDX_NAMES
@@ -243,8 +244,8 @@ def test_cifar_pickle_layout_when_trusted(isolated, monkeypatch):
     assert (ds.info.train_size, ds.info.test_size) == (20, 4)
     raw = pickle.loads((folder / "data_batch_2").read_bytes())[b"data"]
     x, _ = ds.train_subset_batches(20, 20)[0]
-    pixels = x[4:8] * torch.tensor(data._NORMALISATION["cifar10"][1]).view(1, 3, 1, 1)
-    pixels = (pixels + torch.tensor(data._NORMALISATION["cifar10"][0]).view(1, 3, 1, 1)) * 255
+    pixels = x[4:8] * torch.tensor(datasets._NORMALISATION["cifar10"][1]).view(1, 3, 1, 1)
+    pixels = (pixels + torch.tensor(datasets._NORMALISATION["cifar10"][0]).view(1, 3, 1, 1)) * 255
     # pickle rows are the R plane, then G, then B, each row-major
     assert torch.allclose(pixels.reshape(4, 3072), torch.from_numpy(raw).float(), atol=1e-3)
 
@@ -264,7 +265,7 @@ def test_corrupt_cifar_npz(isolated):
 # --- iteration -------------------------------------------------------------------------------
 
 
-def synthetic(**kw) -> data.Dataset:
+def synthetic(**kw) -> Dataset:
     return load_dataset(DataConfig(name="synthetic", **kw))
 
 
@@ -308,7 +309,7 @@ def test_train_subset_batches_are_fixed():
 def test_random_crop_flip_is_a_crop_of_the_padded_image():
     x = torch.randint(0, 256, (8, 3, 6, 6), dtype=torch.uint8)
     padded = F.pad(x, (2, 2, 2, 2))
-    out = data._random_crop_flip(padded, 2, True, torch.Generator().manual_seed(0))
+    out = datasets._random_crop_flip(padded, 2, True, torch.Generator().manual_seed(0))
     assert out.shape == x.shape
     for i in range(8):
         candidates = [

@@ -6,10 +6,30 @@ The public API::
     report = lorank.convert(model, lorank.LowRankConfig(method="svd", rank=0.25))
     lorank.merge(model)                       # back to plain nn.Linear / nn.Conv2d
     lorank.save(model, "ckpt/model"); model = lorank.load("ckpt/model", model)
+
+The package, bottom to top; each part imports only the parts above it in this list
+(``tests/test_layout.py`` parses every import to keep it so):
+
+- ``lorank.errors``: ``LorankError``, the one-line error every part raises for bad input.
+- ``lorank.core``: low-rank layers, attention, the conversion planner (``convert``/``merge``),
+  rank rules, layer spectra and the loss-bounded search, regularizers, ``swap_parameters``,
+  ``save``/``load``, parameter counts. Knows no method, model, dataset or trainer.
+- ``lorank.data``: dataset files (lookup, checksums, decoding) and in-memory datasets.
+- ``lorank.models``: the model zoo (MLP, LeNet-5, ResNet-20, VGG, ViT, char transformer).
+- ``lorank.methods``: one file per training method behind the hook protocol of
+  ``methods/base.py``, and the registry every list of methods is read from.
+- ``lorank.training``: run config, the trainer (which names no method), checkpoints, run
+  directories, evaluation, ``torchrun`` support.
+- ``lorank.compress``: post-training compression (SVD kinds, calibration, allocation).
+- ``lorank.experiments``: sweeps, ``lorank compare`` and reports.
+- ``lorank.integrations``: hooks for plain PyTorch loops, Lightning and Hugging Face.
+- ``lorank.cli``: the ``lorank`` command, which only maps arguments to the parts above.
 """
 
 __version__ = "0.1.0"
 
+from lorank import methods as _methods  # noqa: F401  (registers the methods and their cores)
+from lorank import models as _models  # noqa: F401  (registers the zoo with lorank.load)
 from lorank.core.attention import LowRankMultiheadAttention
 from lorank.core.convert import ConversionReport, LowRankConfig, convert, low_rank_layers, merge
 from lorank.core.io import load, save

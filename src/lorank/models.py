@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from torch import Tensor, nn
 
+from lorank.core.io import register_model_builder
 from lorank.data import DatasetInfo
 from lorank.errors import LorankError
 
@@ -524,3 +525,15 @@ def build_model(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
     if isinstance(cfg, ViTConfig):
         return ViT(cfg, shape, info.num_classes)
     raise LorankError(f"unknown model config {cfg!r}")
+
+
+def build_from_metadata(meta: dict[str, Any]) -> nn.Module | None:
+    """Rebuild a zoo model from the metadata that :func:`lorank.save` wrote beside it."""
+    if "model" not in meta or "data_info" not in meta:
+        return None
+    info = dict(meta["data_info"])
+    info["input_shape"] = tuple(info["input_shape"])
+    return build_model(model_config_from_dict(meta["model"]), DatasetInfo(**info))
+
+
+register_model_builder(build_from_metadata)

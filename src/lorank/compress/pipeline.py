@@ -72,7 +72,7 @@ from lorank.compress.calibration import (
     collect_second_moments,
     read_calibration_file,
 )
-from lorank.core.convert import _set_submodule, low_rank_from
+from lorank.core.convert import low_rank_from, replace_module
 from lorank.core.io import atomic_write_json, atomic_write_text, load, read_metadata, save
 from lorank.core.layers import LowRankLayer
 from lorank.core.metrics import parameter_counts, ranks
@@ -781,7 +781,7 @@ def apply_ranks(
             layer = low_rank_from(module, k, core="diag")
             if exact_factors:
                 layer.load_svd_(spec.u[:, :k], spec.sigma[:k], spec.v[:, :k])
-            _set_submodule(model, spec.name, layer)
+            replace_module(model, spec.name, layer)
             row.update(params_after=layer.params_eval, status="converted")
         rows.append(row)
     return rows

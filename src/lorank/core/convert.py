@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from lorank.core.attention import LowRankMultiheadAttention, expand_attention
@@ -29,49 +29,82 @@ from lorank.core.layers import CoreKind, LowRankConv2d, LowRankLayer, LowRankLin
 from lorank.core.rank import RankSpec, resolve_rank
 from lorank.errors import LorankError
 
-# The layer parametrization each method trains (``LowRankConfig.method`` picks the default).
-METHOD_CORES: dict[str, CoreKind] = {
-    "factorized": "none",
-    "svd": "diag",
-    "nnsvd": "diag",
-    "dlrt": "full",
-    "oialr": "full",
-}
+# The layer parametrization each training method trains, by method name. Methods state theirs
+# (``Method.core``) and the method registry fills this in, so the core names no method.
+CORE_KINDS: dict[str, CoreKind] = {}
 
 
-class LowRankConfig(BaseModel):
-    """Which layers become low-rank, at which rank, in which parametrization."""
+def register_core_kind(method: str, core: CoreKind | None) -> None:
+    """Record the core kind ``method`` trains (``None``: it converts no layers itself)."""
+    if core is not None:
+        CORE_KINDS[method] = core
+    KNOWN_METHODS.add(method)
+
+
+KNOWN_METHODS: set[str] = set()
+
+
+class LayerSelection(BaseModel):
+    """Which layers are candidates for low rank: the part of every conversion config that
+    :func:`plan` reads. Shared by :class:`LowRankConfig` and every method's config."""
 
     model_config = ConfigDict(extra="forbid")
 
-    rank: RankSpec = Field(0.25, description="int rank, or a fraction of each layer's full rank")
-    method: str | None = Field(None, description="picks the core kind this method trains")
-    core: Literal["full", "diag", "none"] | None = Field(
-        None, description="U S Vᵀ with a full or diagonal S, or U Vᵀ; default from method"
-    )
-    init: Literal["svd", "random"] = Field(
-        "svd", description="SVD of the existing weight or random"
-    )
     target_modules: list[str] | str | None = Field(
         None, description="names (suffix list) or a regex; default: every Linear/Conv2d"
     )
     exclude_modules: list[str] | str | None = Field(None, description="names never converted")
     keep_first_dense: bool = Field(False, description="leave the first candidate layer dense")
     keep_last_dense: bool = Field(False, description="leave the last candidate (e.g. output) dense")
-    skip_if_no_savings: bool = Field(True, description="leave layers dense when r(m+n) ≥ mn")
-    rank_pattern: dict[str, int | float] = Field(
-        default_factory=dict, description="per-layer ranks by exact name or suffix"
-    )
     attention_qkv: Literal["packed", "separate"] = Field(
         "packed",
         description="nn.MultiheadAttention's q/k/v projection: one packed 3E×E layer (shared "
         "input basis, reuses the original Parameters) or three separate layers",
     )
 
+
+class ConversionFields(LayerSelection):
+    """The layers (:class:`LayerSelection`) and their ranks and initialisation: everything a
+    conversion needs except the parametrization, which a method fixes itself."""
+
+    rank: RankSpec = Field(0.25, description="int rank, or a fraction of each layer's full rank")
+    init: Literal["svd", "random"] = Field(
+        "svd", description="SVD of the existing weight or random"
+    )
+    skip_if_no_savings: bool = Field(True, description="leave layers dense when r(m+n) ≥ mn")
+    rank_pattern: dict[str, int | float] = Field(
+        default_factory=dict, description="per-layer ranks by exact name or suffix"
+    )
+
+    def low_rank_config(self, core: CoreKind) -> LowRankConfig:
+        """This selection as the :class:`LowRankConfig` of :func:`convert`, with ``core``."""
+        shared = self.model_dump(include=set(ConversionFields.model_fields))
+        return LowRankConfig(**shared, core=core)
+
+
+class LowRankConfig(ConversionFields):
+    """Which layers become low-rank, at which rank, in which parametrization."""
+
+    method: str | None = Field(
+        None, description="a registered training method; picks the core kind it trains"
+    )
+    core: Literal["full", "diag", "none"] | None = Field(
+        None, description="U S Vᵀ with a full or diagonal S, or U Vᵀ; default from method"
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str | None) -> str | None:
+        if method is not None and KNOWN_METHODS and method not in KNOWN_METHODS:
+            raise ValueError(
+                f"unknown method {method!r}; choose one of {', '.join(sorted(KNOWN_METHODS))}"
+            )
+        return method
+
     def core_kind(self) -> CoreKind:
         if self.core is not None:
             return self.core
-        return METHOD_CORES.get(self.method or "", "diag")
+        return CORE_KINDS.get(self.method or "", "diag")
 
 
 @dataclass
@@ -171,6 +204,47 @@ def candidate_layers(model: nn.Module, config: LowRankConfig) -> list[tuple[str,
     return out
 
 
+@dataclass
+class PlannedLayer:
+    """One candidate layer and its fate: eligible for low rank, or kept dense and why."""
+
+    name: str
+    module: nn.Module
+    shape: tuple[int, int]
+    reason: str = ""
+
+    @property
+    def eligible(self) -> bool:
+        return not self.reason
+
+
+def plan(model: nn.Module, selection: LayerSelection) -> list[PlannedLayer]:
+    """Every layer ``selection`` targets, in module order, with the reason it must stay dense
+    if it must (keep-first/last, a convolution that cannot be factorized over channels).
+
+    The one place that decides layer eligibility: :func:`convert`, and the methods that
+    factorize later (OIALR's switch, hybrid's), all plan with it.
+    """
+    candidates = candidate_layers(model, selection)
+    last = len(candidates) - 1
+    out = []
+    for i, (name, module) in enumerate(candidates):
+        reason = ""
+        if (selection.keep_first_dense and i == 0) or (selection.keep_last_dense and i == last):
+            reason = "kept dense by keep_first_dense/keep_last_dense"
+        elif isinstance(module, nn.Conv2d) and (
+            module.groups != 1 or module.padding_mode != "zeros"
+        ):
+            reason = "grouped or non-zero-padded conv"
+        out.append(PlannedLayer(name, module, _matrix_shape(module), reason))
+    return out
+
+
+def eligible_layers(model: nn.Module, selection: LayerSelection) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the layers :func:`plan` finds eligible."""
+    return [(p.name, p.module) for p in plan(model, selection) if p.eligible]
+
+
 def _expand_targeted_attention(model: nn.Module, config: LowRankConfig) -> None:
     names = set()
     for name, module in model.named_modules():
@@ -244,28 +318,26 @@ def convert(model: nn.Module, config: LowRankConfig | None = None) -> Conversion
     """
     config = config or LowRankConfig()
     core = config.core_kind()
-    candidates = candidate_layers(model, config)
-    if config.target_modules is not None and not candidates:
+    planned = plan(model, config)
+    if config.target_modules is not None and not planned:
         raise LorankError(
             f"target_modules {config.target_modules!r} matched no Linear/Conv2d "
             "layer; check the names with `print(model)`"
         )
     report = ConversionReport()
-    last = len(candidates) - 1
-    for i, (name, module) in enumerate(candidates):
-        m, n = _matrix_shape(module)
+    for layer_plan in planned:
+        name, module, (m, n) = layer_plan.name, layer_plan.module, layer_plan.shape
         before = sum(p.numel() for p in module.parameters())
         entry = LayerConversion(
-            name, type(module).__name__, (m, n), None, "kept", "", before, before
+            name, type(module).__name__, (m, n), None, "kept", layer_plan.reason, before, before
         )
         report.layers.append(entry)
-        if (config.keep_first_dense and i == 0) or (config.keep_last_dense and i == last):
-            entry.reason = "kept dense by keep_first_dense/keep_last_dense"
-            continue
-        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+        if isinstance(module, nn.Conv2d) and not layer_plan.eligible:
             if config.target_modules is not None:
                 low_rank_from(module, 1, core)  # raises the explanatory LorankError
-            entry.status, entry.reason = "skipped", "grouped or non-zero-padded conv"
+            entry.status = "skipped"
+            continue
+        if not layer_plan.eligible:
             continue
         rank = resolve_rank(_rank_for(name, config), min(m, n))
         cost = rank * (m + n) + (rank * rank if core == "full" else 0)
@@ -274,7 +346,7 @@ def convert(model: nn.Module, config: LowRankConfig | None = None) -> Conversion
             entry.reason = f"rank {rank} saves no parameters"
             continue
         layer = low_rank_from(module, rank, core, config.init)
-        _set_submodule(model, name, layer)
+        replace_module(model, name, layer)
         entry.rank, entry.status, entry.params_after = rank, "converted", layer.params_eval
     return report
 
@@ -299,13 +371,26 @@ def merge(model: nn.Module) -> nn.Module:
     """Turn every low-rank layer of ``model`` back into a plain ``nn.Linear``/``nn.Conv2d``,
     and every :class:`~lorank.core.attention.LowRankMultiheadAttention` into an
     ``nn.MultiheadAttention``."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LowRankLayer):
-            _set_submodule(model, name, module.to_dense())
+    merge_layers(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, LowRankMultiheadAttention):
-            _set_submodule(model, name, module.to_mha())
+            replace_module(model, name, module.to_mha())
     return model
+
+
+def merge_layers(model: nn.Module) -> dict[str, tuple[LowRankLayer, nn.Module]]:
+    """Replace each low-rank layer by its dense ``W = U S Vᵀ`` and return ``{name: (low-rank,
+    dense)}``. The dense layer keeps the low-rank layer's bias Parameter (the same object),
+    so a caller that moves optimizer state only has to map the factors."""
+    merged = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankLayer):
+            dense = module.to_dense()
+            if module.bias is not None:
+                dense.bias = module.bias
+            replace_module(model, name, dense)
+            merged[name] = (module, dense)
+    return merged
 
 
 def low_rank_layers(model: nn.Module) -> dict[str, LowRankLayer]:
@@ -313,7 +398,8 @@ def low_rank_layers(model: nn.Module) -> dict[str, LowRankLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLayer)}
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model`` (the root cannot be replaced)."""
     if not name:
         raise LorankError("cannot replace the root module; wrap the layer in a container")
     parent_name, _, child = name.rpartition(".")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorank.core.attention import LowRankMultiheadAttention, apply_attention_specs
-from lorank.core.convert import _set_submodule, low_rank_layers
+from lorank.core.convert import low_rank_layers, replace_module
 from lorank.core.layers import layer_from_spec
 from lorank.errors import LorankError
 
@@ -181,17 +182,26 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     return model
 
 
-def build_from_metadata(meta: dict[str, Any]) -> nn.Module:
-    from lorank.data import DatasetInfo
-    from lorank.models import build_model, model_config_from_dict
+# How ``load(path)`` without a model rebuilds the architecture from the metadata. The core
+# knows no model zoo; :mod:`lorank.models` registers its builder here when imported.
+_MODEL_BUILDERS: list[Callable[[dict[str, Any]], nn.Module | None]] = []
 
-    if "model" not in meta or "data_info" not in meta:
-        raise LorankError(
-            "checkpoint metadata has no model config; pass the model to lorank.load(path, model)"
-        )
-    info = dict(meta["data_info"])
-    info["input_shape"] = tuple(info["input_shape"])
-    return build_model(model_config_from_dict(meta["model"]), DatasetInfo(**info))
+
+def register_model_builder(builder: Callable[[dict[str, Any]], nn.Module | None]) -> None:
+    """Let :func:`load` rebuild models it has no instance of: ``builder(metadata)`` returns
+    the dense architecture, or ``None`` when the metadata is not one it knows."""
+    if builder not in _MODEL_BUILDERS:
+        _MODEL_BUILDERS.append(builder)
+
+
+def build_from_metadata(meta: dict[str, Any]) -> nn.Module:
+    for builder in _MODEL_BUILDERS:
+        model = builder(meta)
+        if model is not None:
+            return model
+    raise LorankError(
+        "checkpoint metadata has no model config; pass the model to lorank.load(path, model)"
+    )
 
 
 def apply_layer_specs(model: nn.Module, specs: dict[str, dict]) -> None:
@@ -207,4 +217,4 @@ def apply_layer_specs(model: nn.Module, specs: dict[str, dict]) -> None:
         ref = next(names[name].parameters(), None)
         if ref is not None:
             layer.to(device=ref.device, dtype=ref.dtype)
-        _set_submodule(model, name, layer)
+        replace_module(model, name, layer)

@@ -21,13 +21,14 @@ parameter shapes or identities goes through :func:`lorank.core.optim.swap_parame
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from lorank.core.convert import ConversionReport
+from lorank.core.convert import ConversionFields, ConversionReport
+from lorank.core.layers import CoreKind
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -37,6 +38,18 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str
+
+
+class MethodConversion(ConversionFields):
+    """The conversion fields of a method that factorizes layers in :meth:`Method.prepare`:
+    those of :class:`~lorank.core.convert.LowRankConfig` (one schema), with the defaults of
+    training from scratch: random orthonormal factors, and the classifier left dense (it is
+    small, and low rank there costs accuracy for almost no saving)."""
+
+    init: Literal["svd", "random"] = Field(
+        "random", description="random orthonormal factors, or the SVD of the dense init"
+    )
+    keep_last_dense: bool = Field(True, description="leave the last candidate (classifier) dense")
 
 
 class Method:
@@ -54,6 +67,9 @@ class Method:
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
+    core: ClassVar[CoreKind | None] = None
+    """The parametrization the method trains (``lorank.convert(..., LowRankConfig(method=name))``
+    uses it): ``"full"`` U S Vᵀ, ``"diag"`` U diag(s) Vᵀ, ``"none"`` U Vᵀ; None: no layers."""
     gradient_free: ClassVar[bool] = False
     """True for methods trained in closed form by :meth:`fit` instead of the epoch loop."""
 

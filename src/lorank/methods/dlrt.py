@@ -143,6 +143,7 @@ class DLRT(Method):
     """Dynamical low-rank training with the KLS or the one-backward augmented BUG integrator."""
 
     name = "dlrt"
+    core = "full"
     config_class = DLRTConfig
     config: DLRTConfig
 

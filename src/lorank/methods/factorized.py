@@ -23,49 +23,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from lorank.core.convert import ConversionReport, LowRankConfig, convert
-from lorank.core.layers import CoreKind
-from lorank.core.rank import RankSpec
-from lorank.methods.base import Method, MethodConfig
+from lorank.core.convert import ConversionReport, convert
+from lorank.methods.base import Method, MethodConfig, MethodConversion
 from lorank.methods.registry import register
 
 
-class ConversionFields(BaseModel):
-    """Which layers a low-rank training method factorizes, and at which starting rank.
-
-    Shared by the methods that convert the model once in :meth:`Method.prepare`
-    (``factorized``, ``svd``, ``nnsvd``); :meth:`low_rank_config` turns it into the
-    :class:`~lorank.core.convert.LowRankConfig` that :func:`lorank.convert` takes.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    rank: RankSpec = Field(
-        0.25, description="rank of each layer: an int, or a fraction of the layer's full rank"
-    )
-    init: Literal["svd", "random"] = Field(
-        "random", description="random orthonormal factors, or the SVD of the dense init"
-    )
-    target_modules: list[str] | str | None = Field(
-        None, description="layer names (suffix list) or a regex; default every Linear/Conv2d"
-    )
-    exclude_modules: list[str] | str | None = Field(None, description="layers left dense")
-    keep_first_dense: bool = Field(False, description="leave the first candidate layer dense")
-    keep_last_dense: bool = Field(True, description="leave the last candidate (classifier) dense")
-    skip_if_no_savings: bool = Field(True, description="leave layers dense when r(m+n) >= mn")
-    rank_pattern: dict[str, int | float] = Field(
-        default_factory=dict, description="per-layer ranks by exact name or name suffix"
-    )
-
-    def low_rank_config(self, core: CoreKind) -> LowRankConfig:
-        shared = self.model_dump(include=set(ConversionFields.model_fields))
-        return LowRankConfig(**shared, core=core)
-
-
-class FactorizedConfig(MethodConfig, ConversionFields):
+class FactorizedConfig(MethodConfig, MethodConversion):
     """Fixed-rank W = U Vᵀ trained by the base optimizer."""
 
     name: Literal["factorized"] = "factorized"
@@ -74,8 +39,9 @@ class FactorizedConfig(MethodConfig, ConversionFields):
 @register
 class Factorized(Method):
     name = "factorized"
+    core = "none"
     config_class = FactorizedConfig
     config: FactorizedConfig
 
     def prepare(self, model: nn.Module) -> ConversionReport:
-        return convert(model, self.config.low_rank_config("none"))
+        return convert(model, self.config.low_rank_config(self.core))

@@ -52,9 +52,9 @@ from torch import Tensor, nn
 
 from lorank.core.convert import (
     ConversionReport,
-    _set_submodule,
-    candidate_layers,
+    eligible_layers,
     low_rank_layers,
+    merge_layers,
     planned_report,
 )
 from lorank.core.layers import LowRankLayer
@@ -62,8 +62,7 @@ from lorank.core.metrics import parameter_counts
 from lorank.core.optim import add_parameters, swap_parameters
 from lorank.core.rank import RankRuleField
 from lorank.errors import LorankError
-from lorank.methods.base import LossFn, Method, MethodConfig
-from lorank.methods.factorized import ConversionFields
+from lorank.methods.base import LossFn, Method, MethodConfig, MethodConversion
 from lorank.methods.registry import METHODS, build, register
 
 LOWRANK_METHODS = ("factorized", "svd")
@@ -120,7 +119,7 @@ class HybridConfig(MethodConfig):
             err = e.errors()[0]
             key = ".".join(str(p) for p in err["loc"])
             raise ValueError(f"lowrank.{key}: {err['msg']}") from None
-        if not isinstance(config, ConversionFields):
+        if not isinstance(config, MethodConversion):
             raise ValueError(f"{self.lowrank_method} does not convert layers")
         return config
 
@@ -293,22 +292,7 @@ class Hybrid(Method):
     # ------------------------------------------------------------------ switches
     def _eligible(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The dense layers the low-rank phase would factorize (keep-first/last applied)."""
-        fields = self.config.inner_config()
-        selection = fields.low_rank_config("none")
-        candidates = candidate_layers(model, selection)
-        last = len(candidates) - 1
-        out = []
-        for i, (name, module) in enumerate(candidates):
-            if (fields.keep_first_dense and i == 0) or (fields.keep_last_dense and i == last):
-                continue
-            if not isinstance(module, nn.Linear | nn.Conv2d):
-                continue
-            if isinstance(module, nn.Conv2d) and (
-                module.groups != 1 or module.padding_mode != "zeros"
-            ):
-                continue
-            out.append((name, module))
-        return out
+        return eligible_layers(model, self.config.inner_config())
 
     @torch.no_grad()
     def switch_ranks(self, model: nn.Module) -> dict[str, int]:
@@ -370,14 +354,8 @@ class Hybrid(Method):
         """Merge every low-rank layer into a dense one with W = U S Vᵀ; continue dense."""
         mapping: dict[nn.Parameter, nn.Parameter | None] = {}
         new_params: list[nn.Parameter] = []
-        for name, layer in low_rank_layers(model).items():
-            dense = layer.to_dense()
-            if layer.bias is not None:
-                dense.bias = layer.bias  # same Parameter: its optimizer state continues
-            _set_submodule(model, name, dense)
-            for param in (layer.U, layer.S, layer.V):
-                if param is not None:
-                    mapping[param] = None
+        for layer, dense in merge_layers(model).values():
+            mapping.update({p: None for p in (layer.U, layer.S, layer.V) if p is not None})
             new_params.append(dense.weight)
         if optimizer is not None:
             swap_parameters(optimizer, mapping)

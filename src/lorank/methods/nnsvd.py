@@ -30,11 +30,10 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from lorank.core.convert import ConversionReport, _set_submodule, convert, low_rank_layers
+from lorank.core.convert import ConversionReport, convert, low_rank_layers, replace_module
 from lorank.core.layers import LowRankLinear, orthonormal_
 from lorank.core.regularizers import orthonormal_penalty
-from lorank.methods.base import Method, MethodConfig
-from lorank.methods.factorized import ConversionFields
+from lorank.methods.base import Method, MethodConfig, MethodConversion
 from lorank.methods.registry import register
 
 
@@ -98,7 +97,7 @@ class SymmetricLowRankLinear(LowRankLinear):
         return super().spec() | {"symmetric": True}
 
 
-class NNSVDConfig(MethodConfig, ConversionFields):
+class NNSVDConfig(MethodConfig, MethodConversion):
     """nn-svd's training variants: fixed-rank U Vᵀ with an orthonormal penalty, or B Bᵀ."""
 
     name: Literal["nnsvd"] = "nnsvd"
@@ -109,11 +108,12 @@ class NNSVDConfig(MethodConfig, ConversionFields):
 @register
 class NNSVD(Method):
     name = "nnsvd"
+    core = "none"
     config_class = NNSVDConfig
     config: NNSVDConfig
 
     def prepare(self, model: nn.Module) -> ConversionReport:
-        report = convert(model, self.config.low_rank_config("none"))
+        report = convert(model, self.config.low_rank_config(self.core))
         if self.config.symmetric:
             symmetrize(model, report)
         return report
@@ -142,7 +142,7 @@ def symmetrize(model: nn.Module, report: ConversionReport | None = None) -> list
             continue
         sym = SymmetricLowRankLinear(layer.in_features, layer.rank, layer.bias is not None)
         sym.to(device=layer.U.device, dtype=layer.U.dtype)
-        _set_submodule(model, name, sym)
+        replace_module(model, name, sym)
         replaced.append(name)
         if name in entries:
             entries[name].params_after = sym.params_eval

@@ -61,11 +61,11 @@ from torch import Tensor, nn
 
 from lorank.core.convert import (
     ConversionReport,
-    LowRankConfig,
-    _set_submodule,
-    candidate_layers,
+    LayerSelection,
+    eligible_layers,
     low_rank_from,
     planned_report,
+    replace_module,
 )
 from lorank.core.layers import LowRankLayer
 from lorank.core.optim import StateTransform, swap_parameters
@@ -79,7 +79,7 @@ LINEAR_STATE = frozenset({"momentum_buffer", "exp_avg"})
 SQUARED_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
 
 
-class OIALRConfig(MethodConfig):
+class OIALRConfig(MethodConfig, LayerSelection):
     """Dense for ``delay`` steps, then train only S of U S Vᵀ with periodic basis updates."""
 
     name: Literal["oialr"] = "oialr"
@@ -107,12 +107,6 @@ class OIALRConfig(MethodConfig):
     keep_last_dense: bool = Field(
         True, description="leave the last Linear/Conv2d (the output layer) dense and trainable"
     )
-    keep_first_dense: bool = Field(False, description="leave the first Linear/Conv2d dense")
-    target_modules: list[str] | str | None = Field(
-        None,
-        description="layers to switch: names (suffix list) or a regex; default all Linear/Conv2d",
-    )
-    exclude_modules: list[str] | str | None = Field(None, description="layers kept dense")
     optimizer_state: Literal["transform", "reset"] = Field(
         "transform",
         description="carry S's optimizer state through the switch and each basis "
@@ -123,6 +117,7 @@ class OIALRConfig(MethodConfig):
 @register
 class OIALR(Method):
     name = "oialr"
+    core = "full"
     config_class = OIALRConfig
     config: OIALRConfig
 
@@ -207,22 +202,7 @@ class OIALR(Method):
 
     # ------------------------------------------------------------------ the switch
     def _eligible(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        cfg = self.config
-        selection = LowRankConfig(
-            target_modules=cfg.target_modules, exclude_modules=cfg.exclude_modules
-        )
-        candidates = candidate_layers(model, selection)
-        last = len(candidates) - 1
-        out = []
-        for i, (name, module) in enumerate(candidates):
-            if (cfg.keep_first_dense and i == 0) or (cfg.keep_last_dense and i == last):
-                continue
-            if isinstance(module, nn.Conv2d) and (
-                module.groups != 1 or module.padding_mode != "zeros"
-            ):
-                continue  # cannot be factorized over channels; stays dense
-            out.append((name, module))
-        return out
+        return eligible_layers(model, self.config)
 
     @torch.no_grad()
     def switch(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
@@ -235,7 +215,7 @@ class OIALR(Method):
             if getattr(module, "bias", None) is not None and layer.bias is not None:
                 # Reuse the very same Parameter: the optimizer keeps its state untouched.
                 layer.bias = module.bias
-            _set_submodule(model, name, layer)
+            replace_module(model, name, layer)
             if optimizer is not None:
                 view = _matrix_view(module)
                 transform = self._basis_change(layer.U, layer.V, view)

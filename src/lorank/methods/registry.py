@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from lorank.core.convert import register_core_kind
 from lorank.errors import LorankError
 
 if TYPE_CHECKING:
@@ -15,6 +16,7 @@ METHODS: dict[str, type[Method]] = {}
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` available as ``method.name = cls.name`` in configs."""
     METHODS[cls.name] = cls
+    register_core_kind(cls.name, cls.core)
     return cls
 
 

@@ -56,12 +56,11 @@ from lorank.core.rank import RankRule, RankRuleField, RankSpec, energy
 from lorank.core.regularizers import SparsityKind, orthogonality, sparsity
 from lorank.core.search import layer_spectra, loss_bounded_search
 from lorank.errors import LorankError
-from lorank.methods.base import Method, MethodConfig
-from lorank.methods.factorized import ConversionFields
+from lorank.methods.base import Method, MethodConfig, MethodConversion
 from lorank.methods.registry import register
 
 
-class SVDConfig(MethodConfig, ConversionFields):
+class SVDConfig(MethodConfig, MethodConversion):
     """Yang et al.'s SVD training: U diag(s) Vᵀ + orthogonality + sparsity, then pruning."""
 
     name: Literal["svd"] = "svd"
@@ -100,6 +99,7 @@ class SVDConfig(MethodConfig, ConversionFields):
 @register
 class SVD(Method):
     name = "svd"
+    core = "diag"
     config_class = SVDConfig
     config: SVDConfig
 
@@ -128,7 +128,7 @@ class SVD(Method):
                 "svd loss_tolerance needs training batches: call "
                 "method.attach(calibration=..., loss_fn=...)"
             )
-        return convert(model, cfg.low_rank_config("diag"))
+        return convert(model, cfg.low_rank_config(self.core))
 
     @property
     def finetune_start(self) -> int | None:
