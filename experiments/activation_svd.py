@@ -34,7 +34,7 @@ from lorank.compress.pipeline import _finetune, apply_ranks, load_source
 from lorank.core.metrics import parameter_counts
 from lorank.core.search import layer_spectra
 from lorank.data import load_dataset
-from lorank.training.trainer import evaluate
+from lorank.training.evaluate import evaluate
 
 
 def _fmt(loss: float) -> str:

@@ -18,7 +18,8 @@ from lorank.methods import build
 from lorank.methods._ridge import Gram, principal_projection, ridge
 from lorank.models import LeNet5Config, MLPConfig, build_model
 from lorank.training.config import load_config
-from lorank.training.trainer import evaluate, train
+from lorank.training.evaluate import evaluate
+from lorank.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

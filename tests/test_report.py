@@ -20,7 +20,8 @@ from lorank.experiments.report import (
     mean_std,
     pareto_front,
 )
-from lorank.experiments.sweep import Sweep, divergence_epoch, load_sweep, run_sweep
+from lorank.experiments.sweep import Sweep, load_sweep, run_sweep
+from lorank.training.rundir import divergence_epoch
 
 # ---------------------------------------------------------------------- hand-made runs
 

@@ -25,7 +25,7 @@ from lorank.core.search import (
 )
 from lorank.errors import LorankError
 from lorank.models import MLP, LeNet5, MLPConfig
-from lorank.training.trainer import task_loss
+from lorank.training.evaluate import task_loss
 
 _FITTED: dict[int, tuple[dict, list]] = {}
 

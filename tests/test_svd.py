@@ -15,7 +15,8 @@ from lorank.errors import LorankError
 from lorank.methods import build
 from lorank.models import MLP, MLPConfig
 from lorank.training.config import validate_config
-from lorank.training.trainer import task_loss, train
+from lorank.training.evaluate import task_loss
+from lorank.training.trainer import train
 
 
 def small_mlp(seed=0):

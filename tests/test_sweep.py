@@ -14,10 +14,10 @@ from lorank.experiments.sweep import (
     parse_grid_arg,
     parse_seeds,
     plan_workers,
-    run_status,
     run_sweep,
 )
 from lorank.training.config import validate_config
+from lorank.training.rundir import run_status
 
 TINY = """
 [data]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lorank.errors import LorankError
+from lorank.training.rundir import SUMMARY
 
 CONFIG_HELP = """\
 config sections (TOML) and their keys; override any with --set section.key=value:
@@ -330,7 +331,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         resume=bool(args.resume),
     )
     if is_main_process():
-        summary = json.loads((path / "summary.json").read_text())
+        summary = json.loads((path / SUMMARY).read_text())
         print(json.dumps({"run_dir": str(path), **summary}, indent=2))
     return 0
 
@@ -366,7 +367,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         calibration_file=args.calibration_file,
         loss_tolerance=args.loss_tolerance,
     )
-    summary = json.loads((path / "summary.json").read_text())
+    summary = json.loads((path / SUMMARY).read_text())
     keys = (
         "test_acc_before",
         "test_acc_after",

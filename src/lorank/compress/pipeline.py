@@ -73,7 +73,7 @@ from lorank.compress.calibration import (
     read_calibration_file,
 )
 from lorank.core.convert import low_rank_from, replace_module
-from lorank.core.io import atomic_write_json, atomic_write_text, load, read_metadata, save
+from lorank.core.io import load, read_metadata, save
 from lorank.core.layers import LowRankLayer
 from lorank.core.metrics import parameter_counts, ranks
 from lorank.core.rank import RULE_FORMS, RankRule
@@ -91,7 +91,10 @@ from lorank.core.search import (
 from lorank.data import Dataset, load_dataset
 from lorank.errors import LorankError
 from lorank.training.config import RunConfig, apply_override, load_config, validate_config
-from lorank.training.trainer import environment, evaluate, resolve_device, task_loss, train
+from lorank.training.environment import environment, resolve_device
+from lorank.training.evaluate import evaluate, task_loss
+from lorank.training.rundir import COMPRESS, CONFIG, ENV, MODEL, SUMMARY, Run, read_json
+from lorank.training.trainer import train
 
 LOSS_TOLERANCE_KEY = "loss-tolerance"
 SVD_KINDS: tuple[str, ...] = ("plain", "activation")
@@ -361,8 +364,9 @@ def compress(
                 "ranks": after["ranks"],
             }
         )
-        atomic_write_json(tmp / "compress.json", options)
-        atomic_write_json(tmp / "summary.json", summary)
+        run = Run(tmp)
+        run.write_json(COMPRESS, options)
+        run.write_json(SUMMARY, summary)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -407,7 +411,7 @@ def load_source(
         from lorank.training.evaluate import run_config_of
 
         read_metadata(lorank_stem)
-        run_dir = lorank_stem.parent if (lorank_stem.parent / "config.json").is_file() else None
+        run_dir = lorank_stem.parent if (lorank_stem.parent / CONFIG).is_file() else None
         config = _with_overrides(
             run_config_of(run_dir, model_config and str(model_config)), overrides
         )
@@ -417,7 +421,7 @@ def load_source(
 
 def _lorank_stem(path: Path) -> Path | None:
     if path.is_dir():
-        return path / "model"
+        return path / MODEL
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
     return stem if stem.with_suffix(".json").is_file() else None
 
@@ -871,24 +875,24 @@ def _finetune(
         quiet=quiet,
         model=model,
     )
-    ft = json.loads((tmp / "summary.json").read_text())
+    ft = read_json(tmp / SUMMARY) or {}
     keys = ("test_acc", "test_loss", "train_loss", "epochs", "train_time_s")
     return {"finetune": {k: ft.get(k) for k in keys}, "finetune_epochs": epochs}
 
 
 def _write_untrained(model: nn.Module, src: Source, data: Dataset | None, tmp: Path) -> None:
-    atomic_write_json(tmp / "env.json", environment(torch.device("cpu")))
+    run = Run(tmp)
+    run.write_json(ENV, environment(torch.device("cpu")))
     meta: dict[str, Any] = {"method": "compress"}
     if src.config is not None and data is not None:
         config = _finetune_config(src.config, 0)
-        atomic_write_json(tmp / "config.json", config.model_dump(mode="json"))
+        run.write_json(CONFIG, config.model_dump(mode="json"))
         meta |= {"model": config.model.model_dump(mode="json"), "data_info": asdict(data.info)}
-        record = {"epoch": 0, **_measure(model, data), "time_s": 0.0}
-        atomic_write_text(tmp / "metrics.jsonl", json.dumps(record) + "\n")
+        run.log({"epoch": 0, **_measure(model, data), "time_s": 0.0})
     if src.kind == "huggingface" and hasattr(model, "config"):
         # What load_huggingface_compressed rebuilds the dense architecture from.
         meta["huggingface"] = {"class": type(model).__name__, "config": model.config.to_dict()}
-    save(model, tmp / "model", meta)
+    save(model, tmp / MODEL, meta)
 
 
 def rule_help() -> str:

@@ -43,8 +43,9 @@ from typing import Any
 
 from lorank.core.io import atomic_write_json
 from lorank.errors import LorankError
-from lorank.experiments.sweep import RunSpec, plan_workers, run_specs, run_status
+from lorank.experiments.sweep import RunSpec, plan_workers, run_specs
 from lorank.training.config import apply_override, validate_config
+from lorank.training.rundir import run_status
 
 METHODS = ("dense", "factorized", "svd", "dlrt", "oialr", "pil", "bipil", "nnsvd")
 TRAINED = ("dense", "factorized", "svd", "dlrt", "oialr", "pil", "bipil")

@@ -45,13 +45,15 @@ from typing import Any
 
 from lorank.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lorank.errors import LorankError
-from lorank.experiments.sweep import (
-    EXECUTION_KEYS,
-    _read_records,
+from lorank.experiments.sweep import EXECUTION_KEYS, format_value, short_labels
+from lorank.training.rundir import read_json, (
+    CONFIG,
+    METRICS,
+    MODEL,
+    SUMMARY,
     divergence_epoch,
-    format_value,
     num_classes,
-    short_labels,
+    read_records,
 )
 
 METHOD_ORDER = ["dense", "factorized", "svd", "dlrt", "oialr", "nnsvd", "hybrid"]
@@ -108,20 +110,13 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def load_run(path: Path) -> RunData | None:
-    config = _read_json(path / "config.json")
+    config = read_json(path / CONFIG)
     if not isinstance(config, dict):
         return None
-    summary = _read_json(path / "summary.json") or {}
-    records = _read_records(path / "metrics.jsonl")
-    compress = _read_json(path / "compress.json")
+    summary = read_json(path / SUMMARY) or {}
+    records = read_records(path / METRICS)
+    compress = read_json(path / "compress.json")
     method = (config.get("method") or {}).get("name", "dense")
     settings = {k: v for k, v in flatten(config).items() if k not in EXECUTION_KEYS}
     if compress is not None:
@@ -155,14 +150,12 @@ def load_run(path: Path) -> RunData | None:
 
 def find_run_dirs(path: Path) -> list[Path]:
     """Run directories at or below ``path`` (hidden folders, e.g. temp dirs, skipped)."""
-    if (path / "config.json").is_file() and (
-        (path / "metrics.jsonl").is_file() or (path / "summary.json").is_file()
-    ):
+    if (path / CONFIG).is_file() and ((path / METRICS).is_file() or (path / SUMMARY).is_file()):
         return [path]
     found = []
     for root, dirs, files in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        if "config.json" in files and ("metrics.jsonl" in files or "summary.json" in files):
+        if CONFIG in files and (METRICS in files or SUMMARY in files):
             found.append(Path(root))
             dirs[:] = []
     return found
@@ -188,7 +181,7 @@ def collect(paths: Iterable[str | Path]) -> Collected:
         if not p.exists():
             raise LorankError(f"{p} does not exist; pass run or sweep directories")
         for index in [p / "sweep.json", *sorted(p.glob("*/sweep.json"))]:
-            data = _read_json(index)
+            data = read_json(index)
             if not isinstance(data, dict):
                 continue
             if data.get("published"):
@@ -560,7 +553,7 @@ def final_spectra(run: RunData) -> dict[str, list[float]]:
     if not (run.path / "model.json").is_file():
         return {}
     try:
-        model = load(run.path / "model")
+        model = load(run.path / MODEL)
     except LorankError:
         return {}
     out = {}

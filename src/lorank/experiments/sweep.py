@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
-import math
 import os
 import re
 import sys
@@ -50,11 +48,8 @@ from tqdm import tqdm
 from lorank.core.io import atomic_write_json
 from lorank.errors import LorankError
 from lorank.training.config import apply_override, validate_config
+from lorank.training.rundir import FINISHED, run_status, run_summary
 
-FINISHED = ("completed", "diverged")
-# A training loss this many times that of a uniform guess, ln(classes), means the run blew
-# up even when it stayed finite (it then usually collapses to one class: "9.8% accuracy").
-EXPLOSION_FACTOR = 3.0
 # Keys that describe where/how a run executes, not what it computes.
 EXECUTION_KEYS = ("train.seed", "train.threads", "train.device", "data.dir")
 
@@ -272,17 +267,6 @@ def plan_workers(
     return workers, threads
 
 
-def run_status(path: Path) -> str:
-    """``new`` (no directory), ``completed``/``diverged`` (finished), or ``broken``."""
-    if not path.exists():
-        return "new"
-    try:
-        status = json.loads((path / "summary.json").read_text()).get("status")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return "broken"
-    return status if status in FINISHED else "broken"
-
-
 def execute_run(
     raw: dict[str, Any],
     out: str,
@@ -332,59 +316,6 @@ def execute_run(
         torch.set_num_threads(previous)
     result["wall_s"] = time.perf_counter() - start
     return result
-
-
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    records = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn last line of a killed run
-    return records
-
-
-def num_classes(path: Path) -> int:
-    try:
-        meta = json.loads((path / "model.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return 10
-    return int((meta.get("data_info") or {}).get("num_classes") or 10)
-
-
-def divergence_epoch(records: Sequence[dict[str, Any]], classes: int) -> int | None:
-    """First epoch whose training loss is non-finite or > EXPLOSION_FACTOR·ln(classes)."""
-    limit = EXPLOSION_FACTOR * math.log(max(classes, 2))
-    for record in records:
-        loss = record.get("train_loss")
-        if loss is None:
-            continue
-        if not math.isfinite(loss) or loss > limit:
-            return int(record["epoch"])
-    return None
-
-
-def run_summary(path: Path) -> dict[str, Any]:
-    """The index entry's figures; ``status`` is ``diverged`` (with ``diverged_epoch``) when
-    the loss went non-finite or exploded, even if the trainer finished the run."""
-    try:
-        summary = json.loads((path / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    keys = ("status", "test_acc", "test_loss", "params_eval", "params_train", "train_time_s")
-    out = {k: summary.get(k) for k in keys if k in summary}
-    if out.get("status") == "diverged" and summary.get("diverged_epoch") is not None:
-        out["diverged_epoch"] = summary["diverged_epoch"]
-    elif out.get("status") in FINISHED:
-        epoch = divergence_epoch(_read_records(path / "metrics.jsonl"), num_classes(path))
-        if epoch is not None:
-            out["status"] = "diverged"
-            out["diverged_epoch"] = epoch
-    return out
 
 
 def run_specs(

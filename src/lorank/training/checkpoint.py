@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from lorank.core.convert import merge
 from lorank.core.io import atomic_write_json, load, save
 from lorank.errors import LorankError
+from lorank.training.rundir import MODEL
 
 CHECKPOINTS = "checkpoints"
 
@@ -161,7 +162,7 @@ def write_checkpoint(
     tmp = root / f".tmp-epoch-{epoch:04d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save(model, tmp / "model", model_meta)
+    save(model, tmp / MODEL, model_meta)
     tensors: dict[str, Tensor] = {}
     skeleton = split_tensors(training_state, tensors, "t")
     save_file(tensors, tmp / "state.safetensors")
@@ -218,4 +219,4 @@ def restore_model(model: nn.Module, checkpoint: Path) -> None:
     """Give ``model`` the checkpoint's structure (which layers are low-rank, at which ranks,
     which factors are frozen) and weights, whatever structure it had before."""
     merge(model)  # back to the dense architecture; load() then applies the saved layer specs
-    load(checkpoint / "model", model)
+    load(checkpoint / MODEL, model)

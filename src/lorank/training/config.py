@@ -19,6 +19,7 @@ from lorank.errors import LorankError
 from lorank.methods import AnyMethodConfig
 from lorank.methods.dense import DenseConfig
 from lorank.models import MLPConfig, ModelConfig
+from lorank.training.rundir import CONFIG
 
 
 class TrainConfig(BaseModel):
@@ -79,7 +80,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     """The resolved config a run directory was trained with, plus ``key=value`` overrides."""
     import json
 
-    path = Path(run_dir) / "config.json"
+    path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise LorankError(f"{path} not found; --resume needs a lorank run directory")
     try:

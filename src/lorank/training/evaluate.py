@@ -3,22 +3,54 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from lorank.core.io import load, read_metadata
 from lorank.core.metrics import parameter_counts, ranks
 from lorank.data import load_dataset
 from lorank.errors import LorankError
 from lorank.training.config import RunConfig, load_config, validate_config
-from lorank.training.trainer import evaluate, resolve_device
+from lorank.training.environment import resolve_device
+from lorank.training.rundir import CONFIG, MODEL
+
+
+def task_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """Cross-entropy for classification (B×C logits) and language modelling (B×T×V)."""
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """Mean loss and accuracy (per sample, or per token for the language model)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.int64)
+    count = 0
+    for x, y in batches:
+        logits = model(x)
+        logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double().cpu()
+        correct += (logits.argmax(-1) == y).sum().cpu()
+        count += y.numel()
+    model.train(was_training)
+    loss = float(loss_sum) / max(count, 1)
+    return {"loss": loss, "acc": float(correct) / max(count, 1)}
 
 
 def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     """(checkpoint stem, run directory or None) for a run directory or checkpoint path."""
     path = Path(path)
     if path.is_dir():
-        stem = path / "model"
+        stem = path / MODEL
         if not stem.with_suffix(".json").is_file():
             raise LorankError(
                 f"{path} holds no model.json/model.safetensors; is it a finished "
@@ -28,7 +60,7 @@ def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
     if not stem.with_suffix(".json").is_file():
         raise LorankError(f"checkpoint {path} not found; pass a run directory or model.safetensors")
-    run_dir = stem.parent if (stem.parent / "config.json").is_file() else None
+    run_dir = stem.parent if (stem.parent / CONFIG).is_file() else None
     return stem, run_dir
 
 
@@ -41,7 +73,7 @@ def run_config_of(run_dir: Path | None, config_path: str | None) -> RunConfig:
             "the [data] section to evaluate it on"
         )
     try:
-        raw = json.loads((run_dir / "config.json").read_text())
+        raw = json.loads((run_dir / CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise LorankError(f"{run_dir / 'config.json'} is unreadable ({e})") from None
     return validate_config(raw)

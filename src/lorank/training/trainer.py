@@ -12,30 +12,21 @@ logging and a checkpoint. Everything a run produces goes into one run directory:
 from __future__ import annotations
 
 import math
-import os
-import platform
-import random
-import shutil
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from lorank import __version__
-from lorank.core.io import atomic_write_json, atomic_write_text, save
+from lorank.core.io import save
 from lorank.core.metrics import orthogonality_errors, parameter_counts, ranks
 from lorank.core.optim import build_optimizer, build_scheduler
 from lorank.data import Dataset, load_dataset
-from lorank.errors import LorankError, TrainingDiverged
+from lorank.errors import LorankError
 from lorank.methods import build as build_method
 from lorank.models import build_model
 from lorank.training import distributed
@@ -50,128 +41,23 @@ from lorank.training.checkpoint import (
     write_checkpoint,
 )
 from lorank.training.config import RunConfig
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LorankError(
-            "train.device = 'cuda' but no CUDA device is available; use device = 'auto' or 'cpu'"
-        )
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def task_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    """Cross-entropy for classification (B×C logits) and language modelling (B×T×V)."""
-    x, y = batch
-    logits = model(x)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
-    """Mean loss and accuracy (per sample, or per token for the language model)."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
-    count = 0
-    for x, y in batches:
-        logits = model(x)
-        logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double().cpu()
-        correct += (logits.argmax(-1) == y).sum().cpu()
-        count += y.numel()
-    model.train(was_training)
-    loss = float(loss_sum) / max(count, 1)
-    return {"loss": loss, "acc": float(correct) / max(count, 1)}
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    import pydantic
-
-    env = {
-        "lorank": __version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "pydantic": pydantic.__version__,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "argv": sys.argv,
-    }
-    if device.type == "cuda":
-        env["cuda"] = torch.version.cuda
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
-
-
-def default_run_dir(config_name: str) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config_name}-{stamp}"
-
-
-def check_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty run directory unless ``overwrite``."""
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise LorankError(
-            f"run directory {out} already exists; choose another --out or "
-            "pass --overwrite to replace it"
-        )
-
-
-def prepare_run_dir(out: Path, overwrite: bool) -> Path:
-    """Create ``out``, replacing an existing one only when ``overwrite``."""
-    check_run_dir(out, overwrite)
-    if out.is_dir() and any(out.iterdir()):
-        shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LorankError(
-            f"cannot create run directory {out} ({e.strerror}); choose a writable --out"
-        ) from None
-    return out
-
-
-class Run:
-    """A run directory with atomic writers for its files."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.records: list[dict[str, Any]] = []
-
-    def write_json(self, name: str, obj: Any) -> None:
-        atomic_write_json(self.path / name, obj)
-
-    def log(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        self.log_all()
-
-    def log_all(self) -> None:
-        import json
-
-        lines = "".join(json.dumps(r) + "\n" for r in self.records)
-        atomic_write_text(self.path / "metrics.jsonl", lines)
-
-
-class SilentRun(Run):
-    """The run seen by DDP processes other than rank 0: keeps the records, writes nothing."""
-
-    def write_json(self, name: str, obj: Any) -> None:
-        return None  # only rank 0 writes the run directory
-
-    def log_all(self) -> None:
-        return None  # only rank 0 writes metrics.jsonl
+from lorank.training.environment import environment, resolve_device, seed_everything
+from lorank.training.evaluate import evaluate, task_loss
+from lorank.training.rundir import (
+    CONFIG,
+    CONVERSION,
+    ENV,
+    MODEL,
+    SUMMARY,
+    Run,
+    SilentRun,
+    check_run_dir,
+    default_run_dir,
+    diverge,
+    prepare_run_dir,
+    read_records,
+    summarize,
+)
 
 
 def train(
@@ -248,11 +134,11 @@ def train(
     if checkpoint is None:
         # Only now, with every input validated, create the run directory.
         run = Run(prepare_run_dir(run_path, overwrite)) if main else SilentRun(run_path)
-        run.write_json("config.json", config.model_dump(mode="json"))
-        run.write_json("env.json", environment(device))
+        run.write_json(CONFIG, config.model_dump(mode="json"))
+        run.write_json(ENV, environment(device))
         if report.layers:
-            run.write_json("conversion.json", report.to_dict())
-        run.write_json("summary.json", {"status": "running"})
+            run.write_json(CONVERSION, report.to_dict())
+        run.write_json(SUMMARY, {"status": "running"})
         run.log(epoch_record(0, model, data, method, {}, 0.0, tc.eval_every, force_eval=True))
         first_epoch, train_time = 1, 0.0
     else:
@@ -264,7 +150,7 @@ def train(
         run = Run(run_path) if main else SilentRun(run_path)
         run.records = read_records(run_path)[: state["epoch"] + 1]
         run.log_all()
-        run.write_json("summary.json", {"status": "running"})
+        run.write_json(SUMMARY, {"status": "running"})
         first_epoch, train_time = state["epoch"] + 1, state["train_time"]
 
     if method.gradient_free:
@@ -327,7 +213,7 @@ def train(
         record["lr"] = optimizer.param_groups[0]["lr"]
         run.log(record)
         if main:
-            save(model, run.path / "model", meta)
+            save(model, run.path / MODEL, meta)
         due = tc.checkpoint_every and (epoch % tc.checkpoint_every == 0 or epoch == tc.epochs)
         if main and due:
             training_state = {
@@ -342,10 +228,8 @@ def train(
         if not quiet:
             print(format_record(record, tc.epochs), file=sys.stderr, flush=True)
     if tc.epochs == 0 and main:
-        save(model, run.path / "model", meta)
-    run.write_json(
-        "summary.json", summarize(run.records, train_time, "completed") | method.summary()
-    )
+        save(model, run.path / MODEL, meta)
+    run.write_json(SUMMARY, summarize(run.records, train_time, "completed") | method.summary())
     if ddp:
         ddp.barrier()  # summary.json exists before any process returns
         ddp.close()
@@ -373,7 +257,7 @@ def fit_closed_form(
     record["epoch_time_s"] = train_time
     record["max_rss_mb"] = peak_memory_mb()
     run.log(record)
-    save(model, run.path / "model", meta)
+    save(model, run.path / MODEL, meta)
     if not quiet:
         print(format_record(record, 1), file=sys.stderr, flush=True)
     return train_time
@@ -387,32 +271,6 @@ def peak_memory_mb() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
-
-
-def diverge(
-    run: Run, train_time: float, epoch: int, step: int, loss: float, what: str = "the loss"
-) -> NoReturn:
-    """Stop a run whose loss or parameters are no longer finite: mark it ``diverged``
-    (keeping the last good checkpoint and metrics) and raise the one-line error."""
-    summary = summarize(run.records, train_time, "diverged") if run.records else {}
-    run.write_json(
-        "summary.json",
-        summary | {"status": "diverged", "diverged_epoch": epoch, "diverged_step": step},
-    )
-    raise TrainingDiverged(
-        f"training diverged at epoch {epoch}, step {step}: {what} became {loss}; the learning "
-        "rate is likely too high (lower optim.lr or set optim.grad_clip); the last good "
-        f"checkpoint and metrics are in {run.path}"
-    )
-
-
-def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    import json
-
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def epoch_record(
@@ -439,28 +297,6 @@ def epoch_record(
     record.update(method.epoch_metrics(model))
     record["time_s"] = train_time
     return record
-
-
-def summarize(records: list[dict[str, Any]], train_time: float, status: str) -> dict[str, Any]:
-    last = records[-1]
-    evaluated = [r for r in records if "test_acc" in r]
-    final = evaluated[-1] if evaluated else last
-    summary = {
-        "status": status,
-        "epochs": last["epoch"],
-        "test_acc": final.get("test_acc"),
-        "test_loss": final.get("test_loss"),
-        "train_loss": last.get("train_loss"),
-        "params_eval": last["params_eval"],
-        "params_train": last["params_train"],
-        "params_dense": last["params_dense"],
-        "compression": 1.0 - last["params_eval"] / last["params_dense"],
-        "ranks": last["ranks"],
-        "train_time_s": train_time,
-    }
-    if "test_ppl" in final:
-        summary["test_ppl"] = final["test_ppl"]
-    return summary
 
 
 def format_record(record: dict[str, Any], epochs: int) -> str:
