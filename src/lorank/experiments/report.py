@@ -46,13 +46,14 @@ from typing import Any
 from lorank.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lorank.errors import LorankError
 from lorank.experiments.sweep import EXECUTION_KEYS, format_value, short_labels
-from lorank.training.rundir import read_json, (
+from lorank.training.rundir import (
     CONFIG,
     METRICS,
     MODEL,
     SUMMARY,
     divergence_epoch,
     num_classes,
+    read_json,
     read_records,
 )
 
