@@ -11,15 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lorank.cli import main
-from lorank.experiments.report import (
-    collect,
-    curve,
-    group_runs,
-    heat_maps,
-    heatmap_table,
-    mean_std,
-    pareto_front,
-)
+from lorank.experiments.report import collect, group_runs
+from lorank.experiments.report.collect import curve, heat_maps, mean_std
+from lorank.experiments.report.figures import pareto_front
+from lorank.experiments.report.render import heatmap_table
 from lorank.experiments.sweep import Sweep, load_sweep, run_sweep
 from lorank.training.rundir import divergence_epoch
 

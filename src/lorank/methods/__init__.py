@@ -14,9 +14,13 @@ from pydantic import Field
 from lorank.methods.base import Method, MethodConfig
 from lorank.methods.registry import METHODS, build, register
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name not in ("base", "registry"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+# The order here is the order every list of methods shows (registry, reports, compare):
+# the baseline, then the training methods roughly by age, then the gradient-free baselines.
+# Modules not named here (a new method) are imported after them.
+_ORDER = ("dense", "factorized", "svd", "dlrt", "oialr", "nnsvd", "hybrid", "pil", "bipil")
+for _name in (*_ORDER, *sorted(i.name for i in pkgutil.iter_modules(__path__))):
+    if _name not in ("base", "registry") and not _name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_name}")
 
 # A discriminated union over every registered method's config, dispatched on ``name``.
 AnyMethodConfig = Annotated[
