@@ -6,14 +6,14 @@ import pytest
 
 from lorank.cli import main
 from lorank.errors import LorankError
-from lorank.experiments.compare import METHODS, method_settings, parse_hidden
+from lorank.experiments.compare import method_settings, parse_hidden, presets
 from lorank.training.config import validate_config
 
 
 @pytest.mark.parametrize("epochs", [1, 2, 5])
 def test_every_method_config_validates_and_oialr_switches_within_the_budget(epochs):
     steps = 235
-    for name in METHODS[:-1]:
+    for name in [m for m, p in presets().items() if "method" in p]:
         validate_config({"method": method_settings(name, epochs, steps)})
     oialr = method_settings("oialr", epochs, steps)
     assert oialr["delay"] < epochs * steps  # the low-rank phase starts within the run
@@ -85,3 +85,80 @@ def test_compare_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     first = (runs / "dlrt,seed=0" / "summary.json").stat().st_mtime_ns
     assert main(args) == 0
     assert (runs / "dlrt,seed=0" / "summary.json").stat().st_mtime_ns == first
+
+
+def _settings_before_presets(name, epochs, steps):
+    # compare's hard-coded settings before they became TOML presets: the presets must
+    # reproduce them exactly, so `make demo` trains the same runs.
+    import math
+
+    return {
+        "dense": {"name": "dense"},
+        "factorized": {"name": "factorized", "rank": 0.125, "keep_last_dense": True},
+        "svd": {
+            "name": "svd",
+            "rank": 0.4,
+            "lambda_orth": 1.0,
+            "lambda_sparsity": 0.003,
+            "sparsity": "hoyer",
+            "rule": "energy=0.02",
+            "finetune_epochs": 1 if epochs >= 2 else 0,
+            "prune_at_end": epochs < 2,
+        },
+        "dlrt": {
+            "name": "dlrt",
+            "integrator": "bug",
+            "adaptive": True,
+            "tolerance": 0.15,
+            "init_rank": 0.5,
+            "r_min": 2,
+            "r_max": 0.5,
+        },
+        "pil": {"name": "pil"},
+        "bipil": {"name": "bipil"},
+        "oialr": {
+            "name": "oialr",
+            "delay": max(1, (max(1, math.ceil(epochs / 3)) if epochs > 1 else 0) * steps),
+            "frequency": max(1, steps // 2),
+            "cutoff": 0.3,
+            "max_cut_fraction": 0.5,
+            "keep_last_dense": True,
+        },
+    }[name]
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 5, 7])
+@pytest.mark.parametrize("steps", [1, 8, 235])
+def test_presets_reproduce_the_settings_compare_always_used(epochs, steps):
+    for name in ("dense", "factorized", "svd", "dlrt", "pil", "bipil", "oialr"):
+        assert method_settings(name, epochs, steps) == _settings_before_presets(name, epochs, steps)
+
+
+def test_every_registered_method_has_a_compare_preset_and_is_listed_everywhere(capsys):
+    from lorank.experiments.compare import default_methods
+    from lorank.experiments.report.collect import method_rank
+    from lorank.methods import METHODS
+
+    assert list(METHODS)[:9] == list(presets())[:9]  # registry order, every method
+    assert set(METHODS) <= set(presets())
+    assert {"pil", "bipil", "nnsvd"} <= set(default_methods())
+    ranks = [method_rank(m) for m in METHODS]
+    assert ranks == sorted(ranks) and all(r[0] < len(METHODS) for r in ranks)
+    for command in (["train", "--help"], ["compare", "--help"]):
+        with pytest.raises(SystemExit):
+            main(command)
+        text = capsys.readouterr().out
+        assert all(m in text for m in METHODS), command
+
+
+def test_budget_values_are_parsed_not_evaluated():
+    from lorank.experiments.compare import budget_value
+
+    assert (
+        budget_value(
+            "= max(1, ceil(epochs / 3)) * steps_per_epoch", {"epochs": 4, "steps_per_epoch": 10}
+        )
+        == 20
+    )
+    with pytest.raises(LorankError, match="cannot evaluate"):
+        budget_value("= __import__('os').getcwd()", {"epochs": 1, "steps_per_epoch": 1})

@@ -48,6 +48,7 @@ def _add_set_option(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lorank.experiments.compare import default_methods, presets
     from lorank.methods import METHODS
 
     parser = _OneLineParser(
@@ -251,9 +252,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare",
         help="train every method on the same model and budget, then write the report",
-        description="Train dense, factorized, svd, dlrt and oialr on the same MLP and data "
-        "budget, compress the dense run with nn-svd, and write the report into --out. The "
-        "defaults finish in a few minutes on a 2-core CPU.",
+        description="Train every method of the default set on the same MLP and data budget "
+        "(gradient-free ones fitted in closed form), compress the dense run by truncated SVD "
+        "(nnsvd), and write the report into --out. The defaults finish in a few minutes on a "
+        "2-core CPU. Presets: lorank/configs/compare/<method>.toml.",
     )
     p.add_argument("--dataset", default="mnist", help="mnist | fashion-mnist | synthetic")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 5)")
@@ -265,7 +267,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default=None,
-        help="comma list (default dense,factorized,svd,dlrt,oialr,pil,bipil,nnsvd)",
+        help=f"comma list of {', '.join(presets())} (default {','.join(default_methods())})",
     )
     p.add_argument("--workers", type=int, help="parallel worker processes")
     _add_set_option(p, "override the shared base config, e.g. --set data.batch_size=128")

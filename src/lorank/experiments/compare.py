@@ -12,31 +12,24 @@ go to ``OUT/runs/<method>,seed=<s>/`` and are resumable exactly like a sweep.
 MNIST files embedded in the package): MNIST, all 60k training images, MLP 784-256-256-10,
 batch 256, 5 epochs, seed 0, two worker processes with one torch thread each. One epoch of
 the dense MLP takes about 2-5 s on one core; the low-rank methods cost 0.5-1.6× that.
-Method settings, scaled to the budget:
-
-* ``factorized``: rank 1/8 of each hidden layer's full rank (32 for 256 units), classifier
-  dense;
-* ``svd``: start at 40% of full rank, λ_o = 1, Hoyer λ_s = 0.003, prune by ``energy=0.02``
-  at the start of a one-epoch fine-tune (λ_s = 0) at the end;
-* ``dlrt``: rank-adaptive BUG integrator, τ = 0.15, initial and maximal rank 50%;
-* ``oialr``: dense for the first ⌈epochs/3⌉ epochs, then S-only training with a basis
-  update and cut (β = 0.3, at most half a layer's rank per update) every half epoch;
-* ``pil`` and ``bipil``: the gradient-free baselines with their defaults (one closed-form
-  fit on the same MLP, no optimizer; ``bipil`` chooses its depth, up to the MLP's, on 10% of
-  the training samples held out, and runs its two twins at half width each), a few seconds
-  each;
-* ``nnsvd``: the dense run compressed with ``loss-tolerance=0.02`` (seed 003's search: the
-  largest truncation δ whose training-loss change on 2048 fixed samples stays below 0.02),
-  evaluated with no training. (A dense MLP trained this briefly has a flat spectrum: a
-  relative ``tolerance=0.1`` keeps every layer at full rank.)
+Each method's settings are a preset, ``lorank/configs/compare/<method>.toml`` (its
+``[method]`` table, with the reasons in its comments); values written ``"= expression"`` are
+scaled to the budget from ``epochs`` and ``steps_per_epoch`` (e.g. OIALR's dense phase is the
+first third of the epochs). A preset with ``compress = "RULE"`` instead of a ``[method]``
+compresses each dense run with ``lorank compress`` and no retraining (``nnsvd``). The presets
+cover every registered method (a test keeps it so); ``default = false`` leaves one out of
+the default set.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import math
+import operator
 import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,12 +40,10 @@ from lorank.experiments.sweep import RunSpec, plan_workers, run_specs
 from lorank.training.config import apply_override, validate_config
 from lorank.training.rundir import run_status
 
-METHODS = ("dense", "factorized", "svd", "dlrt", "oialr", "pil", "bipil", "nnsvd")
-TRAINED = ("dense", "factorized", "svd", "dlrt", "oialr", "pil", "bipil")
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "compare"
 DATASETS = ("mnist", "fashion-mnist", "synthetic")
 DEFAULT_EPOCHS = 5
 DEFAULT_HIDDEN = (256, 256)
-NNSVD_RULE = "loss-tolerance=0.02"
 
 
 def parse_hidden(text: str) -> list[int]:
@@ -87,46 +78,82 @@ def base_config(
     return raw
 
 
+def presets() -> dict[str, dict[str, Any]]:
+    """``{method: preset}`` for every preset file, in the registry's order of methods."""
+    from lorank.methods import METHODS
+
+    found = {p.stem: p for p in PRESETS.glob("*.toml")}
+    order = [m for m in METHODS if m in found] + sorted(set(found) - set(METHODS))
+    return {m: tomllib.loads(found[m].read_text()) for m in order}
+
+
+def default_methods() -> list[str]:
+    return [m for m, preset in presets().items() if preset.get("default", True)]
+
+
+_BUDGET_FUNCTIONS = {"max": max, "min": min, "ceil": math.ceil}
+_BUDGET_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+}
+
+
+def budget_value(expression: str, budget: dict[str, int]) -> Any:
+    """Evaluate a preset's ``"= ..."`` value: arithmetic and comparisons on the budget's
+    names, with ``max``, ``min`` and ``ceil`` (parsed, never ``eval``-ed)."""
+
+    def value(node: ast.AST) -> Any:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in budget:
+            return budget[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _BUDGET_OPS:
+            return _BUDGET_OPS[type(node.op)](value(node.left), value(node.right))
+        if (
+            isinstance(node, ast.Compare)
+            and len(node.ops) == 1
+            and type(node.ops[0]) in _BUDGET_OPS
+        ):
+            return _BUDGET_OPS[type(node.ops[0])](value(node.left), value(node.comparators[0]))
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in _BUDGET_FUNCTIONS
+        ):
+            return _BUDGET_FUNCTIONS[node.func.id](*(value(a) for a in node.args))
+        raise LorankError(f"compare preset value {expression!r}: cannot evaluate {ast.dump(node)}")
+
+    return value(ast.parse(expression.removeprefix("=").strip(), mode="eval").body)
+
+
 def method_settings(name: str, epochs: int, steps_per_epoch: int) -> dict[str, Any]:
-    """The ``[method]`` table of each compared method, scaled to the budget."""
-    if name == "dense":
-        return {"name": "dense"}
-    if name == "factorized":
-        return {"name": "factorized", "rank": 0.125, "keep_last_dense": True}
-    if name == "svd":
+    """The ``[method]`` table of a compared method, scaled to the budget."""
+    preset = presets().get(name)
+    if preset is None or "method" not in preset:
+        raise LorankError(
+            f"compare: no training preset for method {name!r} (choose from "
+            f"{', '.join(m for m, p in presets().items() if 'method' in p)})"
+        )
+    budget = {"epochs": epochs, "steps_per_epoch": steps_per_epoch}
+
+    def scaled(table: dict[str, Any]) -> dict[str, Any]:
         return {
-            "name": "svd",
-            "rank": 0.4,
-            "lambda_orth": 1.0,
-            "lambda_sparsity": 0.003,
-            "sparsity": "hoyer",
-            "rule": "energy=0.02",
-            "finetune_epochs": 1 if epochs >= 2 else 0,
-            "prune_at_end": epochs < 2,
+            k: scaled(v)
+            if isinstance(v, dict)
+            else budget_value(v, budget)
+            if isinstance(v, str) and v.startswith("=")
+            else v
+            for k, v in table.items()
         }
-    if name == "dlrt":
-        return {
-            "name": "dlrt",
-            "integrator": "bug",
-            "adaptive": True,
-            "tolerance": 0.15,
-            "init_rank": 0.5,
-            "r_min": 2,
-            "r_max": 0.5,
-        }
-    if name in ("pil", "bipil"):
-        return {"name": name}  # gradient-free: one closed-form fit, epochs and optim unused
-    if name == "oialr":
-        dense_epochs = max(1, math.ceil(epochs / 3)) if epochs > 1 else 0
-        return {
-            "name": "oialr",
-            "delay": max(1, dense_epochs * steps_per_epoch),
-            "frequency": max(1, steps_per_epoch // 2),
-            "cutoff": 0.3,
-            "max_cut_fraction": 0.5,
-            "keep_last_dense": True,
-        }
-    raise LorankError(f"compare: unknown method {name!r} (choose from {', '.join(METHODS)})")
+
+    return scaled(preset["method"])
 
 
 def _steps_per_epoch(raw: dict[str, Any], data_dir: str | Path | None) -> int:
@@ -160,14 +187,16 @@ def compare(
     epochs = DEFAULT_EPOCHS if epochs is None else epochs
     if epochs < 1:
         raise LorankError(f"--epochs {epochs} must be >= 1")
-    methods = list(methods or METHODS)
-    unknown = [m for m in methods if m not in METHODS]
+    available = presets()
+    methods = list(methods or default_methods())
+    unknown = [m for m in methods if m not in available]
     if unknown:
         raise LorankError(
-            f"compare: unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})"
+            f"compare: unknown method {unknown[0]!r} (choose from {', '.join(available)})"
         )
-    if "nnsvd" in methods and "dense" not in methods:
-        methods.insert(0, "dense")  # nnsvd compresses the dense run
+    compressed = {m: available[m]["compress"] for m in methods if "compress" in available[m]}
+    if compressed and "dense" not in methods:
+        methods.insert(0, "dense")  # a compression preset compresses the dense runs
     out = Path(out)
     runs_dir = out / "runs"
     start = time.perf_counter()
@@ -175,7 +204,7 @@ def compare(
     base = base_config(dataset, epochs, hidden or DEFAULT_HIDDEN, train_subset, overrides)
     steps = _steps_per_epoch(base, data_dir)
     specs = []
-    for method in (m for m in methods if m in TRAINED):
+    for method in (m for m in methods if m not in compressed):
         for seed in seeds:
             raw = copy.deepcopy(base)
             raw["method"] = method_settings(method, epochs, steps)
@@ -193,18 +222,19 @@ def compare(
         index=lambda entries: {"format": "lorank-sweep/1", "base": base, "runs": entries},
     )
 
-    if "nnsvd" in methods:
+    if compressed:
         import torch
 
         previous = torch.get_num_threads()
         torch.set_num_threads(threads * n_workers)
         try:
-            for seed in seeds:
-                source = runs_dir / f"dense,seed={seed}"
-                target = runs_dir / f"nnsvd,seed={seed}"
-                if run_status(source) != "completed" or run_status(target) == "completed":
-                    continue
-                compress(source, NNSVD_RULE, target, data_dir=data_dir, overwrite=True)
+            for method, rule in compressed.items():
+                for seed in seeds:
+                    source = runs_dir / f"dense,seed={seed}"
+                    target = runs_dir / f"{method},seed={seed}"
+                    if run_status(source) != "completed" or run_status(target) == "completed":
+                        continue
+                    compress(source, rule, target, data_dir=data_dir, overwrite=True)
         finally:
             torch.set_num_threads(previous)
 
@@ -223,7 +253,7 @@ def compare(
             "base": base,
             "workers": n_workers,
             "threads_per_worker": threads,
-            "nnsvd_rule": NNSVD_RULE,
+            "compress_rules": compressed,
             "runs": entries,
             "wall_time_s": time.perf_counter() - start,
         },
