@@ -272,7 +272,7 @@ def test_budget_search_returns_the_smallest_feasible_budget_and_restores_the_mod
     # The bisection's last infeasible budget is within the precision below the answer.
     infeasible = [t["budget"] for t in result.trials if not t["feasible"]]
     assert infeasible and 0 < result.budget - max(infeasible) <= precision
-    with pytest.raises(LorankError, match="loss-tolerance"):
+    with pytest.raises(LorankError, match="loss tolerance"):
         budget_search(model, batches, loss, 0.0, spectra, method)
 
 

@@ -46,20 +46,26 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from lorank.core.layers import LowRankLayer
-from lorank.core.search import LayerSpectrum, LossFn, mean_loss, truncated
+from lorank.core.search import (
+    LayerSpectrum,
+    LossFn,
+    SearchResult,
+    TruncationLosses,
+    bisect,
+    check_search_options,
+)
 from lorank.errors import LorankError
 
 Allocation = Literal["uniform", "greedy"]
 ALLOCATIONS: tuple[str, ...] = ("uniform", "greedy")
 
-__all__ = ["ALLOCATIONS", "BudgetSearch", "allocate", "budget_search", "weight_params"]
+__all__ = ["ALLOCATIONS", "allocate", "budget_search", "weight_params"]
 
 
 def weight_params(spec: LayerSpectrum, rank: int) -> int:
@@ -235,34 +241,6 @@ def _greedy(spectra: Sequence[LayerSpectrum], target: float) -> dict[str, int]:
     return {s.name: k for s, k in zip(spectra, ranks, strict=True)}
 
 
-@dataclass
-class BudgetSearch:
-    """What :func:`budget_search` found."""
-
-    budget: float
-    ranks: dict[str, int]
-    loss_before: float
-    loss_after: float
-    epsilon: float
-    precision: float
-    allocation: str
-    trials: list[dict[str, float]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": "budget",
-            "budget": self.budget,
-            "allocation": self.allocation,
-            "ranks": self.ranks,
-            "loss_before": self.loss_before,
-            "loss_after": self.loss_after,
-            "loss_change": abs(self.loss_after - self.loss_before),
-            "epsilon": self.epsilon,
-            "precision": self.precision,
-            "trials": self.trials,
-        }
-
-
 def budget_search(
     model: nn.Module,
     batches: Sequence[Any],
@@ -271,44 +249,35 @@ def budget_search(
     spectra: Sequence[LayerSpectrum],
     method: Allocation | str = "greedy",
     precision: float = 0.01,
-) -> BudgetSearch:
+) -> SearchResult:
     """The smallest budget (to within ``precision``) whose ``method`` allocation keeps the
     loss change on ``batches`` below ``epsilon`` (see module doc); the model is left as it was.
     """
-    if not epsilon > 0:
-        raise LorankError(f"--loss-tolerance {epsilon!r} must be > 0, e.g. 0.05")
-    if not 0 < precision < 1:
-        raise LorankError(f"--precision {precision!r} must be in (0, 1), e.g. 0.01")
-    batches = list(batches)
-    loss_before = mean_loss(model, batches, loss_fn)
+    check_search_options(epsilon, precision)
+    losses = TruncationLosses(model, spectra, list(batches), loss_fn)
     trials: list[dict[str, float]] = []
-    measured: dict[tuple[int, ...], float] = {}
 
-    def loss_at(b: float) -> tuple[float, dict[str, int]] | None:
+    def feasible(b: float) -> bool:
         try:
-            ranks = allocate(spectra, b, method)  # type: ignore[arg-type]
+            loss = losses(allocate(spectra, b, method))  # type: ignore[arg-type]
         except LorankError:  # not even rank 1 everywhere fits
-            return None
-        key = tuple(ranks[s.name] for s in spectra)
-        if key not in measured:
-            with truncated(spectra, ranks):
-                measured[key] = mean_loss(model, batches, loss_fn)
-        return measured[key], ranks
+            loss = float("nan")
+        ok = abs(loss - losses.before) < epsilon  # False for nan
+        trials.append({"budget": b, "loss": loss, "feasible": float(ok)})
+        return ok
 
-    best = loss_at(1.0)
-    assert best is not None  # budget 1 keeps every rank
-    lo, hi = 0.0, 1.0
-    trials.append({"budget": 1.0, "loss": best[0], "feasible": 1.0})
-    while hi - lo > precision:
-        mid = 0.5 * (lo + hi)
-        result = loss_at(mid)
-        ok = result is not None and abs(result[0] - loss_before) < epsilon
-        trials.append(
-            {"budget": mid, "loss": result[0] if result else float("nan"), "feasible": float(ok)}
-        )
-        if ok:
-            assert result is not None
-            hi, best = mid, result
-        else:
-            lo = mid
-    return BudgetSearch(hi, best[1], loss_before, best[0], epsilon, precision, str(method), trials)
+    # Budget 1 keeps every rank, so it is feasible by construction.
+    trials.append({"budget": 1.0, "loss": losses.before, "feasible": 1.0})
+    found = bisect(feasible, precision, feasible_low=False)
+    ranks = allocate(spectra, found, method)  # type: ignore[arg-type]
+    return SearchResult(
+        "budget",
+        found,
+        ranks,
+        losses.before,
+        losses(ranks),
+        epsilon,
+        precision,
+        trials,
+        allocation=str(method),
+    )

@@ -214,23 +214,38 @@ def mean_loss(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn) -> floa
 
 @dataclass
 class SearchResult:
-    """What :func:`loss_bounded_search` found."""
+    """What a loss-bounded search found: the searched value (``kind`` says which: the
+    truncation δ of :func:`loss_bounded_search` or the global budget of
+    :func:`lorank.compress.allocation.budget_search`), the ranks there, the loss on the
+    search batches before and after, and every trial made."""
 
-    delta: float
+    kind: str
+    value: float
     ranks: dict[str, int]
     loss_before: float
     loss_after: float
     epsilon: float
     precision: float
     trials: list[dict[str, float]] = field(default_factory=list)
+    allocation: str | None = None
+
+    @property
+    def delta(self) -> float:
+        return self.value
+
+    @property
+    def budget(self) -> float:
+        return self.value
 
     @property
     def loss_change(self) -> float:
         return abs(self.loss_after - self.loss_before)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "delta": self.delta,
+        out: dict[str, Any] = {"kind": self.kind, self.kind: self.value}
+        if self.allocation is not None:
+            out["allocation"] = self.allocation
+        return out | {
             "ranks": self.ranks,
             "loss_before": self.loss_before,
             "loss_after": self.loss_after,
@@ -239,6 +254,50 @@ class SearchResult:
             "precision": self.precision,
             "trials": self.trials,
         }
+
+
+class TruncationLosses:
+    """The mean loss on fixed ``batches`` with the layers of ``spectra`` truncated to given
+    ranks: measured once per distinct set of ranks, the model restored after each trial."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spectra: Sequence[LayerSpectrum],
+        batches: Sequence[Any],
+        loss_fn: LossFn,
+    ) -> None:
+        self.model, self.spectra, self.batches, self.loss_fn = model, spectra, batches, loss_fn
+        self.before = mean_loss(model, batches, loss_fn)
+        self._measured: dict[tuple[int, ...], float] = {}
+
+    def __call__(self, ranks: dict[str, int]) -> float:
+        key = tuple(ranks[s.name] for s in self.spectra)
+        if key not in self._measured:
+            with truncated(self.spectra, ranks):
+                self._measured[key] = mean_loss(self.model, self.batches, self.loss_fn)
+        return self._measured[key]
+
+
+def bisect(feasible: Callable[[float], bool], precision: float, *, feasible_low: bool) -> float:
+    """The boundary in [0, 1] of a monotone ``feasible`` to within ``precision``: the largest
+    feasible value when small values are the feasible ones (``feasible_low``), else the
+    smallest. The end assumed feasible (0 or 1) is returned when nothing else is."""
+    lo, hi = 0.0, 1.0
+    while hi - lo > precision:
+        mid = 0.5 * (lo + hi)
+        if feasible(mid) == feasible_low:
+            lo = mid
+        else:
+            hi = mid
+    return lo if feasible_low else hi
+
+
+def check_search_options(epsilon: float, precision: float) -> None:
+    if not epsilon > 0:
+        raise LorankError(f"loss tolerance {epsilon!r} must be > 0, e.g. 0.01")
+    if not 0 < precision < 1:
+        raise LorankError(f"search precision {precision!r} must be in (0, 1), e.g. 0.01")
 
 
 def loss_bounded_search(
@@ -265,46 +324,29 @@ def loss_bounded_search(
         The δ found, the per-layer ranks (a layer's full rank means "unchanged"), and the
         loss on ``batches`` before and after truncation, with every trial made.
     """
-    if not epsilon > 0:
-        raise LorankError(f"loss tolerance {epsilon!r} must be > 0, e.g. loss-tolerance=0.01")
-    if not 0 < precision < 1:
-        raise LorankError(f"search precision {precision!r} must be in (0, 1), e.g. 0.01")
+    check_search_options(epsilon, precision)
     batches = list(batches)
     spectra = layer_spectra(model) if spectra is None else list(spectra)
     if not spectra:
         raise LorankError("the model has no Linear/Conv2d or low-rank layer to truncate")
-    loss_before = mean_loss(model, batches, loss_fn)
-    measured: dict[tuple[int, ...], float] = {}
+    losses = TruncationLosses(model, spectra, batches, loss_fn)
     trials: list[dict[str, float]] = []
 
     def ranks_at(d: float) -> dict[str, int]:
         return rule_ranks(spectra, delta(d), r_min)
 
-    def loss_at(ranks: dict[str, int]) -> float:
-        key = tuple(ranks[s.name] for s in spectra)
-        if key not in measured:
-            with truncated(spectra, ranks):
-                measured[key] = mean_loss(model, batches, loss_fn)
-        return measured[key]
-
     def feasible(d: float) -> bool:
-        loss = loss_at(ranks_at(d))
-        ok = abs(loss - loss_before) < epsilon
+        loss = losses(ranks_at(d))
+        ok = abs(loss - losses.before) < epsilon
         trials.append({"delta": d, "loss": loss, "feasible": float(ok)})
         return ok
 
-    lo, hi = 0.0, 1.0
-    if feasible(hi):
-        lo = hi
-    while hi - lo > precision:
-        mid = 0.5 * (lo + hi)
-        if feasible(mid):
-            lo = mid
-        else:
-            hi = mid
-    ranks = ranks_at(lo)
-    loss_after = loss_at(ranks) if lo > 0 else loss_before
-    return SearchResult(lo, ranks, loss_before, loss_after, epsilon, precision, trials)
+    found = 1.0 if feasible(1.0) else bisect(feasible, precision, feasible_low=True)
+    ranks = ranks_at(found)
+    loss_after = losses(ranks) if found > 0 else losses.before
+    return SearchResult(
+        "delta", found, ranks, losses.before, loss_after, epsilon, precision, trials
+    )
 
 
 # ---------------------------------------------------------------------- Theorem 1

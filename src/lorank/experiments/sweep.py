@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from lorank.core.io import atomic_write_json
 from lorank.errors import LorankError
-from lorank.training.config import apply_override, validate_config
+from lorank.training.config import apply_override, read_config_file, validate_config
 from lorank.training.rundir import FINISHED, run_status, run_summary
 
 # Keys that describe where/how a run executes, not what it computes.
@@ -186,18 +186,7 @@ def load_sweep(
 ) -> Sweep:
     """Read a TOML config with an optional ``[sweep]`` section, then apply ``--set``
     overrides, ``--grid`` items (replacing the same keys of the TOML grid) and ``--seeds``."""
-    raw: dict[str, Any] = {}
-    if config is not None:
-        path = Path(config)
-        if not path.is_file():
-            raise LorankError(
-                f"config file {path} does not exist; pass the path to a .toml file "
-                "(examples in configs/ and experiments/)"
-            )
-        try:
-            raw = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise LorankError(f"config file {path} is not valid TOML: {e}") from None
+    raw: dict[str, Any] = read_config_file(config) if config is not None else {}
     section = raw.pop("sweep", {}) or {}
     unknown = set(section) - {"grid", "seeds", "published"}
     if unknown:

@@ -7,6 +7,7 @@ only composes them and turns validation failures into one-line messages.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -53,20 +54,28 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw tables of a TOML config, or of a run's ``config.json`` (which re-runs it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorankError(
+            f"config file {path} does not exist; pass the path to a .toml file "
+            "(examples in configs/ and experiments/) or a run's config.json"
+        )
+    try:
+        text = path.read_text()
+        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise LorankError(f"config file {path} is not valid {kind}: {e}") from None
+    if not isinstance(raw, dict):
+        raise LorankError(f"config file {path} holds a {type(raw).__name__}, not a table")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a TOML file (or start from defaults), apply ``key=value`` overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise LorankError(
-                f"config file {path} does not exist; pass the path to a .toml file "
-                "(examples in configs/)"
-            )
-        try:
-            raw = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise LorankError(f"config file {path} is not valid TOML: {e}") from None
+    raw: dict[str, Any] = read_config_file(path) if path is not None else {}
     for item in overrides or []:
         apply_override(raw, item)
     return validate_config(raw)
@@ -78,8 +87,6 @@ SECTION_DEFAULT_NAMES = {"model": "mlp", "method": "dense"}
 
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """The resolved config a run directory was trained with, plus ``key=value`` overrides."""
-    import json
-
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise LorankError(f"{path} not found; --resume needs a lorank run directory")
