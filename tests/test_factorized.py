@@ -1,10 +1,10 @@
 """The ``factorized`` method: fixed-rank W = U Vᵀ."""
 
 import copy
-import json
 
 import pytest
 import torch
+from conftest import SYNTHETIC_DATA
 from torch import nn
 
 import lorank
@@ -13,7 +13,6 @@ from lorank.errors import LorankError
 from lorank.methods import build
 from lorank.models import MLP, MLPConfig
 from lorank.training.config import validate_config
-from lorank.training.trainer import train
 
 
 def small_mlp(hidden=(64, 48), inputs=20, classes=5):
@@ -78,19 +77,17 @@ def test_rank_above_full_rank_is_refused_at_prepare():
         build({"name": "factorized", "rank": 100, "skip_if_no_savings": False}).prepare(small_mlp())
 
 
-def test_trains_end_to_end_on_synthetic_data(tmp_path):
-    config = validate_config(
+def test_trains_end_to_end_on_synthetic_data(run_config):
+    trained = run_config(
         {
-            "data": {"name": "synthetic", "synthetic_shape": [16], "batch_size": 64},
+            "data": SYNTHETIC_DATA,
             "model": {"name": "mlp", "hidden": [32, 32]},
             "method": {"name": "factorized", "rank": 4},
             "optim": {"lr": 3e-3},
             "train": {"epochs": 3, "threads": 1},
         }
     )
-    run = train(config, tmp_path / "run", quiet=True)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run / "summary.json").read_text())
+    run, records, summary = trained.path, trained.records, trained.summary
     assert summary["ranks"] == {"layers.0": 4, "layers.2": 4}
     assert records[-1]["train_loss"] < records[1]["train_loss"]
     assert summary["test_acc"] > 1 / 4 + 0.15  # 4 synthetic classes

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_mlp
 from torch import nn
 
 from lorank.core.convert import low_rank_layers
@@ -23,8 +24,7 @@ torch.set_num_threads(1)
 
 
 def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 9), nn.ReLU(), nn.Linear(9, 3))
+    return make_mlp(12, 10, 9, 3)
 
 
 def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_mlp
 from torch import nn
 
 from lorank.core.metrics import parameter_counts, ranks
@@ -30,10 +31,7 @@ def blobs(n: int = 256, d: int = 16, classes: int = 4, seed: int = 0):
 
 
 def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
-    )
+    return make_mlp(16, 64, 64, 4)
 
 
 def test_hook_in_own_loop_equals_method_train_step():

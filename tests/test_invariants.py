@@ -25,6 +25,15 @@ CASES = {
     "hybrid": ({"direction": "dense_to_lowrank", "switch_epoch": 1}, False),
     "nnsvd": ({"rank": 0.5}, False),
 }
+# Gradient-free methods fit lorank's MLP in closed form instead of taking optimizer steps.
+GRADIENT_FREE_CASES = {"pil": {}, "bipil": {}}
+
+
+def test_the_cases_cover_every_registered_method():
+    # A new method must say here which invariants it keeps before it can land.
+    assert set(METHODS) == set(CASES) | set(GRADIENT_FREE_CASES)
+    assert all(METHODS[n].gradient_free for n in GRADIENT_FREE_CASES)
+    assert not any(METHODS[n].gradient_free for n in CASES)
 
 
 def loss_fn(model, batch):
@@ -52,7 +61,7 @@ def make_model(kind: str, width: int) -> nn.Module:
     )
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n in METHODS])
+@pytest.mark.parametrize("name", list(CASES))
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(["mlp", "conv"]), width=st.integers(6, 20), seed=st.integers(0, 99))
 def test_method_invariants(name, kind, width, seed):
@@ -99,3 +108,24 @@ def test_method_invariants(name, kind, width, seed):
         lorank.merge(model)
         assert not lorank.low_rank_layers(model)
         torch.testing.assert_close(model(x), before, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(GRADIENT_FREE_CASES))
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(width=st.integers(8, 24), depth=st.integers(1, 2), seed=st.integers(0, 99))
+def test_gradient_free_invariants(name, width, depth, seed):
+    from lorank.models import MLP, MLPConfig
+
+    torch.manual_seed(seed)
+    model = MLP(MLPConfig(hidden=[width] * depth), 12, 3)
+    x = torch.randn(96, 12)
+    y = torch.randint(0, 3, (96,))
+    method = build({"name": name, **GRADIENT_FREE_CASES[name]})
+    method.prepare(model)
+    stats = method.fit(model, [(x[:48], y[:48]), (x[48:], y[48:])])
+    assert "loss_task" in stats
+    counts = parameter_counts(model)
+    assert counts["params_eval"] == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (96, 3) and torch.isfinite(out).all()

@@ -1,10 +1,9 @@
 """The ``nnsvd`` training variants: U Vᵀ with nn-svd's orthonormal penalty, and W = B Bᵀ."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SYNTHETIC_DATA
 from torch import nn
 
 import lorank
@@ -13,8 +12,6 @@ from lorank.core.regularizers import orthonormal_penalty
 from lorank.methods import build
 from lorank.methods.nnsvd import SymmetricLowRankLinear
 from lorank.models import MLP, MLPConfig
-from lorank.training.config import validate_config
-from lorank.training.trainer import train
 
 
 def small_mlp():
@@ -95,19 +92,17 @@ def test_symmetric_model_saves_and_loads_with_the_same_outputs(tmp_path):
     torch.testing.assert_close(loaded(x), model(x))
 
 
-def test_trains_end_to_end_with_one_optimized_factor_per_symmetric_layer(tmp_path):
-    config = validate_config(
+def test_trains_end_to_end_with_one_optimized_factor_per_symmetric_layer(run_config):
+    trained = run_config(
         {
-            "data": {"name": "synthetic", "synthetic_shape": [16], "batch_size": 64},
+            "data": SYNTHETIC_DATA,
             "model": {"name": "mlp", "hidden": [32, 32]},
             "method": {"name": "nnsvd", "rank": 6, "alpha": 1e-3, "symmetric": True},
             "optim": {"lr": 3e-3},
             "train": {"epochs": 3, "threads": 1},
         }
     )
-    run = train(config, tmp_path / "run", quiet=True)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run / "summary.json").read_text())
+    records, summary = trained.records, trained.summary
     assert "loss_orthonormal" in records[1]
     assert records[-1]["train_loss"] < records[1]["train_loss"]
     # layers.0: 6(32+16)+32, layers.2 symmetric: 6·32+32, classifier 32·4+4

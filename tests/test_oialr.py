@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -24,7 +25,7 @@ torch.set_num_threads(1)
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 9), nn.ReLU(), nn.Linear(9, 3))
+    return make_mlp(12, 10, 9, 3, seed=None)
 
 
 def convnet() -> nn.Module:

@@ -1,11 +1,10 @@
 """The ``svd`` method (Yang et al.): loss terms, pruning with optimizer-state slicing, the
 fine-tune phase, per-epoch loss-bounded selection, and save/load after rank changes."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SYNTHETIC_DATA
 
 import lorank
 from lorank.core.metrics import ranks
@@ -16,7 +15,6 @@ from lorank.methods import build
 from lorank.models import MLP, MLPConfig
 from lorank.training.config import validate_config
 from lorank.training.evaluate import task_loss
-from lorank.training.trainer import train
 
 
 def small_mlp(seed=0):
@@ -186,10 +184,10 @@ def test_save_load_round_trip_after_pruning(tmp_path):
     torch.testing.assert_close(loaded(x), model(x))
 
 
-def test_trains_prunes_and_finetunes_end_to_end(tmp_path):
-    config = validate_config(
+def test_trains_prunes_and_finetunes_end_to_end(run_config):
+    trained = run_config(
         {
-            "data": {"name": "synthetic", "synthetic_shape": [16], "batch_size": 64},
+            "data": SYNTHETIC_DATA,
             "model": {"name": "mlp", "hidden": [32, 32]},
             "method": {
                 "name": "svd",
@@ -202,9 +200,7 @@ def test_trains_prunes_and_finetunes_end_to_end(tmp_path):
             "train": {"epochs": 3, "threads": 1},
         }
     )
-    run = train(config, tmp_path / "run", quiet=True)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run / "summary.json").read_text())
+    run, records, summary = trained.path, trained.records, trained.summary
     assert "loss_orth" in records[1] and "loss_sparsity" in records[1]
     assert records[3]["loss_sparsity"] == 0.0  # the fine-tune epoch
     # pruned once, at the start of the fine-tune phase (end of epoch 2)
