@@ -10,6 +10,8 @@ import ast
 import shutil
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "lorank"
 
 BASE = {"errors"}
@@ -54,8 +56,8 @@ def violations(root: Path = SRC) -> list[str]:
     bad = []
     for path in sorted(root.rglob("*.py")):
         part = part_of(path, root)
-        if part in ("__init__", "__main__"):
-            continue  # the package entry points re-export the public API
+        if part in ("__init__", "__main__", "_compat"):
+            continue  # the package entry points (and the old-path aliases) re-export the API
         allowed = ALLOWED.get(part)
         if allowed is None:
             bad.append(f"{path.relative_to(root)}: part {part!r} is not in the layout")
@@ -84,3 +86,22 @@ def test_the_docstring_states_the_layout():
     for part in ALLOWED:
         if part not in ("errors", "cli"):
             assert f"lorank.{part}" in (lorank.__doc__ or ""), part
+
+
+def test_old_module_paths_keep_working_with_a_warning():
+    import importlib
+    import sys
+
+    import lorank
+    from lorank._compat import MOVED
+
+    for old, new in MOVED.items():
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match=new):
+            module = importlib.import_module(old)
+        public = [n for n in dir(importlib.import_module(new)) if not n.startswith("_")]
+        assert all(getattr(module, n) is getattr(importlib.import_module(new), n) for n in public)
+    from lorank.compress import compress  # the package keeps the old module's names
+    from lorank.integrations import LowRankHook  # noqa: F401
+
+    assert callable(compress) and callable(lorank.convert)  # not shadowed by a module

@@ -28,6 +28,7 @@ The package, bottom to top; each part imports only the parts above it in this li
 
 __version__ = "0.1.0"
 
+from lorank import _compat
 from lorank import methods as _methods  # noqa: F401  (registers the methods and their cores)
 from lorank import models as _models  # noqa: F401  (registers the zoo with lorank.load)
 from lorank.core.attention import LowRankMultiheadAttention
@@ -36,6 +37,8 @@ from lorank.core.io import load, save
 from lorank.core.layers import LowRankConv2d, LowRankLayer, LowRankLinear
 from lorank.core.rank import RankRule
 from lorank.errors import LorankError
+
+_compat.install()  # old module paths (lorank.optim, lorank.calibration, ...) keep working
 
 __all__ = [
     "ConversionReport",
