@@ -26,7 +26,7 @@ The package, bottom to top; each part imports only the parts above it in this li
 - ``lorank.cli``: the ``lorank`` command, which only maps arguments to the parts above.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 from lorank import _compat
 from lorank import methods as _methods  # noqa: F401  (registers the methods and their cores)

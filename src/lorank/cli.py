@@ -23,7 +23,7 @@ config sections (TOML) and their keys; override any with --set section.key=value
            eval_batch_size, train_subset, test_subset, augment, block_size, synthetic_*
   [model]  name (mlp|lenet5|resnet20|vgg|vit|char_transformer) and its options
            (mlp: hidden, activation, dropout; char_transformer: n_layer, n_head, d_model, ...)
-  [method] name (%(methods)s) and its options (see configs/ and README)
+  [method] name (%(methods)s) and its options: `lorank methods NAME`
   [optim]  name (sgd|adam|adamw), lr, momentum, nesterov, weight_decay, betas, schedule
            (constant|step|cosine), warmup_steps, step_size, gamma, min_lr_ratio, grad_clip
   [train]  epochs, seed, device (auto|cpu|cuda), eval_every, threads
@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="lorank", description="Low-rank training and compression of neural networks."
     )
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("-V", "--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -275,7 +275,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="dataset root")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
+    p = sub.add_parser(
+        "methods",
+        help="list the training methods, or every option of one",
+        description="Without NAME: every registered method with its summary. With NAME: each "
+        "option of its [method] table (type, default, description), from the config schema.",
+    )
+    p.add_argument("name", nargs="?", help="a method name, e.g. dlrt")
+    p.set_defaults(func=_cmd_methods)
     return parser
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from lorank.methods import METHODS
+    from lorank.methods.reference import method_options, method_summary
+
+    if args.name is None:
+        width = max(map(len, METHODS))
+        for name in METHODS:
+            print(f"{name:<{width}}  {method_summary(name)}")
+        return 0
+    if args.name not in METHODS:
+        raise LorankError(f"unknown method {args.name!r}; choose one of {', '.join(METHODS)}")
+    print(method_options(args.name))
+    return 0
 
 
 def _version() -> str:

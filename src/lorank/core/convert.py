@@ -27,6 +27,7 @@ from torch import nn
 from lorank.core.attention import LowRankMultiheadAttention, expand_attention
 from lorank.core.layers import CoreKind, LowRankConv2d, LowRankLayer, LowRankLinear
 from lorank.core.rank import RankSpec, resolve_rank
+from lorank.core.reference import document_fields
 from lorank.errors import LorankError
 
 # The layer parametrization each training method trains, by method name. Methods state theirs
@@ -105,6 +106,9 @@ class LowRankConfig(ConversionFields):
         if self.core is not None:
             return self.core
         return CORE_KINDS.get(self.method or "", "diag")
+
+
+document_fields(LowRankConfig)
 
 
 @dataclass

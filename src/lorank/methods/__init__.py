@@ -11,6 +11,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
+from lorank.core.reference import document_fields
 from lorank.methods.base import Method, MethodConfig
 from lorank.methods.registry import METHODS, build, register
 
@@ -19,8 +20,12 @@ from lorank.methods.registry import METHODS, build, register
 # Modules not named here (a new method) are imported after them.
 _ORDER = ("dense", "factorized", "svd", "dlrt", "oialr", "nnsvd", "hybrid", "pil", "bipil")
 for _name in (*_ORDER, *sorted(i.name for i in pkgutil.iter_modules(__path__))):
-    if _name not in ("base", "registry") and not _name.startswith("_"):
+    if _name not in ("base", "registry", "reference") and not _name.startswith("_"):
         importlib.import_module(f"{__name__}.{_name}")
+
+# help(FactorizedConfig) etc. list every option with its type, default and description.
+for _cls in METHODS.values():
+    document_fields(_cls.config_class)
 
 # A discriminated union over every registered method's config, dispatched on ``name``.
 AnyMethodConfig = Annotated[

@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorank.core.optim import OptimConfig
+from lorank.core.reference import document_fields
 from lorank.data import DataConfig
 from lorank.errors import LorankError
 from lorank.methods import AnyMethodConfig
@@ -52,6 +53,10 @@ class RunConfig(BaseModel):
     method: AnyMethodConfig = Field(default_factory=DenseConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+for _section in (RunConfig, DataConfig, OptimConfig, TrainConfig):
+    document_fields(_section)  # help(TrainConfig) lists every option
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
