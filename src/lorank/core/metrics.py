@@ -43,3 +43,13 @@ def _gram_error(factor: torch.Tensor) -> float:
             gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         )
     )
+
+
+@torch.no_grad()
+def low_rank_spectra(model: nn.Module) -> dict[str, list[float]]:
+    """``{layer: singular values of W, descending}`` for every low-rank layer (from the
+    factors: a QR of U and V and an r×r SVD, never the dense W)."""
+    return {
+        name: layer.singular_values().detach().double().cpu().tolist()
+        for name, layer in low_rank_layers(model).items()
+    }

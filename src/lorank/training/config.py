@@ -22,6 +22,7 @@ from lorank.methods import AnyMethodConfig
 from lorank.methods.dense import DenseConfig
 from lorank.models import MLPConfig, ModelConfig
 from lorank.training.rundir import CONFIG
+from lorank.training.sinks import LogConfig
 
 
 class TrainConfig(BaseModel):
@@ -53,9 +54,10 @@ class RunConfig(BaseModel):
     method: AnyMethodConfig = Field(default_factory=DenseConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
 
-for _section in (RunConfig, DataConfig, OptimConfig, TrainConfig):
+for _section in (RunConfig, DataConfig, OptimConfig, TrainConfig, LogConfig):
     document_fields(_section)  # help(TrainConfig) lists every option
 
 

@@ -58,6 +58,7 @@ from lorank.training.rundir import (
     read_records,
     summarize,
 )
+from lorank.training.sinks import LogConfig, Sinks, check_sinks
 
 
 def train(
@@ -100,6 +101,8 @@ def train(
     checkpoint = latest_checkpoint(run_path) if resume else None
     if not resume and main:
         check_run_dir(run_path, overwrite)  # fail before the slow set-up
+    if main:
+        check_sinks(config.log)
     data = load_dataset(config.data, device=device, data_dir=data_dir)
 
     seed_everything(tc.seed)
@@ -153,8 +156,12 @@ def train(
         run.write_json(SUMMARY, {"status": "running"})
         first_epoch, train_time = state["epoch"] + 1, state["train_time"]
 
+    sinks = Sinks(config.log if main else LogConfig(), run.path, config.model_dump(mode="json"))
+    if checkpoint is None:
+        sinks.log_epoch(run.records[0], model)
     if method.gradient_free:
         train_time = fit_closed_form(run, model, data, method, tc.eval_every, meta, quiet)
+        sinks.log_epoch(run.records[-1], model)
         first_epoch = tc.epochs + 1  # no gradient epochs
 
     for epoch in range(first_epoch, tc.epochs + 1):
@@ -182,6 +189,8 @@ def train(
             if nonfinite:
                 diverge(run, train_time, epoch, steps, float(stats["loss"]))
             scheduler.step()
+            if sinks.wants_step(method.step):
+                sinks.log_step(method.step, stats, optimizer.param_groups[0]["lr"])
             for k, v in stats.items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
             if show and steps % 20 == 0:
@@ -212,6 +221,7 @@ def train(
         record["epoch_time_s"] = epoch_time
         record["lr"] = optimizer.param_groups[0]["lr"]
         run.log(record)
+        sinks.log_epoch(record, model)
         if main:
             save(model, run.path / MODEL, meta)
         due = tc.checkpoint_every and (epoch % tc.checkpoint_every == 0 or epoch == tc.epochs)
@@ -230,6 +240,7 @@ def train(
     if tc.epochs == 0 and main:
         save(model, run.path / MODEL, meta)
     run.write_json(SUMMARY, summarize(run.records, train_time, "completed") | method.summary())
+    sinks.close()
     if ddp:
         ddp.barrier()  # summary.json exists before any process returns
         ddp.close()
