@@ -145,6 +145,9 @@ def test_hf_callback_shrinks_a_tiny_gpt2():
     evals = [c["params_eval"] for c in counts[3:]]
     assert evals == sorted(evals, reverse=True) and evals[-1] < evals[0]  # ranks only fall
     assert logs["lorank_params"] == counts[-1]["params_eval"]
+    assert logs["lorank_params_train"] == counts[-1]["params_train"]
+    layer_ranks = {k.split("/", 1)[1]: v for k, v in logs.items() if k.startswith("lorank_rank/")}
+    assert layer_ranks == {k: float(v) for k, v in ranks(model).items()} and layer_ranks
     assert losses[-1] < losses[0]
 
 
@@ -196,3 +199,37 @@ def test_lightning_callback_ddp_spawn_two_processes_agree_through_rank_changes()
     assert lines[0].split(":", 1)[1] == lines[1].split(":", 1)[1]  # same ranks and checksum
     final = ast.literal_eval(lines[0].split("ranks ", 1)[1].split(" checksum")[0])
     assert final["net.2"] < 64  # OIALR truncated the 64×64 layer while training
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="lightning not installed")
+def test_lightning_callback_logs_ranks_and_parameter_counts(tmp_path):
+    import sys as _sys
+
+    _sys.path.insert(0, str(EXAMPLES))
+    try:
+        import lightning.pytorch as pl
+        from lightning_ddp import Net
+        from torch.utils.data import DataLoader, TensorDataset
+    finally:
+        _sys.path.pop(0)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 32), torch.randint(0, 8, (64,))
+    net = Net({"name": "oialr", "delay": 2, "frequency": 2, "cutoff": 0.3})
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[net.lowrank],
+        logger=pl.loggers.CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(net, DataLoader(TensorDataset(x, y), batch_size=16))
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert logged["lorank/params_eval"] == parameter_counts(net)["params_eval"]
+    assert logged["lorank/params_train"] == parameter_counts(net)["params_train"]
+    assert {k.split("/", 2)[2]: v for k, v in logged.items() if k.startswith("lorank/rank/")} == {
+        k: float(v) for k, v in ranks(net).items()
+    }

@@ -53,3 +53,12 @@ def low_rank_spectra(model: nn.Module) -> dict[str, list[float]]:
         name: layer.singular_values().detach().double().cpu().tolist()
         for name, layer in low_rank_layers(model).items()
     }
+
+
+def low_rank_scalars(model: nn.Module, prefix: str = "lorank/") -> dict[str, float]:
+    """What the training-framework callbacks log: parameter counts and each layer's rank."""
+    counts = parameter_counts(model)
+    out = {f"{prefix}params_eval": float(counts["params_eval"])}
+    out[f"{prefix}params_train"] = float(counts["params_train"])
+    out |= {f"{prefix}rank/{name}": float(r) for name, r in ranks(model).items()}
+    return out

@@ -14,7 +14,8 @@ per-parameter state; the learning-rate scheduler keeps working because it only r
 Events used: ``on_optimizer_step`` (after every ``optimizer.step()``: the method's
 ``after_step``, e.g. OIALR's switch and basis updates, svd's orthonormality upkeep) and
 ``on_epoch_end`` (pruning, phase switches); ``on_log`` adds ``lorank_params`` (parameters at
-evaluation) to the Trainer's logs.
+evaluation), ``lorank_params_train`` and each layer's rank (``lorank_rank/<layer>``) to the
+Trainer's logs.
 
 **Loss terms.** A callback cannot change the loss, so methods with regularization (svd's
 orthogonality and sparsity terms, nnsvd's penalty) need :class:`LowRankTrainer`, a
@@ -30,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-from lorank.core.metrics import parameter_counts
+from lorank.core.metrics import low_rank_scalars, parameter_counts
 from lorank.errors import LorankError
 from lorank.integrations.torch_hook import LowRankHook
 from lorank.methods import Method
@@ -105,7 +106,9 @@ class LowRankTrainerCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         if logs is not None and model is not None:
-            logs["lorank_params"] = parameter_counts(_unwrap_model(model))["params_eval"]
+            unwrapped = _unwrap_model(model)
+            logs["lorank_params"] = parameter_counts(unwrapped)["params_eval"]
+            logs.update(low_rank_scalars(unwrapped, prefix="lorank_"))
 
 
 class LowRankTrainer(Trainer):

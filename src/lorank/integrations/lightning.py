@@ -33,6 +33,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lorank.core.metrics import low_rank_scalars
 from lorank.errors import LorankError
 from lorank.integrations.torch_hook import LowRankHook
 from lorank.methods import Method
@@ -95,6 +96,8 @@ class LowRankCallback(pl.Callback):
             pl_module, getattr(optimizer, "optimizer", optimizer), trainer.current_epoch, metrics
         )
         self._rewrap_if_changed(trainer, pl_module, before)
+        # Ranks and parameter counts through whatever logger the Trainer uses.
+        pl_module.log_dict(low_rank_scalars(pl_module), on_step=False, on_epoch=True)
 
     @staticmethod
     def _rewrap_if_changed(
