@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: venv install dev demo test lint clean
+.PHONY: venv install dev demo test lint docs wheel-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,9 +27,21 @@ test: dev
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/pytest -q
+	$(MAKE) docs
+	$(MAKE) wheel-check
+
+# API reference from the docstrings; any pdoc warning fails the build.
+DOC_MODULES := lorank lorank.core lorank.data lorank.models lorank.methods lorank.training \
+	lorank.compress lorank.experiments lorank.integrations '!lorank._compat'
+docs: dev
+	$(BIN)/python -W error::UserWarning -m pdoc $(DOC_MODULES) -o build/docs
+
+# The built wheel, installed in a fresh venv, runs compare/train/init outside the source tree.
+wheel-check: dev
+	bash .ci/wheel_check.sh $(BIN)/python
 
 lint: dev
 	$(BIN)/ruff check src tests benchmarks && $(BIN)/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist

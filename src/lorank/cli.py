@@ -66,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "config", nargs="?", help="path to a TOML config (see configs/); omit with --resume"
+        "config",
+        nargs="?",
+        help="a TOML config, a run's config.json, or a packaged config by name "
+        "(`lorank init` lists them); omit with --resume",
     )
     p.add_argument(
         "--resume",
@@ -276,6 +279,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
     p = sub.add_parser(
+        "init",
+        help="copy a packaged example config into the working directory (or list them)",
+        description="Without NAME: list the example configs shipped with lorank. With NAME: "
+        "copy it to --out (default NAME.toml here), to edit and pass to `lorank train`.",
+    )
+    p.add_argument("name", nargs="?", help="a packaged config, e.g. mnist-mlp-dense")
+    p.add_argument("--out", help="where to write it (default: ./NAME.toml)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser(
         "methods",
         help="list the training methods, or every option of one",
         description="Without NAME: every registered method with its summary. With NAME: each "
@@ -284,6 +298,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="a method name, e.g. dlrt")
     p.set_defaults(func=_cmd_methods)
     return parser
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from lorank.training.config import packaged_configs
+
+    known = packaged_configs()
+    if args.name is None:
+        for name, path in known.items():
+            first = path.read_text().splitlines()[0].lstrip("# ").strip()
+            print(f"{name:<28}  {first}")
+        return 0
+    name = args.name.removesuffix(".toml")
+    if name not in known:
+        raise LorankError(f"no packaged config {name!r}; `lorank init` lists them")
+    out = Path(args.out or f"{name}.toml")
+    if out.exists() and not args.overwrite:
+        raise LorankError(f"{out} exists; choose another --out or pass --overwrite")
+    try:
+        out.write_text(known[name].read_text())
+    except OSError as e:
+        raise LorankError(f"cannot write {out} ({e.strerror}); choose a writable --out") from None
+    print(out)
+    return 0
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:

@@ -61,14 +61,40 @@ for _section in (RunConfig, DataConfig, OptimConfig, TrainConfig, LogConfig):
     document_fields(_section)  # help(TrainConfig) lists every option
 
 
+#: The example configs shipped inside the package (``lorank init`` copies one out).
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def packaged_configs() -> dict[str, Path]:
+    """``{name: path}`` of the configs shipped in the package, e.g. ``mnist-mlp-dense``."""
+    return {p.stem: p for p in sorted(PACKAGED_CONFIGS.glob("*.toml"))}
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """A config file by path, or a packaged config by name (``mnist-mlp-dense``, also written
+    ``configs/mnist-mlp-dense.toml`` as in a clone of the repository)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise LorankError(
+            f"{path} is a directory; pass a config file (a .toml, or a run's config.json)"
+        )
+    known = packaged_configs()
+    parts = path.parts
+    if len(parts) == 1 or (len(parts) == 2 and parts[0] == "configs"):
+        name = path.name.removesuffix(".toml")
+        if name in known:
+            return known[name]
+    raise LorankError(
+        f"config file {path} does not exist; pass the path to a .toml file, a run's "
+        "config.json, or the name of a packaged config (`lorank init` lists them)"
+    )
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The raw tables of a TOML config, or of a run's ``config.json`` (which re-runs it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise LorankError(
-            f"config file {path} does not exist; pass the path to a .toml file "
-            "(examples in configs/ and experiments/) or a run's config.json"
-        )
+    path = find_config(path)
     try:
         text = path.read_text()
         raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
