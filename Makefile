@@ -27,8 +27,8 @@ test: dev
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/pytest -q
-	$(MAKE) docs
-	$(MAKE) wheel-check
+	$(BIN)/python -W error::UserWarning -m pdoc $(DOC_MODULES) -o build/docs
+	bash .ci/wheel_check.sh $(BIN)/python
 
 # API reference from the docstrings; any pdoc warning fails the build.
 DOC_MODULES := lorank lorank.core lorank.data lorank.models lorank.methods lorank.training \
