@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="lorank", description="Low-rank training and compression of neural networks."
     )
     parser.add_argument("-V", "--version", action="version", version=_version())
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="print the library's log messages (INFO)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
@@ -492,6 +495,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.verbose:
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("lorank: %(message)s"))
+        logging.getLogger("lorank").addHandler(handler)
+        logging.getLogger("lorank").setLevel(logging.INFO)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -1,4 +1,19 @@
-"""The one exception type users see as a one-line message instead of a traceback."""
+"""The one exception type users see as a one-line message instead of a traceback, the warning
+category for surprising-but-legal outcomes, and the library's logger.
+
+Library messages go to the ``lorank`` logger (silent unless the application configures
+logging; ``lorank -v`` does); behaviour a user may not expect, such as a conversion that left
+every layer dense, is a :class:`LowRankWarning` through :mod:`warnings`.
+"""
+
+import logging
+
+logger = logging.getLogger("lorank")
+logger.addHandler(logging.NullHandler())
+
+
+class LowRankWarning(UserWarning):
+    """Legal but probably not what was meant (e.g. no layer became low-rank)."""
 
 
 class LorankError(Exception):

@@ -18,6 +18,7 @@ targeted explicitly in a ``lorank_dense_modules`` attribute (the ViT's patch emb
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,7 +29,7 @@ from lorank.core.attention import LowRankMultiheadAttention, expand_attention
 from lorank.core.layers import CoreKind, LowRankConv2d, LowRankLayer, LowRankLinear
 from lorank.core.rank import RankSpec, resolve_rank
 from lorank.core.reference import document_fields
-from lorank.errors import LorankError
+from lorank.errors import LorankError, LowRankWarning, logger
 
 # The layer parametrization each training method trains, by method name. Methods state theirs
 # (``Method.core``) and the method registry fills this in, so the core names no method.
@@ -352,6 +353,16 @@ def convert(model: nn.Module, config: LowRankConfig | None = None) -> Conversion
         layer = low_rank_from(module, rank, core, config.init)
         replace_module(model, name, layer)
         entry.rank, entry.status, entry.params_after = rank, "converted", layer.params_eval
+    for entry in report.layers:
+        logger.info("convert %s %s: %s %s", entry.name, entry.shape, entry.status, entry.reason)
+    if report.layers and not report.converted:
+        warnings.warn(
+            f"lorank.convert left all {len(report.layers)} candidate layers dense ("
+            f"{report.layers[0].reason or report.layers[0].status}); lower the rank or set "
+            "skip_if_no_savings=False",
+            LowRankWarning,
+            stacklevel=2,
+        )
     return report
 
 

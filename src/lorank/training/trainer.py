@@ -26,7 +26,7 @@ from lorank.core.io import save
 from lorank.core.metrics import orthogonality_errors, parameter_counts, ranks
 from lorank.core.optim import build_optimizer, build_scheduler
 from lorank.data import Dataset, load_dataset
-from lorank.errors import LorankError
+from lorank.errors import LorankError, logger
 from lorank.methods import build as build_method
 from lorank.models import build_model
 from lorank.training import distributed
@@ -137,6 +137,7 @@ def train(
     if checkpoint is None:
         # Only now, with every input validated, create the run directory.
         run = Run(prepare_run_dir(run_path, overwrite)) if main else SilentRun(run_path)
+        logger.info("run directory %s (method %s)", run.path, config.method.name)
         run.write_json(CONFIG, config.model_dump(mode="json"))
         run.write_json(ENV, environment(device))
         if report.layers:
