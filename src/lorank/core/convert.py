@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
@@ -93,6 +93,15 @@ class LowRankConfig(ConversionFields):
     core: Literal["full", "diag", "none"] | None = Field(
         None, description="U S Vᵀ with a full or diagonal S, or U Vᵀ; default from method"
     )
+    objective: Literal["params", "latency"] = Field(
+        "params",
+        description="params: convert every layer the rank makes smaller; latency: only where "
+        "the low-rank layer measures faster on this device (needs example_input), with its "
+        "rank rounded up to a faster size when measured faster",
+    )
+    latency_mode: Literal["forward", "train"] = Field(
+        "forward", description="latency objective: time inference (forward) or forward+backward"
+    )
 
     @field_validator("method")
     @classmethod
@@ -122,6 +131,8 @@ class LayerConversion:
     reason: str = ""
     params_before: int = 0
     params_after: int = 0
+    dense_ms: float | None = None  # measured, with objective="latency"
+    low_rank_ms: float | None = None
 
 
 @dataclass
@@ -312,8 +323,18 @@ def low_rank_from(
     return layer
 
 
-def convert(model: nn.Module, config: LowRankConfig | None = None) -> ConversionReport:
+def convert(
+    model: nn.Module,
+    config: LowRankConfig | None = None,
+    *,
+    example_input: Any = None,
+    cost_model: Any = None,
+) -> ConversionReport:
     """Replace the targeted Linear/Conv2d layers of ``model`` in place by low-rank layers.
+
+    With ``config.objective = "latency"``, ``example_input`` (a batch as the model takes it)
+    gives every layer's real input shape, and a layer is converted only where its low-rank
+    form measures faster (:class:`lorank.core.cost.CostModel`, or ``cost_model``).
 
     Example::
 
@@ -323,6 +344,16 @@ def convert(model: nn.Module, config: LowRankConfig | None = None) -> Conversion
     """
     config = config or LowRankConfig()
     core = config.core_kind()
+    latency = None
+    if config.objective == "latency":
+        if example_input is None:
+            raise LorankError(
+                'objective = "latency" needs example_input (a batch as the model takes it) to '
+                "measure each layer at its real input shape"
+            )
+        from lorank.core.cost import CostModel, layer_input_shapes
+
+        latency = (cost_model or CostModel(core=core), layer_input_shapes(model, example_input))
     planned = plan(model, config)
     if config.target_modules is not None and not planned:
         raise LorankError(
@@ -350,6 +381,18 @@ def convert(model: nn.Module, config: LowRankConfig | None = None) -> Conversion
             entry.rank, entry.status = rank, "skipped"
             entry.reason = f"rank {rank} saves no parameters"
             continue
+        if latency is not None and name in latency[1]:
+            costs, shapes = latency
+            rank = costs.fastest_rank_near(module, shapes[name], rank, config.latency_mode)
+            entry.dense_ms = 1e3 * costs.time(module, shapes[name], None, config.latency_mode)
+            entry.low_rank_ms = 1e3 * costs.time(module, shapes[name], rank, config.latency_mode)
+            if entry.low_rank_ms >= entry.dense_ms:
+                entry.rank, entry.status = rank, "skipped"
+                entry.reason = (
+                    f"rank {rank} is not faster here ({entry.low_rank_ms:.3g} ms vs dense "
+                    f"{entry.dense_ms:.3g} ms)"
+                )
+                continue
         layer = low_rank_from(module, rank, core, config.init)
         replace_module(model, name, layer)
         entry.rank, entry.status, entry.params_after = rank, "converted", layer.params_eval
