@@ -107,3 +107,34 @@ def test_the_real_timer_measures_something():
     costs = CostModel()
     assert costs.time(nn.Linear(16, 16), (4, 16)) > 0
     assert costs.time(nn.Conv2d(4, 8, 3), (2, 4, 8, 8), 2, "train") > 0
+
+
+def test_profile_command_on_a_config_and_on_a_run(tmp_path, capsys, run_config):
+    import json
+
+    from conftest import SYNTHETIC_DATA
+
+    from lorank.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[data]\nname = "synthetic"\nsynthetic_shape = [16]\nbatch_size = 32\n'
+        '[model]\nname = "mlp"\nhidden = [48, 48]\n'
+    )
+    assert main(["profile", str(config), "--rank", "4", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["layers.0", "layers.2", "layers.4"]
+    assert rows[0]["input_shape"] == [32, 16] and rows[0]["rank"] == 4
+    assert all(r["dense_ms"] > 0 and r["low_rank_ms"] > 0 for r in rows)
+    run = run_config(
+        {
+            "data": SYNTHETIC_DATA,
+            "model": {"name": "mlp", "hidden": [48, 48]},
+            "method": {"name": "factorized", "rank": 6},
+            "train": {"epochs": 1, "threads": 1},
+        }
+    )
+    assert main(["profile", str(run.path)]) == 0
+    text = capsys.readouterr().out
+    assert "layers.0" in text and "layers.2" in text and "layers.4" not in text  # classifier dense
+    assert "break-even" in text and "total: dense" in text

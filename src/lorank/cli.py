@@ -282,6 +282,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
     p = sub.add_parser(
+        "profile",
+        help="time each layer dense vs low-rank on this device (break-even ranks)",
+        description="Per layer: dense and low-rank time at the layer's real input shape, the "
+        "speed-up, the largest rank that is still faster (break-even) and the FLOP ratio. A "
+        "run directory is profiled at its trained ranks, a config at --rank.",
+    )
+    p.add_argument("source", metavar="RUN_OR_CONFIG")
+    p.add_argument("--rank", type=float, help="rank (int) or fraction of full rank for a config")
+    p.add_argument("--batch", type=int, help="batch size of the timed input (default: data's)")
+    p.add_argument("--mode", choices=("forward", "train"), default="forward")
+    p.add_argument("--threads", type=int, help="torch threads while timing")
+    p.add_argument("--data-dir", help="dataset root")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser(
         "init",
         help="copy a packaged example config into the working directory (or list them)",
         description="Without NAME: list the example configs shipped with lorank. With NAME: "
@@ -301,6 +317,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="a method name, e.g. dlrt")
     p.set_defaults(func=_cmd_methods)
     return parser
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from lorank.experiments.profile import format_profile, profile, profile_json
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank = args.rank
+    if rank is not None and rank >= 1:
+        rank = int(rank)
+    rows = profile(args.source, rank, args.batch, args.mode, args.data_dir)
+    print(json.dumps(profile_json(rows)) if args.json else format_profile(rows, args.mode))
+    return 0
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
