@@ -138,3 +138,32 @@ def test_profile_command_on_a_config_and_on_a_run(tmp_path, capsys, run_config):
     text = capsys.readouterr().out
     assert "layers.0" in text and "layers.2" in text and "layers.4" not in text  # classifier dense
     assert "break-even" in text and "total: dense" in text
+
+
+def test_export_keeps_the_faster_form_of_each_layer_and_the_same_function(tmp_path, run_config):
+    from conftest import SYNTHETIC_DATA
+
+    from lorank.experiments.export import export
+
+    run = run_config(
+        {
+            "data": SYNTHETIC_DATA,
+            "model": {"name": "mlp", "hidden": [48, 48]},
+            "method": {"name": "factorized", "rank": 6},
+            "train": {"epochs": 1, "threads": 1},
+        }
+    )
+    # Fake device: layers.0 (16 inputs) is slower factorized, layers.2 faster.
+    costs = FakeCosts(
+        lambda key: 1.0 if key.rank is None else (2.0 if key.in_features == 16 else 0.5)
+    )
+    summary = export(run.path, tmp_path / "exported", "latency", costs=costs)
+    forms = {r["layer"]: r["form"] for r in summary["layers"]}
+    assert forms == {"layers.0": "dense", "layers.2": "low-rank"}
+    before, after = lorank.load(run.path / "model"), lorank.load(tmp_path / "exported" / "model")
+    assert isinstance(after.layers[0], nn.Linear)
+    assert isinstance(after.layers[2], lorank.LowRankLinear)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(after(x), before(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(LorankError, match="another --out"):
+        export(run.path, run.path)

@@ -298,6 +298,21 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_profile)
 
     p = sub.add_parser(
+        "export",
+        help="write a run with each low-rank layer in its faster form (factorized or dense)",
+        description="Measure each low-rank layer of RUN factorized and merged to dense at "
+        "batch 1 (--for latency) or 1024 (--for throughput) and write --out with the faster "
+        "form per layer (same function: merging is exact), plus export.json with the table.",
+    )
+    p.add_argument("source", metavar="RUN")
+    p.add_argument("--for", dest="target", choices=("latency", "throughput"), default="latency")
+    p.add_argument("--out", required=True, help="the new run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out")
+    p.add_argument("--threads", type=int, help="torch threads while timing")
+    p.add_argument("--data-dir", help="dataset root")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
         "init",
         help="copy a packaged example config into the working directory (or list them)",
         description="Without NAME: list the example configs shipped with lorank. With NAME: "
@@ -331,6 +346,18 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         rank = int(rank)
     rows = profile(args.source, rank, args.batch, args.mode, args.data_dir)
     print(json.dumps(profile_json(rows)) if args.json else format_profile(rows, args.mode))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from lorank.experiments.export import export, format_export
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = export(args.source, args.out, args.target, args.overwrite, args.data_dir)
+    print(format_export(summary))
     return 0
 
 
