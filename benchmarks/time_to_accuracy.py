@@ -20,7 +20,7 @@ from lorank.data import load_dataset
 from lorank.training.config import load_config
 from lorank.training.trainer import train
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "src" / "lorank" / "configs"
 METHODS = (
     "dense",
     "factorized",

@@ -114,7 +114,7 @@ def test_refuses_non_mlp_models(tmp_path):
     for name in ("pil", "bipil"):
         with pytest.raises(LorankError, match="trains only the mlp model, not LeNet5"):
             build({"name": name}).prepare(lenet)
-    cfg = load_config(ROOT / "configs/mnist-mlp-pil.toml", ["model={name='lenet5'}"])
+    cfg = load_config(ROOT / "src/lorank/configs/mnist-mlp-pil.toml", ["model={name='lenet5'}"])
     with pytest.raises(LorankError, match="set model.name = 'mlp'"):
         train(cfg, tmp_path / "run", quiet=True)
     assert not (tmp_path / "run").exists()
@@ -122,7 +122,7 @@ def test_refuses_non_mlp_models(tmp_path):
 
 def test_bipil_greedy_depth_and_saved_architecture(tmp_path, data_root):
     cfg = load_config(
-        ROOT / "configs/mnist-mlp-bipil.toml",
+        ROOT / "src/lorank/configs/mnist-mlp-bipil.toml",
         ["data.train_subset=4000", "data.test_subset=2000", "model.hidden=[128, 128, 128]"],
     )
     run = train(cfg, tmp_path / "run", quiet=True)
@@ -145,7 +145,7 @@ def test_bipil_greedy_depth_and_saved_architecture(tmp_path, data_root):
 def test_cli_pil_run_on_mnist_subset(tmp_path, data_root):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "lorank", "train", str(ROOT / "configs/mnist-mlp-pil.toml")]
+    cmd = [sys.executable, "-m", "lorank", "train", str(ROOT / "src/lorank/configs/mnist-mlp-pil.toml")]
     cmd += ["--out", str(out), "--quiet", "--set", "data.train_subset=5000"]
     cmd += ["--set", "data.test_subset=2000", "--set", "model.hidden=[256, 256]"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)

@@ -26,7 +26,7 @@ def without_times(recs):
 
 def test_real_mnist_mlp_run_reaches_90_percent(tmp_path, data_root):
     cfg = load_config(
-        ROOT / "configs/mnist-mlp-dense.toml",
+        ROOT / "src/lorank/configs/mnist-mlp-dense.toml",
         ["train.epochs=2", "data.train_subset=12000", "model.hidden=[256, 256]"],
     )
     run = train(cfg, tmp_path / "run", quiet=True)
@@ -124,7 +124,7 @@ def test_divergence_is_reported_and_results_kept(tmp_path, capsys):
     code = main(
         [
             "train",
-            str(ROOT / "configs/mnist-mlp-dense.toml"),
+            str(ROOT / "src/lorank/configs/mnist-mlp-dense.toml"),
             "--out",
             str(out),
             "--quiet",
@@ -154,7 +154,7 @@ def test_cli_train_eval_and_refusals_end_to_end(tmp_path, data_root):
         "-m",
         "lorank",
         "train",
-        str(ROOT / "configs/mnist-mlp-dense.toml"),
+        str(ROOT / "src/lorank/configs/mnist-mlp-dense.toml"),
         "--out",
         str(out),
         "--quiet",
@@ -219,7 +219,7 @@ def test_cli_errors_one_line_exit_2(args, message, capsys, monkeypatch, tmp_path
     monkeypatch.setenv("LORANK_OFFLINE", "1")
     monkeypatch.setenv("LORANK_DATA", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
-    args = [str(ROOT / "configs/mnist-mlp-dense.toml") if a == "CFG" else a for a in args]
+    args = [str(ROOT / "src/lorank/configs/mnist-mlp-dense.toml") if a == "CFG" else a for a in args]
     code = main(
         args
         + (
