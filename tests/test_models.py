@@ -142,3 +142,35 @@ def test_phil_kim_cnn_rejects_a_kernel_larger_than_the_image():
 
     with pytest.raises(LorankError, match="kernel 28"):
         build_model(PhilKimCNNConfig(kernel=28), MNIST)
+
+
+@pytest.mark.parametrize(
+    ("config", "method"),
+    [
+        ("phil-kim-cnn-mnist-dense.toml", None),
+        ("phil-kim-cnn-fashion-mnist-svd.toml", None),
+        ("phil-kim-cnn-mnist-svd.toml", "{name='factorized', rank=0.5}"),
+        ("phil-kim-cnn-mnist-svd.toml", "{name='dlrt', tolerance=0.2}"),
+        ("phil-kim-cnn-mnist-svd.toml", "{name='oialr', delay=1, frequency=1}"),
+    ],
+)
+def test_phil_kim_cnn_trains_with_the_gradient_methods(config, method, tmp_path, data_root):
+    """One short epoch of each method on the CNN through its config (a smoke test)."""
+    import json
+    from pathlib import Path
+
+    from lorank.config import load_config
+    from lorank.train import train
+
+    sets = ["data.train_subset=300", "data.test_subset=200", "train.epochs=1", "train.threads=1"]
+    if method:
+        sets.append(f"method={method}")
+    else:
+        sets.append("method.finetune_epochs=0" if "svd" in config else "train.seed=1")
+    cfg = load_config(Path(__file__).parents[1] / "configs" / config, sets)
+    run = train(cfg, tmp_path / "run", quiet=True, data_dir=data_root)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["test_acc"] > 0.2  # above chance after 3 steps of 100
+    if cfg.method.name != "dense":
+        assert set(summary["ranks"]) >= {"layers.0"}  # the 2000 -> 100 layer is low-rank
