@@ -29,12 +29,18 @@ DATASETS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 # (directory name, label, config suffix, extra --set values)
 METHODS = [
     ("dense", "dense (Adam)", "dense", []),
-    ("svd", "SVD-trained, pruned, fine-tuned", "svd", []),
+    ("svd", "SVD-trained (λ_s = 0.02), pruned, fine-tuned", "svd", []),
+    (
+        "svd-sparse",
+        "SVD-trained (λ_s = 0.1), pruned, fine-tuned",
+        "svd",
+        ["method.lambda_sparsity=0.1"],
+    ),
     ("bipil", "Bi-PIL (gradient-free)", "bipil", []),
     ("pil-whitened", "PIL, lorank's whitened variant", "pil", ["method.variant=whitened"]),
     ("pil-original", "PIL, original (Guo & Lyu)", "pil", ["method.variant=original"]),
 ]
-GRADIENT = {"dense", "svd"}
+GRADIENT = {"dense", "svd", "svd-sparse"}
 
 
 def run_one(out: Path, dataset: str, method: tuple, seed: int, args: argparse.Namespace) -> dict:
@@ -75,7 +81,7 @@ def mean_std(values: list[float], fmt: str) -> str:
 
 def notes(key: str, runs: list[dict]) -> str:
     first = runs[0]
-    if key == "svd":
+    if key.startswith("svd"):
         ranks = sorted({", ".join(f"{k} {v}" for k, v in r["ranks"].items()) for r in runs})
         return "ranks after pruning: " + "; ".join(ranks)
     if key == "bipil":
@@ -103,7 +109,7 @@ def table(results: dict) -> str:
             acc = mean_std([100 * r["test_acc"] for r in runs], ".2f")
             params = sorted({r["params_eval"] for r in runs})
             p = f"{params[0]:,}" if len(params) == 1 else f"{min(params):,}–{max(params):,}"
-            if key == "svd":
+            if key.startswith("svd"):
                 p += f" (of {runs[0]['params_dense']:,})"
             t = mean_std([r["train_time_s"] for r in runs], ".1f")
             note = f"n = {len(runs)}; {notes(key, runs)}"
