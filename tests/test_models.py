@@ -110,3 +110,66 @@ def test_model_config_round_trip():
         model_config_from_dict({"name": "mlp", "widths": [3]})
     with pytest.raises(LorankError, match="invalid model config"):
         model_config_from_dict({"name": "resnet56"})
+
+
+def test_phil_kim_cnn_matches_the_book():
+    """Phil Kim, MATLAB Deep Learning (Apress, 2017), MnistConv: W1 9x9x20, W5 100x2000,
+    Wo 10x100 and no biases: 1,620 + 200,000 + 1,000 = 202,620 weights."""
+    from lorank.models import PhilKimCNNConfig
+
+    book = build_model(PhilKimCNNConfig(bias=False), MNIST)
+    assert n_params(book) == 9 * 9 * 20 + 2000 * 100 + 100 * 10 == 202_620
+    conv, relu, pool = book.features
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (1, 20, (9, 9))
+    assert isinstance(relu, nn.ReLU) and isinstance(pool, nn.AvgPool2d)
+    x = torch.randn(3, 1, 28, 28)
+    assert conv(x).shape == (3, 20, 20, 20)
+    assert book.features(x).shape == (3, 20, 10, 10)
+    shapes = [tuple(m.weight.shape) for m in book.layers if isinstance(m, nn.Linear)]
+    assert shapes == [(100, 2000), (10, 100)]
+    assert book(x).shape == (3, 10)
+    # The pooling is a mean, not a max: a constant image pools to the conv response itself.
+    with torch.no_grad():
+        pooled = book.features(torch.ones(1, 1, 28, 28))
+        assert torch.allclose(pooled, torch.relu(conv(torch.ones(1, 1, 28, 28)))[..., :10, :10])
+    # lorank's default adds one bias per filter and per unit.
+    assert n_params(build_model(PhilKimCNNConfig(), MNIST)) == 202_620 + 20 + 100 + 10
+    assert build_model(PhilKimCNNConfig(), CIFAR)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_phil_kim_cnn_rejects_a_kernel_larger_than_the_image():
+    from lorank.models import PhilKimCNNConfig
+
+    with pytest.raises(LorankError, match="kernel 28"):
+        build_model(PhilKimCNNConfig(kernel=28), MNIST)
+
+
+@pytest.mark.parametrize(
+    ("config", "method"),
+    [
+        ("phil-kim-cnn-mnist-dense.toml", None),
+        ("phil-kim-cnn-fashion-mnist-svd.toml", None),
+        ("phil-kim-cnn-mnist-svd.toml", "{name='factorized', rank=0.5}"),
+        ("phil-kim-cnn-mnist-svd.toml", "{name='dlrt', tolerance=0.2}"),
+        ("phil-kim-cnn-mnist-svd.toml", "{name='oialr', delay=1, frequency=1}"),
+    ],
+)
+def test_phil_kim_cnn_trains_with_the_gradient_methods(config, method, tmp_path, data_root):
+    """One short epoch of each method on the CNN through its config (a smoke test)."""
+    import json
+
+    from lorank.training.config import load_config
+    from lorank.training.trainer import train
+
+    sets = ["data.train_subset=300", "data.test_subset=200", "train.epochs=1", "train.threads=1"]
+    if method:
+        sets.append(f"method={method}")
+    else:
+        sets.append("method.finetune_epochs=0" if "svd" in config else "train.seed=1")
+    cfg = load_config(config, sets)  # a packaged config by name
+    run = train(cfg, tmp_path / "run", quiet=True, data_dir=data_root)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["test_acc"] > 0.2  # above chance after 3 steps of 100
+    if cfg.method.name != "dense":
+        assert set(summary["ranks"]) >= {"layers.0"}  # the 2000 -> 100 layer is low-rank

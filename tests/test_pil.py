@@ -112,7 +112,9 @@ def test_refuses_non_mlp_models(tmp_path):
         LeNet5Config(), DatasetInfo("mnist", "classification", (1, 28, 28), 10, None, 0, 0)
     )
     for name in ("pil", "bipil"):
-        with pytest.raises(LorankError, match="trains only the mlp model, not LeNet5"):
+        with pytest.raises(
+            LorankError, match="fits only the mlp and phil_kim_cnn models, not LeNet5"
+        ):
             build({"name": name}).prepare(lenet)
     cfg = load_config(ROOT / "src/lorank/configs/mnist-mlp-pil.toml", ["model={name='lenet5'}"])
     with pytest.raises(LorankError, match="set model.name = 'mlp'"):
@@ -145,7 +147,13 @@ def test_bipil_greedy_depth_and_saved_architecture(tmp_path, data_root):
 def test_cli_pil_run_on_mnist_subset(tmp_path, data_root):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "lorank", "train", str(ROOT / "src/lorank/configs/mnist-mlp-pil.toml")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorank",
+        "train",
+        str(ROOT / "src/lorank/configs/mnist-mlp-pil.toml"),
+    ]
     cmd += ["--out", str(out), "--quiet", "--set", "data.train_subset=5000"]
     cmd += ["--set", "data.test_subset=2000", "--set", "model.hidden=[256, 256]"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -180,3 +188,108 @@ def test_compare_has_pil_and_bipil_rows(tmp_path, capsys):
         summary = json.loads((tmp_path / "cmp/runs" / f"{method},seed=0/summary.json").read_text())
         assert summary["status"] == "completed" and summary["train_time_s"] > 0
         assert f"| {method} " in printed
+
+
+# -- Phil Kim's CNN and the original PIL -------------------------------------------------
+
+MNIST_INFO = DatasetInfo("mnist", "classification", (1, 28, 28), 10, None, 0, 0)
+
+
+def template_images(n: int = 240, classes: int = 4, seed: int = 5):
+    """A small separable image set: each class is one random 28x28 template plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.randn(classes, 1, 28, 28, generator=g)
+    y = torch.arange(n) % classes
+    x = templates[y] + 0.3 * torch.randn(n, 1, 28, 28, generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize("name", ["bipil", "pil"])
+def test_cnn_fit_reaches_100_percent_train_accuracy_and_reloads(name, tmp_path):
+    from lorank.core.io import save
+    from lorank.models import PhilKimCNNConfig
+
+    x, y = template_images()
+    torch.manual_seed(0)
+    # The book's layout with 6 filters and 40 hidden units (600 pooled features instead of
+    # 2000), so that the closed-form solves take seconds.
+    cfg = PhilKimCNNConfig(filters=6, hidden=[40])
+    model = build_model(cfg, MNIST_INFO)
+    method = build({"name": name, "patch_images": 100})
+    method.prepare(model)
+    stats = method.fit(model, [(x[s : s + 60], y[s : s + 60]) for s in range(0, 240, 60)])
+    assert stats["train_acc"] == 1.0
+    assert evaluate(model, [(x, y)])["acc"] == 1.0  # the installed layers agree
+
+    # The filters are the fit's: ± pairs of orthogonal directions in patch space, centred on
+    # the mean patch (the bias cancels it), not PyTorch's random initialisation.
+    conv = model.features[0]
+    k = method.conv_rank
+    assert k is not None and 1 <= k <= 3
+    w = conv.weight.detach().flatten(1).double()
+    torch.testing.assert_close(w[k : 2 * k], -w[:k])
+    gram = w[:k] @ w[:k].T
+    torch.testing.assert_close(gram - torch.diag(gram.diag()), torch.zeros(k, k).double())
+    patches = torch.nn.functional.unfold(x[:100], 9).transpose(1, 2).reshape(-1, 81).double()
+    torch.testing.assert_close(conv.bias.double(), -patches.mean(0) @ w.T, rtol=1e-4, atol=1e-4)
+
+    # The saved model (hidden widths as built) reloads to the same predictions.
+    hidden = stats.pop("model", {}).get("hidden", cfg.hidden)
+    meta = {"model": cfg.model_dump(mode="json") | {"hidden": hidden}}
+    save(model, tmp_path / "model", meta | {"data_info": MNIST_INFO.__dict__, "method": name})
+    again = load(tmp_path / "model")
+    torch.testing.assert_close(again(x[:8]), model(x[:8]))
+
+
+def test_cnn_refusals():
+    from lorank.models import PhilKimCNNConfig
+
+    no_bias = build_model(PhilKimCNNConfig(bias=False), MNIST_INFO)
+    for name in ("pil", "bipil"):
+        with pytest.raises(LorankError, match="set model.bias = true"):
+            build({"name": name}).prepare(no_bias)
+    with pytest.raises(LorankError, match="variant 'original' is for method 'pil' only"):
+        build({"name": "bipil", "variant": "original"}).prepare(
+            build_model(PhilKimCNNConfig(), MNIST_INFO)
+        )
+
+
+def test_original_pil_stops_once_hh_pinv_is_the_identity():
+    # N = 40 samples in d = 5 dimensions: H0 = X has rank 5, so ‖H0 H0⁺ − I‖_F = sqrt(35);
+    # one hidden layer W1 = X⁺ gives H1 = tanh(X X⁺), 40 × 40 and of full rank, where the
+    # test passes and the output layer W_o = H1⁺ T fits every sample exactly.
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(40, 5, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    model = build_model(MLPConfig(hidden=[7, 7, 7], activation="tanh"), vec_info(5, 3))
+    opts = {"tolerance": 1e-6, "max_depth": 4, "pinv_rtol": 1e-10}
+    method = build({"name": "pil", "variant": "original", **opts})
+    stats = method.fit(model, [(x[:25], y[:25]), (x[25:], y[25:])])
+    errors = method.errors
+    assert errors[0] == pytest.approx(35**0.5, rel=1e-9)
+    assert len(errors) == 2 and errors[1] <= 1e-6  # stopped at the first layer that passed
+    assert stats["model"] == {"hidden": [40]} and method.hidden == [40]
+    linears = [m for m in model.layers if isinstance(m, nn.Linear)]
+    assert [tuple(m.weight.shape) for m in linears] == [(40, 5), (3, 40)]
+    assert all(float(m.bias.detach().abs().max()) == 0 for m in linears)
+    w1 = torch.linalg.pinv(x.double())  # 5 × 40
+    torch.testing.assert_close(linears[0].weight.double(), w1.T, rtol=1e-4, atol=1e-5)
+    assert stats["train_acc"] == 1.0
+    assert method.summary()["pil_errors"] == errors
+
+
+def test_original_pil_stops_at_max_depth_when_rank_stays_deficient():
+    # Two identical samples keep every H rank-deficient (‖HH⁺ − I‖_F ≥ 1 forever).
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(12, 4, generator=g)
+    x[1] = x[0]
+    y = torch.arange(12) % 2
+    model = build_model(MLPConfig(hidden=[8]), vec_info(4, 2))
+    method = build({"name": "pil", "variant": "original", "max_depth": 2})
+    stats = method.fit(model, [(x, y)])
+    assert len(method.errors) == 3 and min(method.errors) >= 1 - 1e-6
+    assert stats["model"] == {"hidden": [12, 12]}
+    # `samples` caps N (and so the width); the default variant is unchanged.
+    method = build({"name": "pil", "variant": "original", "samples": 6})
+    assert method.fit(model, [(x, y)])["model"]["hidden"][0] == 6
+    assert build({"name": "pil"}).config.variant == "whitened"

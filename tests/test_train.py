@@ -219,7 +219,9 @@ def test_cli_errors_one_line_exit_2(args, message, capsys, monkeypatch, tmp_path
     monkeypatch.setenv("LORANK_OFFLINE", "1")
     monkeypatch.setenv("LORANK_DATA", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
-    args = [str(ROOT / "src/lorank/configs/mnist-mlp-dense.toml") if a == "CFG" else a for a in args]
+    args = [
+        str(ROOT / "src/lorank/configs/mnist-mlp-dense.toml") if a == "CFG" else a for a in args
+    ]
     code = main(
         args
         + (

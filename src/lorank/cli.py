@@ -21,7 +21,7 @@ CONFIG_HELP = """\
 config sections (TOML) and their keys; override any with --set section.key=value:
   [data]   name (mnist|fashion-mnist|cifar10|tinyshakespeare|synthetic), dir, batch_size,
            eval_batch_size, train_subset, test_subset, augment, block_size, synthetic_*
-  [model]  name (mlp|lenet5|resnet20|vgg|vit|char_transformer) and its options
+  [model]  name (mlp|lenet5|resnet20|vgg|vit|phil_kim_cnn|char_transformer) and its options
            (mlp: hidden, activation, dropout; char_transformer: n_layer, n_head, d_model, ...)
   [method] name (%(methods)s) and its options: `lorank methods NAME`
   [optim]  name (sgd|adam|adamw), lr, momentum, nesterov, weight_decay, betas, schedule

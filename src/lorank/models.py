@@ -29,6 +29,8 @@ __all__ = [
     "MLP",
     "MLPConfig",
     "ModelConfig",
+    "PhilKimCNN",
+    "PhilKimCNNConfig",
     "ResNet20",
     "ResNet20Config",
     "VGG",
@@ -142,8 +144,35 @@ class ViTConfig(BaseModel):
         return self
 
 
+class PhilKimCNNConfig(BaseModel):
+    """The MNIST CNN of Phil Kim, *MATLAB Deep Learning* (Apress, 2017), chapter 6: one
+    convolution layer (20 filters of 9x9, ReLU, 2x2 mean pooling) and a fully connected part
+    (one 100-unit ReLU layer, then the output layer)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["phil_kim_cnn"] = "phil_kim_cnn"
+    filters: int = Field(20, ge=1, description="Convolution filters (the book: 20).")
+    kernel: int = Field(9, ge=1, description="Side of the square filters (the book: 9).")
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [100],
+        description="Widths of the fully connected ReLU layers after pooling (the book: [100]).",
+    )
+    bias: bool = Field(
+        True,
+        description="Biases in every layer. The book's network has none (202,620 weights on "
+        "MNIST); lorank adds them by default (202,750) as every other zoo model has them.",
+    )
+
+
 ModelConfig = Annotated[
-    MLPConfig | LeNet5Config | ResNet20Config | VGGConfig | CharTransformerConfig | ViTConfig,
+    MLPConfig
+    | LeNet5Config
+    | ResNet20Config
+    | VGGConfig
+    | CharTransformerConfig
+    | ViTConfig
+    | PhilKimCNNConfig,
     Field(discriminator="name"),
 ]
 
@@ -497,6 +526,48 @@ class ViT(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# Phil Kim's CNN
+
+
+class PhilKimCNN(nn.Module):
+    """Phil Kim's MNIST CNN (*MATLAB Deep Learning*, Apress, 2017, ``MnistConv``):
+    conv ``kernel``x``kernel`` (valid, ``filters`` maps), ReLU, 2x2 mean pooling, flatten, then
+    ``layers``: Linear/ReLU for each width of ``hidden`` and a Linear output layer.
+
+    On 28x28 MNIST: 1x28x28 -> 20x20x20 -> 20x10x10 = 2000 -> 100 -> 10. The fully connected
+    part is a ``Sequential`` named ``layers`` laid out exactly as :class:`MLP`'s, so the
+    closed-form methods (``pil``, ``bipil``) fit and replace it as they do an MLP's. The book
+    initialises with its own scaled uniform/normal draws and trains with SGD + momentum;
+    lorank keeps PyTorch's default initialisation and takes the optimizer from the config.
+    """
+
+    def __init__(
+        self, cfg: PhilKimCNNConfig, in_shape: tuple[int, int, int], num_classes: int
+    ) -> None:
+        super().__init__()
+        c, h, w = in_shape
+        k = cfg.kernel
+        if h < k + 1 or w < k + 1:
+            raise LorankError(
+                f"phil_kim_cnn kernel {k} leaves no 2x2 pooling window on {h}x{w} images; "
+                "use a smaller model.kernel"
+            )
+        self.features = nn.Sequential(
+            nn.Conv2d(c, cfg.filters, k, bias=cfg.bias), nn.ReLU(), nn.AvgPool2d(2)
+        )
+        width = cfg.filters * ((h - k + 1) // 2) * ((w - k + 1) // 2)
+        modules: list[nn.Module] = []
+        for hidden in cfg.hidden:
+            modules += [nn.Linear(width, hidden, bias=cfg.bias), nn.ReLU()]
+            width = hidden
+        modules.append(nn.Linear(width, num_classes, bias=cfg.bias))
+        self.layers = nn.Sequential(*modules)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(self.features(x).flatten(1))
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def build_model(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
@@ -524,6 +595,8 @@ def build_model(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
         return VGG(cfg, shape, info.num_classes)
     if isinstance(cfg, ViTConfig):
         return ViT(cfg, shape, info.num_classes)
+    if isinstance(cfg, PhilKimCNNConfig):
+        return PhilKimCNN(cfg, shape, info.num_classes)
     raise LorankError(f"unknown model config {cfg!r}")
 
 

@@ -1,5 +1,5 @@
 r"""``bipil``: bidirectional gradient-free learning (Bi-PIL; Wang, Liu, Liu, Shi, Guo, Li, Xu,
-IEEE TNNLS 2025, doi 10.1109/TNNLS.2025.3564654), for the MLP model.
+IEEE TNNLS 2025, doi 10.1109/TNNLS.2025.3564654), for the MLP model and Phil Kim's CNN.
 
 Three stages, all closed-form (the solves of :mod:`lorank.methods._ridge`, float64 Gram
 matrices accumulated over batches, never an N×N matrix):
@@ -38,10 +38,21 @@ checkpoint's model config then lists the built widths (``summary.json``:
 are stored, so the dense parameter count includes them (``bipil_nonzero_params`` counts the
 others). ``backward = false`` gives greedy forward-only PIL with full-width layers.
 
+**Phil Kim's CNN** (``phil_kim_cnn``). The paper's twins are fully connected. Here the
+convolution is fitted first, once, as in :mod:`lorank.methods.pil` (filters from the
+principal components of image patches, unsupervised, on the whole training set including
+the held-out part, which it never sees the labels of), and the twins are the fully connected
+part on the pooled feature maps: both twins read the same 2000 pooled features, the greedy
+depth is chosen over ``model.hidden`` (the book's single 100-unit layer: 50 + 50 with
+``twin_width = "half"``), and the fused classifier replaces the output layer. The saved CNN
+keeps the convolution and has ``hidden`` set to the built widths.
+
 **Choices where the paper's description leaves it open** (each an option): the held-out split
 and stopping rule (first non-improving layer), twin widths, pulling the targets back through
-the forward weights and fitting the backward layers bottom-up on their own inputs, and fusion
-by concatenation.
+the forward weights and fitting the backward layers bottom-up on their own inputs, fusion
+by concatenation, and, for the CNN, the shared patch-PCA convolution.
+``variant = "original"`` is for ``pil`` only (Bi-PIL's twins are built from the whitened
+layers) and is refused.
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from lorank.core.convert import ConversionReport
 from lorank.errors import LorankError
 from lorank.methods._ridge import ridge
 from lorank.methods.pil import (
@@ -61,16 +73,16 @@ from lorank.methods.pil import (
     PILConfig,
     apply,
     as_features,
+    closed_form_parts,
     fit_hidden,
+    fit_inputs,
     fit_output,
     gram_of,
-    mlp_layers,
+    head_like,
     scores,
     set_linear,
 )
 from lorank.methods.registry import register
-
-_ACTIVATION_NAMES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.GELU: "gelu"}
 
 
 class BiPILConfig(PILConfig):
@@ -129,10 +141,23 @@ class BiPIL(PIL):
         self.hidden: list[int] = []
         self.nonzero = 0
 
+    def _check_variant(self) -> None:
+        if self.config.variant != "whitened":
+            raise LorankError(
+                "bipil builds its twins from the whitened PIL layers; variant 'original' is "
+                "for method 'pil' only"
+            )
+
+    def prepare(self, model: nn.Module) -> ConversionReport:
+        self._check_variant()
+        return super().prepare(model)
+
     @torch.no_grad()
     def fit(self, model: nn.Module, batches: Sequence[Batch]) -> dict[str, Any]:
         cfg = self.config
-        linears, act_type = mlp_layers(model, self.name)
+        self._check_variant()
+        parts = closed_form_parts(model, self.name)
+        linears, act_type = parts.linears, parts.act
         if len(linears) < 2:
             raise LorankError("bipil needs at least one hidden layer; set model.hidden")
         act = act_type()
@@ -152,6 +177,13 @@ class BiPIL(PIL):
         n_fit = n - max(1, round(cfg.holdout * n))
         if n_fit < 2:
             raise LorankError(f"bipil holdout={cfg.holdout} leaves no training samples")
+
+        # The convolution (if any) first: unsupervised, so fitted once on every image.
+        model.eval()
+        inputs, self.conv_rank = fit_inputs(
+            parts, batches, cfg, torch.Generator().manual_seed(cfg.seed)
+        )
+        batches = [(f, y) for f, (_, y) in zip(inputs, batches, strict=True)]
 
         # 1. Forward twin, greedy depth on the held-out split.
         fit_part, held_part = _split(batches, n_fit)
@@ -202,7 +234,7 @@ class BiPIL(PIL):
         fit_output(classifier, feats, labels, cfg.lam)
         stats = scores(apply(classifier, None, feats), labels)
 
-        self._install(model, forward, backward, classifier, act_type)
+        self._install(model, forward, backward, classifier)
         self.hidden = [2 * w if twins else w for w in widths]
         return stats | {"model": {"hidden": self.hidden}}
 
@@ -252,19 +284,15 @@ class BiPIL(PIL):
         forward: list[nn.Linear],
         backward: list[nn.Linear],
         classifier: nn.Linear,
-        act_type: type[nn.Module],
     ) -> None:
-        """Replace the model's layers by the twin network as one (block-diagonal) MLP."""
-        from lorank.models import MLP, MLPConfig
-
-        dropout = next((m.p for m in model.layers if isinstance(m, nn.Dropout)), 0.0)
+        """Replace the model's fully connected layers by the twin network as one
+        (block-diagonal) MLP."""
         hidden = [
             f.out_features + (b.out_features if backward else 0)
             for f, b in _pairs(forward, backward)
         ]
-        cfg = MLPConfig(hidden=hidden, activation=_ACTIVATION_NAMES[act_type], dropout=dropout)
-        built = MLP(cfg, forward[0].in_features, classifier.out_features)
-        linears = [m for m in built.layers if isinstance(m, nn.Linear)]
+        built = head_like(model, hidden, forward[0].in_features)
+        linears = [m for m in built if isinstance(m, nn.Linear)]
         for i, (target, (f, b)) in enumerate(
             zip(linears[:-1], _pairs(forward, backward), strict=True)
         ):
@@ -282,11 +310,12 @@ class BiPIL(PIL):
             target.bias.copy_(torch.cat([f.bias, b.bias]) if b is not None else f.bias)
         linears[-1].weight.copy_(classifier.weight)
         linears[-1].bias.copy_(classifier.bias)
-        model.layers = built.layers.to(next(model.parameters()).device)
+        model.layers = built.to(next(model.parameters()).device)
         self.nonzero = sum(int((p != 0).sum()) for p in model.parameters())
 
     def summary(self) -> dict[str, Any]:
-        return {
+        conv = {} if self.conv_rank is None else {"bipil_conv_rank": self.conv_rank}
+        return conv | {
             "bipil_depth": len(self.hidden),
             "bipil_hidden": self.hidden,
             "bipil_holdout_acc": self.holdout_acc,

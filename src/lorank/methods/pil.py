@@ -1,4 +1,6 @@
-r"""``pil``: pseudoinverse learning (Guo & Lyu, 1995 onwards), gradient-free training of an MLP.
+r"""``pil``: pseudoinverse learning (Guo & Lyu, 1995 onwards), gradient-free training of an MLP
+or of Phil Kim's CNN, in two variants: lorank's truncated, whitened PIL (the default, below)
+and the original algorithm (``variant = "original"``, further down).
 
 No optimizer and no gradient: the network is fitted layer by layer in closed form, in one
 pass over the training set per layer (see :mod:`lorank.methods._ridge` for the solves).
@@ -37,16 +39,56 @@ rather than PIL's original N hidden units (which needs an N×N pseudoinverse); c
 bias (principal components rather than raw second moments); unit-variance scaling so that
 tanh and GELU see inputs of order one; signed pairs; random fill for units beyond the rank.
 
-The model is the configured lorank MLP (``nn.Linear`` layers, widths from ``model.hidden``),
-so checkpoints, ``lorank eval`` and parameter counts work as for any other method. The whole
-fit is logged as epoch 1 (``train.epochs`` and ``[optim]`` are ignored). Memory is
-:math:`O(N \cdot \max_l m_l)` float32 for one layer's cached outputs plus :math:`O(m^2)`
-float64 for the Gram matrices.
+All of the above is ``variant = "whitened"``, the default: lorank's own design in the spirit
+of PIL, not the published algorithm.
+
+**``variant = "original"``: Guo & Lyu's PIL** (P. Guo, M. R. Lyu, "A pseudoinverse learning
+algorithm for feedforward neural networks with stacked generalization applications to
+software reliability growth data", Neurocomputing 56, 2004). On the first ``samples``
+training samples, :math:`H_0` (N×d) the inputs and :math:`T` (N×C) the one-hot targets:
+while :math:`E_l = \|H_lH_l^+ - I_N\|_F >` ``tolerance`` and fewer than ``max_depth`` layers
+exist, add a hidden layer with weights :math:`W_{l+1} = H_l^+` (d_l×N, so **N hidden units**)
+and outputs :math:`H_{l+1} = \sigma(H_lW_{l+1})`; then the output weights are
+:math:`W_o = H_L^+T`. :math:`H_lH_l^+` is the orthogonal projector onto the column space of
+:math:`H_l`, so :math:`E_l^2 = N - \operatorname{rank}H_l`: the stop test asks for full row
+rank, where :math:`H_LW_o = T` fits every training sample exactly. :math:`H^+` comes from an
+SVD with singular values below ``pinv_rtol``·σ_max treated as zero (that cut defines the
+numerical rank). Its default, 1e-6, is about where float32 (the model's precision, ε ≈ 1.2e-7)
+stops resolving a direction; the result is sensitive to it (Phil Kim's CNN, 2000 fitted
+MNIST samples, test accuracy: 14% at 1e-10, where the tiny singular values of the pooled
+features blow the weights up, 83% at 1e-7, 85% at 1e-6, 40% at 1e-3). No biases (all
+zero), no centring, no ridge term, the model's activation (the paper used a sigmoid;
+``activation = "tanh"`` is the closest choice on the mlp).
+Deviations forced by scale: PIL needs an N×N matrix, so it fits only the first ``samples``
+training samples (default 2000) rather than the whole set, and the saved model has N-wide
+hidden layers (``summary.json``: ``pil_hidden``; the checkpoint's model config takes them).
+
+**Phil Kim's CNN** (``model.name = "phil_kim_cnn"``: conv, ReLU, 2×2 mean pooling, then an
+MLP-shaped fully connected part). Its convolution is fitted first, as a PIL hidden layer over
+image patches with shared weights: every k×k patch of the first ``patch_images`` training
+images (k the filter size, 400 patches per 28×28 image) is a row of :math:`H_0`, and the
+filters and biases are :func:`~lorank.methods._ridge.principal_projection` of those patches
+(``rule``, ``whiten``, ``signed_pairs`` and ``seed`` as for the hidden layers: with the
+defaults, the ± top principal components of the patches, each scaled to unit variance and
+centred, and random combinations of them for any filters left over). This is unsupervised
+and is the same for both variants. The pooled feature maps of all training images are then
+the input :math:`H_0` of the fully connected part, fitted as for the MLP. Choices here that
+no paper fixes: patch PCA rather than a pseudoinverse fit of patch targets (a filter's
+receptive field does not see the label), the patch subsample, and one rule for the
+convolution and the hidden layers. Models other than the mlp and phil_kim_cnn, and
+phil_kim_cnn with ``bias = false`` or converted layers, are refused with a LorankError.
+
+The model is the configured lorank MLP or CNN (``nn.Linear``/``nn.Conv2d`` layers, widths from
+``model.hidden``), so checkpoints, ``lorank eval`` and parameter counts work as for any other
+method. The whole fit is logged as epoch 1 (``train.epochs`` and ``[optim]`` are ignored).
+Memory is :math:`O(N \cdot \max_l m_l)` float32 for one layer's cached outputs plus
+:math:`O(m^2)` float64 for the Gram matrices (``original``: :math:`O(N^2)` float64).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -68,6 +110,11 @@ class PILConfig(MethodConfig):
     """Pseudoinverse learning: closed-form hidden layers and a ridge output layer."""
 
     name: Literal["pil"] = "pil"
+    variant: Literal["whitened", "original"] = Field(
+        "whitened",
+        description="whitened: lorank's truncated PCA-whitened layers and ridge output; "
+        "original: Guo & Lyu's H⁺ layers (N units) until ‖HH⁺ − I‖ ≤ tolerance",
+    )
     lam: float = Field(
         1e-3, ge=0, description="ridge λ of the output layer, relative to unit-variance features"
     )
@@ -83,27 +130,145 @@ class PILConfig(MethodConfig):
         True, description="each kept direction gives two units, +p and -p (width/2 directions)"
     )
     seed: int = Field(0, ge=0, description="seed of the random units beyond the kept rank")
+    patch_images: int = Field(
+        5000, ge=1, description="phil_kim_cnn: images whose patches give the conv filters"
+    )
+    samples: int = Field(
+        2000, ge=1, description="original: training samples fitted (= hidden units per layer)"
+    )
+    tolerance: float = Field(
+        1e-3, ge=0, description="original: stop adding layers once ‖HH⁺ − I‖_F ≤ tolerance"
+    )
+    max_depth: int = Field(4, ge=0, description="original: at most this many hidden layers")
+    pinv_rtol: float = Field(
+        1e-6, gt=0, lt=1, description="original: singular values below rtol·σ_max are zero in H⁺"
+    )
 
 
-def mlp_layers(model: nn.Module, method: str) -> tuple[list[nn.Linear], type[nn.Module]]:
-    """The ``nn.Linear`` layers of a lorank MLP and its activation type, or a LorankError."""
-    from lorank.models import MLP
+@dataclass
+class Parts:
+    """What a closed-form method fits: an optional convolution front end (``phil_kim_cnn``'s
+    ``features``), the fully connected ``layers`` and their activation type."""
 
-    if not isinstance(model, MLP):
+    features: nn.Sequential | None
+    linears: list[nn.Linear]
+    act: type[nn.Module]
+
+
+def closed_form_parts(model: nn.Module, method: str) -> Parts:
+    """The layers a gradient-free method fits, or a one-line LorankError for other models."""
+    from lorank.models import MLP, PhilKimCNN
+
+    if not isinstance(model, MLP | PhilKimCNN):
         raise LorankError(
-            f"method {method!r} trains only the mlp model, not {type(model).__name__}; "
-            "set model.name = 'mlp' or choose a gradient-based method"
+            f"method {method!r} fits only the mlp and phil_kim_cnn models, not "
+            f"{type(model).__name__}; set model.name = 'mlp' or 'phil_kim_cnn', or choose a "
+            "gradient-based method"
         )
     modules = list(model.layers)
     linears = [m for m in modules if isinstance(m, nn.Linear)]
     others = [m for m in modules if not isinstance(m, nn.Linear | nn.Dropout)]
+    features = None
+    if isinstance(model, PhilKimCNN):
+        features = model.features
+        conv = features[0]
+        plain = [type(m) for m in features] == [nn.Conv2d, nn.ReLU, nn.AvgPool2d]
+        if not plain or conv.bias is None or any(lin.bias is None for lin in linears):
+            raise LorankError(
+                f"method {method!r} needs a fresh phil_kim_cnn with biases (conv, ReLU, mean "
+                "pool; Linear layers); set model.bias = true and do not convert it"
+            )
     if len(linears) != len(others) + 1 or any(type(m) is not type(others[0]) for m in others[1:]):
         raise LorankError(
             f"method {method!r} needs a plain dense MLP (Linear/activation layers); "
             "this one was converted or changed, so build a fresh mlp"
         )
     act = type(others[0]) if others else nn.ReLU
-    return linears, act
+    return Parts(features, linears, act)
+
+
+def mlp_layers(model: nn.Module, method: str) -> tuple[list[nn.Linear], type[nn.Module]]:
+    """The ``nn.Linear`` layers of the fully connected part and their activation type."""
+    parts = closed_form_parts(model, method)
+    return parts.linears, parts.act
+
+
+@torch.no_grad()
+def fit_conv(
+    conv: nn.Conv2d, batches: Sequence[Batch], cfg: PILConfig, generator: torch.Generator
+) -> int:
+    """Fit ``conv`` as a PIL hidden layer over the image patches; returns the kept rank.
+
+    The patches of the first ``cfg.patch_images`` images are the rows of the layer's input
+    (F.unfold orders a patch's values as C, kh, kw, the layout of ``conv.weight``)."""
+    d = conv.weight[0].numel()
+    gram = Gram(d)
+    seen = 0
+    for x, _ in batches:
+        x = x[: cfg.patch_images - seen].float()
+        # Chunks of 250 images keep the float64 patch matrix near 100k × d (~65 MB at d=81).
+        for chunk in x.split(250):
+            patches = F.unfold(chunk, conv.kernel_size, padding=conv.padding, stride=conv.stride)
+            gram.update(patches.transpose(1, 2).reshape(-1, d))
+        seen += len(x)
+        if seen >= cfg.patch_images:
+            break
+    w, b, k = principal_projection(
+        gram,
+        conv.out_channels,
+        cfg.rule,
+        whiten=cfg.whiten,
+        signed_pairs=cfg.signed_pairs,
+        generator=generator,
+    )
+    conv.weight.copy_(w.T.reshape(conv.weight.shape).to(conv.weight.dtype))
+    conv.bias.copy_(b.to(conv.bias.dtype))
+    return k
+
+
+@torch.no_grad()
+def fit_inputs(
+    parts: Parts, batches: Sequence[Batch], cfg: PILConfig, generator: torch.Generator
+) -> tuple[list[Tensor], int | None]:
+    """The inputs of the fully connected part for every batch, fitting the convolution first
+    when there is one; also returns the convolution's kept rank (None without one)."""
+    if parts.features is None:
+        return [x.flatten(1).float() for x, _ in batches], None
+    k = fit_conv(parts.features[0], batches, cfg, generator)
+    parts.features.eval()
+    return [parts.features(x.float()).flatten(1) for x, _ in batches], k
+
+
+def head_like(model: nn.Module, widths: Sequence[int], in_features: int) -> nn.Sequential:
+    """A fresh fully connected part for ``model`` with hidden ``widths``, laid out as the
+    model class builds it (so the saved checkpoint, with ``hidden = widths``, reloads)."""
+    from lorank.models import MLP, MLPConfig, PhilKimCNN
+
+    linears, act = mlp_layers(model, "pil")
+    n_classes = linears[-1].out_features
+    if isinstance(model, PhilKimCNN):
+        modules: list[nn.Module] = []
+        width = in_features
+        for w in widths:
+            modules += [nn.Linear(width, w), nn.ReLU()]
+            width = w
+        return nn.Sequential(*modules, nn.Linear(width, n_classes))
+    assert isinstance(model, MLP)
+    dropout = next((m.p for m in model.layers if isinstance(m, nn.Dropout)), 0.0)
+    names = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.GELU: "gelu"}
+    cfg = MLPConfig(hidden=list(widths), activation=names[act], dropout=dropout)
+    return MLP(cfg, in_features, n_classes).layers
+
+
+def pinv_and_error(h: Tensor, rtol: float) -> tuple[Tensor, float]:
+    """``H⁺`` (d×N, float64) and ``‖H H⁺ − I‖_F``, singular values below rtol·σ_max cut."""
+    u, sv, vh = torch.linalg.svd(h.double(), full_matrices=False)
+    keep = sv > rtol * sv[0] if sv.numel() and sv[0] > 0 else torch.zeros_like(sv, dtype=bool)
+    u, sv, vh = u[:, keep], sv[keep], vh[keep]
+    pinv = vh.T @ (u / sv).T
+    # H H⁺ = U_k U_kᵀ; computed as such (not as sqrt(N − k)) so the test is the paper's.
+    err = torch.linalg.matrix_norm(u @ u.T - torch.eye(len(h), dtype=u.dtype))
+    return pinv, float(err)
 
 
 def as_features(batches: Sequence[Batch]) -> tuple[list[Tensor], list[Tensor]]:
@@ -188,27 +353,68 @@ class PIL(Method):
     def __init__(self, config: PILConfig) -> None:
         super().__init__(config)
         self.kept_ranks: list[int] = []
+        self.conv_rank: int | None = None
+        self.errors: list[float] = []
+        self.hidden: list[int] = []
 
     def prepare(self, model: nn.Module) -> ConversionReport:
-        mlp_layers(model, self.name)  # refuse anything but a dense MLP before any data pass
+        closed_form_parts(model, self.name)  # refuse other models before any data pass
         return ConversionReport()
 
     @torch.no_grad()
     def fit(self, model: nn.Module, batches: Sequence[Batch]) -> dict[str, Any]:
         cfg = self.config
-        linears, act_type = mlp_layers(model, self.name)
-        act = act_type()
+        parts = closed_form_parts(model, self.name)
+        act = parts.act()
         model.eval()
         generator = torch.Generator().manual_seed(cfg.seed)
-        feats, labels = as_features(batches)
+        feats, self.conv_rank = fit_inputs(parts, batches, cfg, generator)
+        labels = [y for _, y in batches]
+        if cfg.variant == "original":
+            return self._fit_original(model, parts, feats, labels)
         self.kept_ranks = []
-        for layer in linears[:-1]:
+        for layer in parts.linears[:-1]:
             feats, k = fit_hidden(
                 layer, act, feats, cfg.rule, cfg.whiten, generator, cfg.signed_pairs
             )
             self.kept_ranks.append(k)
-        fit_output(linears[-1], feats, labels, cfg.lam)
-        return scores(apply(linears[-1], None, feats), labels)
+        fit_output(parts.linears[-1], feats, labels, cfg.lam)
+        return scores(apply(parts.linears[-1], None, feats), labels)
+
+    def _fit_original(
+        self, model: nn.Module, parts: Parts, feats: list[Tensor], labels: list[Tensor]
+    ) -> dict[str, Any]:
+        """Guo & Lyu: W_{l+1} = H_l⁺ until ‖H_l H_l⁺ − I‖ ≤ tolerance, then W_o = H_L⁺ T."""
+        cfg = self.config
+        act = parts.act()
+        n_classes = parts.linears[-1].out_features
+        h = torch.cat(feats)[: cfg.samples].to("cpu", torch.float64)
+        t = one_hot(torch.cat(labels)[: cfg.samples].cpu(), n_classes)
+        weights: list[Tensor] = []
+        self.errors = []
+        while True:
+            pinv, err = pinv_and_error(h, cfg.pinv_rtol)
+            self.errors.append(err)
+            if err <= cfg.tolerance or len(weights) == cfg.max_depth:
+                break
+            weights.append(pinv)  # d_l × N: one hidden unit per fitted sample
+            h = act(h @ pinv)
+        weights.append(pinv @ t)
+        self.hidden = [len(h)] * (len(weights) - 1)
+        head = head_like(model, self.hidden, feats[0].shape[1])
+        dev = parts.linears[0].weight.device
+        for layer, w in zip((m for m in head if isinstance(m, nn.Linear)), weights, strict=True):
+            set_linear(layer, w, torch.zeros(w.shape[1], dtype=w.dtype))
+        model.layers = head.to(dev).eval()
+        # Scored by the installed float32 layers on the whole training set, not only the
+        # `samples` it interpolates.
+        out = [model.layers(f) for f in feats]
+        return scores(out, labels) | {"model": {"hidden": self.hidden}}
 
     def summary(self) -> dict[str, Any]:
-        return {"pil_kept_ranks": self.kept_ranks}
+        out: dict[str, Any] = {"pil_variant": self.config.variant}
+        if self.conv_rank is not None:
+            out["pil_conv_rank"] = self.conv_rank
+        if self.config.variant == "original":
+            return out | {"pil_hidden": self.hidden, "pil_errors": self.errors}
+        return out | {"pil_kept_ranks": self.kept_ranks}
