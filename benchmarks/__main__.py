@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument(
-        "--peers-steps", type=int, help="peers: training steps from scratch (default 200)"
+        "--peers-steps", type=int, help="peers: training steps from scratch (default 300)"
     )
     parser.add_argument(
         "--peers-seeds", type=int, default=1, help="peers: seeds per entry (mean ± std)"
@@ -276,9 +276,9 @@ def render_peers(results: dict[str, Any]) -> str:
         "# Versus peers: GaLore, tensorly-torch, LoRA (peft), ASVD (fasterai)",
         "",
         f"`python -m benchmarks --sections peers`, torch {env['torch']}, {env['processor']}, "
-        f"{env['cpu_count']} CPUs, float32; {e.get('threads', '?')} torch thread(s), wall "
-        f"clock, {e.get('wall_s', 0) / 60:.1f} min, {e.get('date', '')}. Every ratio is "
-        "measured within this run.",
+        f"{env['cpu_count']} CPUs, float32; {e.get('threads', '?')} torch thread(s), "
+        f"{e.get('clock', '?')} clock, {e.get('wall_s', 0) / 60:.1f} min, "
+        f"{e.get('date', '')}. Every ratio is measured within this run.",
         "",
         peers.markdown(results["sections"]["peers"]),
     ]

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 import lorank
 import lorank.methods as methods
+from benchmarks import common
 from benchmarks.memory import _current_rss_mb, _peak_rss_mb, _reset_peak
 from lorank.data import DataConfig, load_dataset
 from lorank.models import CharTransformerConfig, MLPConfig, build_model
@@ -174,9 +175,9 @@ def _train(
     times, last = [], 0.0
     for _ in range(steps):
         batch = next(batches)
-        start = time.perf_counter()
+        start = common.clock()
         stats = method.train_step(model, optimizer, batch, loss_fn)
-        times.append(time.perf_counter() - start)
+        times.append(common.clock() - start)
         if scheduler is not None:
             scheduler.step()
         last = float(stats["loss_task"])
@@ -349,9 +350,9 @@ def work_layer(spec: dict[str, Any]) -> dict[str, Any]:
     times = []
     try:
         for _ in range(spec["warmup"] + spec["steps"]):
-            start = time.perf_counter()
+            start = common.clock()
             layer(x).square().mean().backward()
-            times.append(time.perf_counter() - start)
+            times.append(common.clock() - start)
             layer.zero_grad(set_to_none=True)
             if sum(times) > MAX_CASE_S:  # a layer 100× slower than dense: a few steps tell
                 break
@@ -592,7 +593,9 @@ def _work(kind: str, spec: dict[str, Any], threads: int | None) -> dict[str, Any
     cmd = [sys.executable, "-m", "benchmarks.peers", kind, json.dumps(spec)]
     if threads:
         cmd.append(str(threads))
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    clock = next(name for name, fn in common.CLOCKS.items() if fn is common.clock)
+    env = {**os.environ, "LORANK_BENCH_CLOCK": clock}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = run.stdout.strip().splitlines()
     if run.returncode != 0 or not lines:
         tail = (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
@@ -627,7 +630,7 @@ def run(
         if why:
             print(f"  peer {peer} not available: {why}", flush=True)
     wanted = subsections or list(SUBSECTIONS)
-    lm_steps = steps or (10 if quick else 200)
+    lm_steps = steps or (10 if quick else 300)
     with tempfile.TemporaryDirectory(prefix="lorank-peers-") as tmp:
         state = Path(tmp) / "char_transformer.pt"
         if "train" in wanted or "compress" in wanted:
@@ -1054,6 +1057,7 @@ WORKERS = {
 
 if __name__ == "__main__":
     kind, spec_json = sys.argv[1], sys.argv[2]
+    common.clock = common.CLOCKS[os.environ.get("LORANK_BENCH_CLOCK", "wall")]
     # Every worker imports the same peers first, so the memory baseline is the same for all.
     for module, _ in PEERS.values():
         try:
