@@ -613,107 +613,104 @@ def run(
 ) -> dict[str, Any]:
     """The four comparisons; a missing peer skips its comparison with a note."""
     ok = installed()
+    dists = ("galore-torch", "tensorly-torch", "peft", "fasterai")
     result: dict[str, Any] = {
         "installed": ok,
-        "versions": {
-            p: version(d)
-            for p, d in (
-                ("galore-torch", "galore-torch"),
-                ("tensorly-torch", "tensorly-torch"),
-                ("peft", "peft"),
-                ("fasterai", "fasterai"),
-            )
-        },
+        "versions": {d: version(d) for d in dists},
         "skipped": {},
     }
-    for peer, why in ok.items():
-        if why:
-            print(f"  peer {peer} not available: {why}", flush=True)
     wanted = subsections or list(SUBSECTIONS)
-    lm_steps = steps or (10 if quick else 300)
+    for part in wanted:
+        peer = NEEDS[part]
+        if ok[peer] is not None:
+            result["skipped"][part] = f"{peer} not available: {ok[peer]}"
+            print(f"  {part}: skipped, {result['skipped'][part]}", flush=True)
+    run_ = {part: part in wanted and part not in result["skipped"] for part in SUBSECTIONS}
     with tempfile.TemporaryDirectory(prefix="lorank-peers-") as tmp:
-        state = Path(tmp) / "char_transformer.pt"
-        if "train" in wanted or "compress" in wanted:
-            train_ok = "train" in wanted and ok["galore"] is None
-            entries = train_entries(quick) if train_ok else train_entries(True)[:1]
-            if "train" in wanted and not train_ok:
-                result["skipped"]["train"] = f"galore-torch not available: {ok['galore']}"
-            rows = []
-            print(_TRAIN_HEADER, flush=True)
-            for seed in range(seeds):
-                for entry in entries:
-                    spec = {
-                        "entry": entry,
-                        "seed": seed,
-                        "steps": lm_steps,
-                        "data_dir": data_dir,
-                        "save": str(state)
-                        if seed == 0
-                        and entry["kind"] == "lorank"
-                        and entry["method"]["name"] == "dense"
-                        else None,
-                    }
-                    row = {"name": entry["name"], "seed": seed, "steps": lm_steps}
-                    row.update(_work("train", spec, threads))
-                    row["peer"] = entry["kind"] == "galore"
-                    row["recommended"] = entry.get("recommended", False)
-                    rows.append(row)
-                    print(_train_line(row), flush=True)
-            if train_ok:
-                result["train"] = _train_summary(rows)
-        if "layers" in wanted:
-            if ok["tltorch"] is not None:
-                result["skipped"]["layers"] = f"tensorly-torch not available: {ok['tltorch']}"
-            else:
-                widths = [1024] if quick else [1024, 4096]
-                rows = []
-                print(_LAYER_HEADER, flush=True)
-                for entry in layer_entries(widths):
-                    spec = {**entry, "steps": 2 if quick else 5, "warmup": 1}
-                    row = {**entry, **_work("layer", spec, threads)}
-                    rows.append(row)
-                    print(_layer_line(row), flush=True)
-                _layer_ratios(rows)
-                result["layers"] = rows
-        pretrained = Path(tmp) / "mlp.pt"
-        if "finetune" in wanted or "compress" in wanted:
-            pre = _work(
-                "pretrain",
-                {"seed": 0, "epochs": 1, "save": str(pretrained), "data_dir": data_dir},
-                threads,
+        state, pretrained = Path(tmp) / "char_transformer.pt", Path(tmp) / "mlp.pt"
+        if run_["train"] or run_["compress"]:
+            # Compression alone still needs the dense model that 6.1 trains.
+            entries = train_entries(quick) if run_["train"] else train_entries(True)[:1]
+            rows = _run_train(
+                entries, steps or (10 if quick else 300), seeds, state, threads, data_dir
             )
-            print(f"  pretrained MLP on MNIST: {pre}", flush=True)
-            result["pretrain"] = pre
-        if "finetune" in wanted:
-            if ok["peft"] is not None:
-                result["skipped"]["finetune"] = f"peft not available: {ok['peft']}"
-            else:
-                rows = []
-                print(_FT_HEADER, flush=True)
-                for seed in range(seeds):
-                    for entry in finetune_entries(quick):
-                        spec = {
-                            "entry": entry,
-                            "seed": seed,
-                            "epochs": 1,
-                            "pretrained": str(pretrained),
-                            "data_dir": data_dir,
-                        }
-                        row = {"name": entry["name"], "seed": seed}
-                        row.update(_work("finetune", spec, threads))
-                        row["peer"] = entry["kind"] == "lora"
-                        row["recommended"] = entry.get("recommended", False)
-                        rows.append(row)
-                        print(_ft_line(row), flush=True)
-                result["finetune"] = _finetune_summary(rows)
-        if "compress" in wanted:
-            if ok["fasterai"] is not None:
-                result["skipped"]["compress"] = f"fasterai not available: {ok['fasterai']}"
-            else:
-                result["compress"] = _compress(
-                    {"char_transformer": state, "mlp": pretrained}, quick, threads, data_dir, tmp
-                )
+            if run_["train"]:
+                result["train"] = _train_summary(rows)
+        if run_["layers"]:
+            result["layers"] = _run_layers([1024] if quick else [1024, 4096], quick, threads)
+        if run_["finetune"] or run_["compress"]:
+            spec = {"seed": 0, "epochs": 1, "save": str(pretrained), "data_dir": data_dir}
+            result["pretrain"] = _work("pretrain", spec, threads)
+            print(f"  pretrained MLP on MNIST: {result['pretrain']}", flush=True)
+        if run_["finetune"]:
+            result["finetune"] = _run_finetune(quick, seeds, pretrained, threads, data_dir)
+        if run_["compress"]:
+            states = {"char_transformer": state, "mlp": pretrained}
+            result["compress"] = _compress(states, quick, threads, data_dir, tmp)
     return result
+
+
+def _run_train(
+    entries: list[dict[str, Any]],
+    steps: int,
+    seeds: int,
+    state: Path,
+    threads: int | None,
+    data_dir: str | None,
+) -> list[dict[str, Any]]:
+    rows = []
+    print(_TRAIN_HEADER, flush=True)
+    for seed in range(seeds):
+        for entry in entries:
+            dense = entry["kind"] == "lorank" and entry["method"]["name"] == "dense"
+            spec = {
+                "entry": entry,
+                "seed": seed,
+                "steps": steps,
+                "data_dir": data_dir,
+                "save": str(state) if seed == 0 and dense else None,
+            }
+            row = {"name": entry["name"], "seed": seed, "steps": steps}
+            row.update(_work("train", spec, threads))
+            row["peer"] = entry["kind"] == "galore"
+            row["recommended"] = entry.get("recommended", False)
+            rows.append(row)
+            print(_train_line(row), flush=True)
+    return rows
+
+
+def _run_layers(widths: list[int], quick: bool, threads: int | None) -> list[dict[str, Any]]:
+    rows = []
+    print(_LAYER_HEADER, flush=True)
+    for entry in layer_entries(widths):
+        spec = {**entry, "steps": 2 if quick else 5, "warmup": 1}
+        rows.append({**entry, **_work("layer", spec, threads)})
+        print(_layer_line(rows[-1]), flush=True)
+    _layer_ratios(rows)
+    return rows
+
+
+def _run_finetune(
+    quick: bool, seeds: int, pretrained: Path, threads: int | None, data_dir: str | None
+) -> dict[str, Any]:
+    rows = []
+    print(_FT_HEADER, flush=True)
+    for seed in range(seeds):
+        for entry in finetune_entries(quick):
+            spec = {
+                "entry": entry,
+                "seed": seed,
+                "epochs": 1,
+                "pretrained": str(pretrained),
+                "data_dir": data_dir,
+            }
+            row = {"name": entry["name"], "seed": seed}
+            row.update(_work("finetune", spec, threads))
+            row["peer"] = entry["kind"] == "lora"
+            row["recommended"] = entry.get("recommended", False)
+            rows.append(row)
+            print(_ft_line(row), flush=True)
+    return _finetune_summary(rows)
 
 
 def _compress(
