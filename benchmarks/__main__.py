@@ -53,10 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument(
-        "--peers-steps", type=int, help="peers: training steps from scratch (default 300)"
+        "--peers-steps", type=int, help="peers: training steps from scratch (default 200)"
     )
     parser.add_argument(
         "--peers-seeds", type=int, default=1, help="peers: seeds per entry (mean ± std)"
+    )
+    parser.add_argument(
+        "--peers-jobs", type=int, default=1, help="peers: training processes at a time"
     )
     parser.add_argument(
         "--peers-only",
@@ -146,7 +149,13 @@ def run_section(
         return inference.run(steps * 10, device, quick)
     if section == "peers":
         return peers.run(
-            quick, args.threads, args.data_dir, args.peers_steps, args.peers_seeds, args.peers_only
+            quick,
+            args.threads,
+            args.data_dir,
+            args.peers_steps,
+            args.peers_seeds,
+            args.peers_only,
+            args.peers_jobs,
         )
     raise ValueError(section)
 

@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -610,6 +611,7 @@ def run(
     steps: int | None = None,
     seeds: int = 1,
     subsections: list[str] | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """The four comparisons; a missing peer skips its comparison with a note."""
     ok = installed()
@@ -631,9 +633,8 @@ def run(
         if run_["train"] or run_["compress"]:
             # Compression alone still needs the dense model that 6.1 trains.
             entries = train_entries(quick) if run_["train"] else train_entries(True)[:1]
-            rows = _run_train(
-                entries, steps or (10 if quick else 300), seeds, state, threads, data_dir
-            )
+            lm_steps = steps or (10 if quick else 200)
+            rows = _run_train(entries, lm_steps, seeds, state, threads, data_dir, jobs)
             if run_["train"]:
                 result["train"] = _train_summary(rows)
         if run_["layers"]:
@@ -643,7 +644,7 @@ def run(
             result["pretrain"] = _work("pretrain", spec, threads)
             print(f"  pretrained MLP on MNIST: {result['pretrain']}", flush=True)
         if run_["finetune"]:
-            result["finetune"] = _run_finetune(quick, seeds, pretrained, threads, data_dir)
+            result["finetune"] = _run_finetune(quick, seeds, pretrained, threads, data_dir, jobs)
         if run_["compress"]:
             states = {"char_transformer": state, "mlp": pretrained}
             result["compress"] = _compress(states, quick, threads, data_dir, tmp)
@@ -657,26 +658,26 @@ def _run_train(
     state: Path,
     threads: int | None,
     data_dir: str | None,
+    jobs: int,
 ) -> list[dict[str, Any]]:
-    rows = []
+    def one(seed: int, entry: dict[str, Any]) -> dict[str, Any]:
+        dense = entry["kind"] == "lorank" and entry["method"]["name"] == "dense"
+        spec = {
+            "entry": entry,
+            "seed": seed,
+            "steps": steps,
+            "data_dir": data_dir,
+            "save": str(state) if seed == 0 and dense else None,
+        }
+        row = {"name": entry["name"], "seed": seed, "steps": steps}
+        row.update(_work("train", spec, threads))
+        row["peer"] = entry["kind"] == "galore"
+        row["recommended"] = entry.get("recommended", False)
+        print(_train_line(row), flush=True)
+        return row
+
     print(_TRAIN_HEADER, flush=True)
-    for seed in range(seeds):
-        for entry in entries:
-            dense = entry["kind"] == "lorank" and entry["method"]["name"] == "dense"
-            spec = {
-                "entry": entry,
-                "seed": seed,
-                "steps": steps,
-                "data_dir": data_dir,
-                "save": str(state) if seed == 0 and dense else None,
-            }
-            row = {"name": entry["name"], "seed": seed, "steps": steps}
-            row.update(_work("train", spec, threads))
-            row["peer"] = entry["kind"] == "galore"
-            row["recommended"] = entry.get("recommended", False)
-            rows.append(row)
-            print(_train_line(row), flush=True)
-    return rows
+    return _parallel(one, [(seed, e) for seed in range(seeds) for e in entries], jobs)
 
 
 def _run_layers(widths: list[int], quick: bool, threads: int | None) -> list[dict[str, Any]]:
@@ -691,26 +692,42 @@ def _run_layers(widths: list[int], quick: bool, threads: int | None) -> list[dic
 
 
 def _run_finetune(
-    quick: bool, seeds: int, pretrained: Path, threads: int | None, data_dir: str | None
+    quick: bool,
+    seeds: int,
+    pretrained: Path,
+    threads: int | None,
+    data_dir: str | None,
+    jobs: int,
 ) -> dict[str, Any]:
-    rows = []
+    def one(seed: int, entry: dict[str, Any]) -> dict[str, Any]:
+        spec = {
+            "entry": entry,
+            "seed": seed,
+            "epochs": 1,
+            "pretrained": str(pretrained),
+            "data_dir": data_dir,
+        }
+        row = {"name": entry["name"], "seed": seed}
+        row.update(_work("finetune", spec, threads))
+        row["peer"] = entry["kind"] == "lora"
+        row["recommended"] = entry.get("recommended", False)
+        print(_ft_line(row), flush=True)
+        return row
+
     print(_FT_HEADER, flush=True)
-    for seed in range(seeds):
-        for entry in finetune_entries(quick):
-            spec = {
-                "entry": entry,
-                "seed": seed,
-                "epochs": 1,
-                "pretrained": str(pretrained),
-                "data_dir": data_dir,
-            }
-            row = {"name": entry["name"], "seed": seed}
-            row.update(_work("finetune", spec, threads))
-            row["peer"] = entry["kind"] == "lora"
-            row["recommended"] = entry.get("recommended", False)
-            rows.append(row)
-            print(_ft_line(row), flush=True)
-    return _finetune_summary(rows)
+    cases = [(seed, e) for seed in range(seeds) for e in finetune_entries(quick)]
+    return _finetune_summary(_parallel(one, cases, jobs))
+
+
+def _parallel(fn: Any, cases: list[tuple[Any, ...]], jobs: int) -> list[dict[str, Any]]:
+    """``fn(*case)`` for every case, ``jobs`` processes at a time, results in case order.
+
+    Each case is its own process with its own threads, so running two at once changes no
+    figure but the wall clock (use ``--clock cpu`` for step times on a busy machine)."""
+    if jobs <= 1:
+        return [fn(*case) for case in cases]
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(lambda case: fn(*case), cases))
 
 
 def _compress(
