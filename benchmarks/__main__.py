@@ -3,15 +3,19 @@
     python -m benchmarks                      # every section (about 30 min on a 2-core CPU)
     python -m benchmarks --quick              # small sizes, few steps: a smoke run
     python -m benchmarks --sections layer step --threads 2
+    python -m benchmarks --sections peers --threads 1   # versus GaLore, tltorch, LoRA, ASVD
 
 Sections: ``layer`` (one layer's training step per method vs dense, beside the FLOP ratio),
 ``step`` (whole-model steps: MNIST MLP, LeNet-5, VGG on CIFAR-10 shapes, MLP width 4096),
 ``tta`` (time to 97%/98% MNIST test accuracy, data loading alone), ``memory`` (training state
 and measured peak at width 4096), ``inference`` (latency/throughput, dense vs low-rank vs
-merged). Every figure is a ratio measured in the same run, never a timed test assertion.
+merged), and, only when asked for, ``peers`` (lorank beside GaLore, tensorly-torch, LoRA
+via peft and fasterai's ASVD; each needs the ``peers`` extra and is skipped with a note when
+missing). Every figure is a ratio measured in the same run, never a timed test assertion.
 
 Results go to ``benchmarks/results/<UTC date>.json``; a full (non ``--quick``) run also
-rewrites ``benchmarks/results/latest.md``, the committed summary with the targets checked.
+rewrites ``benchmarks/results/latest.md``, the committed summary with the targets checked
+(``benchmarks/results/peers.md`` for the peers section).
 """
 
 from __future__ import annotations
@@ -25,16 +29,17 @@ from typing import Any
 
 import torch
 
-from benchmarks import common, inference, layer_cost, memory, step_cost, time_to_accuracy
+from benchmarks import common, inference, layer_cost, memory, peers, step_cost, time_to_accuracy
 from benchmarks.common import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("layer", "step", "tta", "memory", "inference")
+DEFAULT_SECTIONS = ("layer", "step", "tta", "memory", "inference")
+SECTIONS = (*DEFAULT_SECTIONS, "peers")  # peers: only on request (optional dependencies)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS))
     parser.add_argument("--quick", action="store_true", help="small sizes and few steps")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
@@ -47,6 +52,21 @@ def main(argv: list[str] | None = None) -> None:
         help="wall time, or process CPU time (steadier on a shared machine)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument(
+        "--peers-steps", type=int, help="peers: training steps from scratch (default 200)"
+    )
+    parser.add_argument(
+        "--peers-seeds", type=int, default=1, help="peers: seeds per entry (mean ± std)"
+    )
+    parser.add_argument(
+        "--peers-jobs", type=int, default=1, help="peers: training processes at a time"
+    )
+    parser.add_argument(
+        "--peers-only",
+        nargs="+",
+        choices=peers.SUBSECTIONS,
+        help="peers: run only these comparisons",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,7 +112,11 @@ def main(argv: list[str] | None = None) -> None:
             results["section_env"].setdefault(name, earlier["section_env"].get(name, {}))
         results["targets"] = targets(results["sections"])
     path.write_text(json.dumps(results, indent=1))
-    if not args.quick:
+    if not args.quick and "peers" in args.sections:
+        # The peers have their own summary, so a peers-only run leaves latest.md alone.
+        (args.out / "peers.md").write_text(render_peers(results))
+        print(f"\nwrote {args.out / 'peers.md'}")
+    if not args.quick and set(args.sections) & set(DEFAULT_SECTIONS):
         (args.out / "latest.md").write_text(render_markdown(results))
         print(f"\nwrote {args.out / 'latest.md'}")
 
@@ -123,6 +147,16 @@ def run_section(
     if section == "inference":
         print(inference.HEADER)
         return inference.run(steps * 10, device, quick)
+    if section == "peers":
+        return peers.run(
+            quick,
+            args.threads,
+            args.data_dir,
+            args.peers_steps,
+            args.peers_seeds,
+            args.peers_only,
+            args.peers_jobs,
+        )
     raise ValueError(section)
 
 
@@ -239,6 +273,25 @@ def render_markdown(results: dict[str, Any]) -> str:
             }[name].markdown(s[name])
         lines += ["", f"## {title}", "", env_line, body]
     analysis = Path(__file__).resolve().parent / "analysis.md"
+    if analysis.exists():
+        lines += ["", analysis.read_text()]
+    return "\n".join(lines) + "\n"
+
+
+def render_peers(results: dict[str, Any]) -> str:
+    """``results/peers.md``: section 6 with its environment, then ``peers_analysis.md``."""
+    env, e = results["environment"], results["section_env"].get("peers", {})
+    lines = [
+        "# Versus peers: GaLore, tensorly-torch, LoRA (peft), ASVD (fasterai)",
+        "",
+        f"`python -m benchmarks --sections peers`, torch {env['torch']}, {env['processor']}, "
+        f"{env['cpu_count']} CPUs, float32; {e.get('threads', '?')} torch thread(s), "
+        f"{e.get('clock', '?')} clock, {e.get('wall_s', 0) / 60:.1f} min, "
+        f"{e.get('date', '')}. Every ratio is measured within this run.",
+        "",
+        peers.markdown(results["sections"]["peers"]),
+    ]
+    analysis = Path(__file__).resolve().parent / "peers_analysis.md"
     if analysis.exists():
         lines += ["", analysis.read_text()]
     return "\n".join(lines) + "\n"
