@@ -74,7 +74,9 @@ of the gradient at the new point) for any change of basis within the old span, a
 projection when directions are dropped; newly added directions start from zero. Second
 moments (``exp_avg_sq``, ``max_exp_avg_sq``) are mapped with the elementwise squares of the
 same matrices (the variance of a linear map of independent entries), which keeps them
-non-negative. Adam's step count carries on, so bias correction does not restart. Unknown
+non-negative; a newly added direction gets its row's mean second moment instead of zero (a
+zero second moment makes Adam's first steps ±3η whatever the gradient, so round-off-sized
+gradients would be amplified into directions above the truncation threshold). Adam's step count carries on, so bias correction does not restart. Unknown
 state keys are dropped (fresh state). ``retraction`` maps its U, S, V moments by the
 change of basis of the factors themselves (see :meth:`DLRT._galerkin`).
 
@@ -698,11 +700,23 @@ def _state_map(
 def _apply_map(maps: dict[str, Any], slot: str, value: Tensor, square: bool) -> Tensor:
     if slot == "S":
         left, right = maps["S"]
-        if square:
-            left, right = left * left, right * right
-        return left @ value @ right
+        if not square:
+            return left @ value @ right
+        left, right = left * left, right * right
+        moved = left @ value @ right
+        cover = left.sum(1).clamp(max=1)[:, None] * right.sum(0).clamp(max=1)[None, :]
+        return moved + (1 - cover) * value.mean()
     m = maps[slot]
-    return value @ (m * m if square else m)
+    if not square:
+        return value @ m
+    m = m * m
+    # A second moment of zero would make Adam's first steps in a new direction ±3η whatever
+    # the gradient (round-off included), enough to keep noise directions above the
+    # truncation threshold; a new direction instead inherits its row's mean second moment,
+    # so its steps are scaled by the typical gradient size. ``cover`` is 1 for a direction
+    # in the old span and 0 for a new one.
+    cover = m.sum(0).clamp(max=1)[None, :]
+    return value @ m + (1 - cover) * value.mean(1, keepdim=True)
 
 
 def _full_rank(module: nn.Module) -> int:
