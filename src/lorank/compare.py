@@ -17,7 +17,7 @@ Method settings, scaled to the budget:
   dense;
 * ``svd``: start at 40% of full rank, λ_o = 1, Hoyer λ_s = 0.003, prune by ``energy=0.02``
   at the start of a one-epoch fine-tune (λ_s = 0) at the end;
-* ``dlrt``: rank-adaptive BUG integrator, τ = 0.15, initial and maximal rank 50%;
+* ``dlrt``: rank-adaptive parallel integrator, τ = 0.15, initial and maximal rank 50%;
 * ``oialr``: dense for the first ⌈epochs/3⌉ epochs, then S-only training with a basis
   update and cut (β = 0.3, at most half a layer's rank per update) every half epoch;
 * ``pil`` and ``bipil``: the gradient-free baselines with their defaults (one closed-form
@@ -105,7 +105,7 @@ def method_settings(name: str, epochs: int, steps_per_epoch: int) -> dict[str, A
     if name == "dlrt":
         return {
             "name": "dlrt",
-            "integrator": "bug",
+            "integrator": "parallel",
             "adaptive": True,
             "tolerance": 0.15,
             "init_rank": 0.5,

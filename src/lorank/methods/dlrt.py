@@ -76,8 +76,9 @@ moments (``exp_avg_sq``, ``max_exp_avg_sq``) are mapped with the elementwise squ
 same matrices (the variance of a linear map of independent entries), which keeps them
 non-negative; a newly added direction gets its row's mean second moment instead of zero (a
 zero second moment makes Adam's first steps ±3η whatever the gradient, so round-off-sized
-gradients would be amplified into directions above the truncation threshold). Adam's step count carries on, so bias correction does not restart. Unknown
-state keys are dropped (fresh state). ``retraction`` maps its U, S, V moments by the
+gradients would be amplified into directions above the truncation threshold). Adam's step
+count carries on, so bias correction does not restart. Unknown state keys are dropped
+(fresh state). ``retraction`` maps its U, S, V moments by the
 change of basis of the factors themselves (see :meth:`DLRT._galerkin`).
 
 **Weight decay** acts on W once, as on a dense layer: during the K- and L-steps the U and V
@@ -259,6 +260,8 @@ class DLRT(Method):
         with torch.no_grad():
             for layer, (U0, _, V0) in zip(layers, bases, strict=True):
                 dK, dL, S1 = layer.U.detach(), layer.V.detach(), layer.S.detach()
+                if self._parallel_lean(layer, optimizer, U0, V0, S1, dK, dL, adapt):
+                    continue
                 (Nu, Ru), (Nv, Rv) = _new_directions(U0, dK), _new_directions(V0, dL)
                 r = S1.shape[0]
                 ku, kv = Nu.shape[1], Nv.shape[1]
@@ -280,6 +283,50 @@ class DLRT(Method):
                     truncate=True,
                 )
         return loss
+
+    def _parallel_lean(
+        self,
+        layer: LowRankLayer,
+        optimizer: torch.optim.Optimizer,
+        U0: Tensor,
+        V0: Tensor,
+        S1: Tensor,
+        dK: Tensor,
+        dL: Tensor,
+        adapt: bool,
+    ) -> bool:
+        """The parallel step's basis work from small matrices: six m×r×r GEMMs per basis
+        instead of the explicit construction's fourteen. False (nothing changed) when the
+        new directions are not well separated from the old span or the layer is near full
+        rank; the caller then takes the explicit path.
+
+        With ``c = U₀ᵀ dK``, the residual ``dK - U₀ c = Ũ R`` has Gram ``dKᵀdK - cᵀc``, so
+        ``R`` (the core block Ũᵀ K₁) comes from a Cholesky factor, and the kept basis
+        ``Û P = U₀ P₁ + Ũ P₂ = U₀ (P₁ - c R⁻¹ P₂) + dK (R⁻¹ P₂)`` needs two GEMMs; Ũ is never
+        formed. One Cholesky-QR pass on the result makes it orthonormal to working
+        precision (and fixes any drift of U₀)."""
+        r = S1.shape[0]
+        su, sv = _gram_residual(U0, dK), _gram_residual(V0, dL)
+        if su is None or sv is None:
+            return False
+        (cu, Ru), (cv, Rv) = su, sv
+        core = S1.new_zeros(2 * r, 2 * r)
+        core[:r, :r] = S1
+        core[:r, r:] = Rv.T
+        core[r:, :r] = Ru
+        P, sigma, Qt = _svd(core)
+        r1 = r
+        if adapt:
+            lo, hi = self.rank_bounds(layer.full_rank)
+            r1 = self.rule.select(sigma, lo, hi, full_rank=layer.full_rank)
+            self.last_spectra[self._names.get(id(layer), str(id(layer)))] = (sigma, r1)
+        r1 = min(r1, sigma.numel())
+        Pu, Pv = P[:, :r1], Qt[:r1].T
+        U1, Au, Xu = _lean_basis(U0, dK, cu, Ru, Pu)
+        V1, Bv, Xv = _lean_basis(V0, dL, cv, Rv, Pv)
+        core = (Xu * sigma[:r1]) @ Xv.T
+        self._put(layer, optimizer, U1, core, V1, Au, Bv)
+        return True
 
     def _bug_step(
         self,
@@ -448,6 +495,19 @@ class DLRT(Method):
             core = (Ru * sigma[:r]) @ Rv.T
             A = A @ torch.linalg.solve_triangular(Ru, Pu, upper=True, left=False)
             B = B @ torch.linalg.solve_triangular(Rv, Pv, upper=True, left=False)
+        self._put(layer, optimizer, Uh, core, Vh, A, B)
+
+    def _put(
+        self,
+        layer: LowRankLayer,
+        optimizer: torch.optim.Optimizer,
+        Uh: Tensor,
+        core: Tensor,
+        Vh: Tensor,
+        A: Tensor,
+        B: Tensor,
+    ) -> None:
+        """Install the factors and map the optimizer state by ``A = U_oldᵀ Uh``, ``B``."""
         if Uh.shape == layer.U.shape and Vh.shape == layer.V.shape:
             # Same shapes: update the parameters in place (no new Parameters, so a DDP
             # wrapper need not be rebuilt); their state is moved by the identity mapping.
@@ -726,6 +786,42 @@ def _full_rank(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return min(module.out_features, module.in_features)
     return min(module.weight.shape)
+
+
+def _gram_residual(basis: Tensor, step: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``c = basisᵀ step`` and the R factor of ``step - basis c`` from Gram matrices alone,
+    or ``None`` when that is not accurate (the residual is small or ill-conditioned next to
+    the step: the Gram difference would cancel) or there is no room for r new directions."""
+    rows, r = basis.shape
+    if 2 * r > rows:
+        return None
+    c = basis.T @ step
+    gram = step.T @ step
+    residual_gram = gram - c.T @ c
+    chol, info = torch.linalg.cholesky_ex(0.5 * (residual_gram + residual_gram.T))
+    if int(info) != 0:
+        return None
+    R = chol.T
+    diag = torch.diagonal(R)
+    # The Gram difference has absolute error ~eps·‖step‖²: demand every residual direction
+    # be at least 1/10 of the step's largest column, so its relative error stays ~100·eps.
+    if bool(diag.min() ** 2 < 1e-2 * torch.diagonal(gram).max()):
+        return None
+    return c, R
+
+
+def _lean_basis(
+    basis: Tensor, step: Tensor, c: Tensor, R: Tensor, P: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``Q``, ``A = basisᵀ Q`` and ``X`` with ``Q X = [basis | Ũ] P`` orthonormal, where
+    ``Ũ R = step - basis c`` (see :meth:`DLRT._parallel_lean`)."""
+    r = basis.shape[1]
+    Y = torch.linalg.solve_triangular(R, P[r:], upper=True)  # R⁻¹ P₂
+    X = P[:r] - c @ Y
+    Q, Rq = _qr(basis @ X + step @ Y)
+    # basisᵀ Q = (X + c Y) Rq⁻¹ = P₁ Rq⁻¹ (basis orthonormal up to the drift Q just removed)
+    A = torch.linalg.solve_triangular(Rq, P[:r], upper=True, left=False)
+    return Q, A, Rq
 
 
 @contextmanager
