@@ -618,12 +618,15 @@ class DLRT(Method):
     def allocated(self, layer: LowRankLayer) -> int:
         """Factor entries the integrator holds in one step at the layer's current rank.
 
-        BUG keeps the old bases beside the stepped ones and builds the augmented bases and
-        core; KLS holds K, L, the start point and the augmented bases and core. Fixed-rank
-        steps need no augmentation but still keep the start point.
+        Every integrator keeps the start point (U₀, S₀, V₀) beside the slots holding the K-
+        and L-steps; parallel, bug and kls build augmented bases and a core of up to 2r
+        (parallel's fast path forms only the kept bases, but its fallback forms Û, V̂);
+        the fixed-rank parallel step augments too, the fixed-rank bug/kls/retraction steps
+        do not.
         """
         m, n, r = layer.out_dim, layer.in_dim, layer.rank
-        k = min(2 * r, m, n) if self.config.adaptive else r
+        augments = self.config.adaptive or self.config.integrator == "parallel"
+        k = min(2 * r, m, n) if augments else r
         kept = 2 * r * (m + n) + 2 * r * r  # current factors + start point (or K, L)
         return kept + k * (m + n) + k * k
 
