@@ -21,17 +21,24 @@ from lorank.methods.base import Method
 # (dense before it), with the bases frozen and only S trained; its basis update every
 # ``frequency`` steps is amortised away here. The adaptive DLRT variants use τ = 0 with
 # r_min = r_max = r, so each step augments to 2r and truncates back to r: the full cost of
-# rank adaptivity at rank r.
+# rank adaptivity at rank r. ``dlrt-<integrator>-<mode>`` for the parallel (default), BUG
+# and KLS integrators and the non-DLRT one-step retraction.
 VARIANTS = (
     "dense",
     "factorized",
     "svd",
+    "dlrt-parallel-fixed",
+    "dlrt-parallel-adaptive",
     "dlrt-bug-fixed",
     "dlrt-bug-adaptive",
     "dlrt-kls-fixed",
     "dlrt-kls-adaptive",
+    "dlrt-retraction-fixed",
+    "dlrt-retraction-adaptive",
     "oialr",
 )
+# The variants the slow whole-model cases (seconds per dense step) run.
+MAIN_VARIANTS = ("dense", "factorized", "svd", "dlrt-parallel-fixed", "dlrt-parallel-adaptive")
 
 
 def method_config(variant: str, rank: int | float, last_dense: bool) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import VARIANTS, cross_entropy, prepare, time_train_step
+from benchmarks.common import MAIN_VARIANTS, VARIANTS, cross_entropy, prepare, time_train_step
 from lorank.core.metrics import parameter_counts
 from lorank.data import DataConfig, load_dataset
 from lorank.models import build_model, model_config_from_dict
@@ -21,6 +21,13 @@ MODELS = {
     # name: (dataset, model config, batch size, rank fraction)
     "mlp-500x4": ("mnist", {"name": "mlp", "hidden": [500] * 4}, 256, 0.1),
     "lenet5": ("mnist", {"name": "lenet5"}, 128, 0.25),
+    # The DLRT paper's LeNet-5 (20-50 channels, fc 800-500): the parallel-step target.
+    "lenet5-paper": (
+        "mnist",
+        {"name": "lenet5", "channels": [20, 50], "hidden": [500], "pad": False},
+        128,
+        0.25,
+    ),
     "vgg": ("cifar10", {"name": "vgg"}, 128, 0.25),
     "mlp-4096x4": ("mnist", {"name": "mlp", "hidden": [4096] * 4}, 256, 64),
 }
@@ -38,7 +45,7 @@ def run(
         batch = next(data.train_batches(torch.Generator().manual_seed(0)))
         dense_seconds = None
         # The slow cases (seconds per dense step) run the main methods only.
-        variants = VARIANTS if name in ("mlp-500x4", "lenet5") else VARIANTS[:4]
+        variants = VARIANTS if name in ("mlp-500x4", "lenet5", "lenet5-paper") else MAIN_VARIANTS
         for variant in variants:
             torch.manual_seed(0)
             model = build_model(model_config_from_dict(model_cfg), data.info).to(device)

@@ -107,7 +107,7 @@ def _settings_before_presets(name, epochs, steps):
         },
         "dlrt": {
             "name": "dlrt",
-            "integrator": "bug",
+            "integrator": "parallel",  # the default integrator since issue 17
             "adaptive": True,
             "tolerance": 0.15,
             "init_rank": 0.5,

@@ -38,6 +38,7 @@ BASE = {
 METHODS = {
     "dense": {"name": "dense"},
     "factorized": {"name": "factorized", "rank": 16},
+    "dlrt_parallel": {"name": "dlrt", "integrator": "parallel", "adaptive": True, "tolerance": 0.3},
     "dlrt_bug": {"name": "dlrt", "integrator": "bug", "adaptive": True, "tolerance": 0.2},
     # τ where no singular value sits on the cut: one at the threshold flips a rank on round-off.
     "dlrt_kls": {"name": "dlrt", "integrator": "kls", "adaptive": True, "tolerance": 0.35},
@@ -127,7 +128,7 @@ def test_two_processes_match_one_process_for_every_method(tmp_path: Path, data_r
         print(name, "1p/2p test_loss", one["test_loss"], two["test_loss"], "ranks", two["ranks"])
         records = [json.loads(line) for line in (tmp_path / "ddp" / name / "metrics.jsonl").open()]
         assert records[-1]["train_loss"] < records[1]["train_loss"] * 1.05 or name == "dlrt_kls"
-        if name in ("dlrt_bug", "dlrt_kls", "oialr", "hybrid", "svd"):
+        if name in ("dlrt_parallel", "dlrt_bug", "dlrt_kls", "oialr", "hybrid", "svd"):
             # the rank changed mid-run, and both processes agreed on it (debug check)
             assert records[0]["ranks"] != records[-1]["ranks"], name
 

@@ -19,7 +19,8 @@ from lorank.core.optim import optimizer_holds_only
 from lorank.errors import LorankError
 from lorank.methods.dlrt import DLRT, _state_map
 
-INTEGRATORS = ["bug", "kls"]
+INTEGRATORS = ["parallel", "bug", "kls", "retraction"]
+DLRT_INTEGRATORS = ["parallel", "bug", "kls"]  # the ones that integrate the DLRT flow
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -131,7 +132,8 @@ def test_passes_per_batch_counts_forwards(integrator):
 
     method.train_step(model, optimizer, classification_batch("mlp"), counting_loss)
     metrics = method.epoch_metrics(model)
-    assert len(calls) == metrics["passes_per_batch"] == (1 if integrator == "bug" else 3)
+    expected = {"parallel": 1, "retraction": 1, "bug": 2, "kls": 3}[integrator]
+    assert len(calls) == metrics["passes_per_batch"] == expected
     # The integrator allocates more than the live factors (augmented bases and core).
     live = sum(p.numel() for p in model.parameters())
     assert metrics["params_allocated"] > live
@@ -201,8 +203,9 @@ def test_fixed_rank_kls_step_decreases_a_quadratic_loss():
 def test_state_transform_is_exact_for_a_change_of_bases(integrator):
     """Re-factorizing (U, S, V) → (U X⁻¹, X S Yᵀ, V Y⁻¹) leaves W unchanged; the moments of the
     gradients the integrator feeds the optimizer must transform exactly like the gradients
-    themselves. BUG installs such a change after every step (X = R of the Cholesky QR, a
-    general invertible matrix); KLS's maps are exact for rotations."""
+    themselves. The retraction installs such a change after every step (X = R of the
+    Cholesky QR, a general invertible matrix); the DLRT integrators' maps of ∇_K, ∇_S, ∇_L
+    are exact for rotations."""
     torch.manual_seed(2)
     layer = LowRankLinear(9, 7, rank=4, core="full")
     x = torch.randn(32, 9)
@@ -211,14 +214,14 @@ def test_state_transform_is_exact_for_a_change_of_bases(integrator):
         w = layer.weight_matrix()
         grad_w = torch.autograd.grad((torch.tanh(x @ w.T) ** 2).sum(), w)[0]
         U, S, V = layer.U.detach(), layer.S.detach(), layer.V.detach()
-        if integrator == "bug":  # ∇U = ∇W V Sᵀ, ∇V = ∇Wᵀ U S
+        if integrator == "retraction":  # ∇U = ∇W V Sᵀ, ∇V = ∇Wᵀ U S
             return {"U": grad_w @ V @ S.T, "S": U.T @ grad_w @ V, "V": grad_w.T @ U @ S}
         return {"U": grad_w @ V, "S": U.T @ grad_w @ V, "V": grad_w.T @ U}  # ∇K, ∇S, ∇L
 
     before = grads()
     old = {"U": layer.U, "S": layer.S, "V": layer.V}
     U, S, V = layer.U.detach(), layer.S.detach(), layer.V.detach()
-    if integrator == "bug":
+    if integrator == "retraction":
         X = torch.eye(4) + 0.3 * torch.randn(4, 4)
         Y = torch.eye(4) + 0.3 * torch.randn(4, 4)
         mapping = layer.set_factors(U @ torch.linalg.inv(X), X @ S @ Y.T, V @ torch.linalg.inv(Y))

@@ -173,3 +173,14 @@ def test_phil_kim_cnn_trains_with_the_gradient_methods(config, method, tmp_path,
     assert summary["test_acc"] > 0.2  # above chance after 3 steps of 100
     if cfg.method.name != "dense":
         assert set(summary["ranks"]) >= {"layers.0"}  # the 2000 -> 100 layer is low-rank
+
+
+def test_lenet5_widths_give_the_dlrt_papers_variant():
+    paper = LeNet5Config(channels=(20, 50), hidden=[500], pad=False)
+    model = build_model(paper, MNIST)
+    assert n_params(model) == 431_080  # conv 1→20, 20→50 (5×5), fc 800→500, 500→10
+    assert model.classifier[0].in_features == 800
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert n_params(build_model(LeNet5Config(), MNIST)) == 61_706  # classic default unchanged
+    with pytest.raises(LorankError, match="larger inputs"):
+        build_model(paper, DatasetInfo("tiny", "classification", (1, 12, 12), 10, None, 1, 1))

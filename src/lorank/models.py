@@ -10,11 +10,20 @@ pydantic config with a ``name`` discriminator, so a saved JSON config rebuilds t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 from torch import Tensor, nn
 
 from lorank.core.io import register_model_builder
@@ -57,11 +66,24 @@ class MLPConfig(BaseModel):
 
 
 class LeNet5Config(BaseModel):
-    """Classic LeNet-5 (ReLU, max pooling) for 28x28 or 32x32 images."""
+    """LeNet-5 (ReLU, max pooling) for 28x28 or 32x32 images: classic 6-16-120-84 by default;
+    ``channels = [20, 50]``, ``hidden = [500]``, ``pad = false`` is the DLRT paper's variant
+    (conv 1→20 5×5, pool, conv 20→50 5×5, pool, fc 800→500, fc 500→10; 431k weights)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["lenet5"] = "lenet5"
+    channels: tuple[PositiveInt, PositiveInt] = Field(
+        (6, 16), description="Output channels of the two 5×5 convolutions."
+    )
+    hidden: list[PositiveInt] = Field(
+        default_factory=lambda: [120, 84], description="Widths of the hidden dense layers."
+    )
+    pad: bool = Field(
+        True,
+        description="Zero-pad the first convolution of 28×28 inputs to the classic 32×32 "
+        "geometry (false: no padding, as in the DLRT paper's 800-input fc layer).",
+    )
 
 
 class ResNet20Config(BaseModel):
@@ -232,26 +254,36 @@ class LeNet5(nn.Module):
     32x32 inputs reach the same 16x5x5 feature map.
     """
 
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int) -> None:
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        num_classes: int,
+        channels: tuple[int, int] = (6, 16),
+        hidden: Sequence[int] = (120, 84),
+        pad: bool = True,
+    ) -> None:
         super().__init__()
         c, h, w = in_shape
-        pad = max(0, (32 - min(h, w) + 1) // 2)
+        c1, c2 = channels
+        padding = max(0, (32 - min(h, w) + 1) // 2) if pad else 0
         self.features = nn.Sequential(
-            nn.Conv2d(c, 6, 5, padding=pad),
+            nn.Conv2d(c, c1, 5, padding=padding),
             nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5),
+            nn.Conv2d(c1, c2, 5),
             nn.ReLU(),
             nn.MaxPool2d(2),
         )
-        fh, fw = ((h + 2 * pad - 4) // 2 - 4) // 2, ((w + 2 * pad - 4) // 2 - 4) // 2
-        self.classifier = nn.Sequential(
-            nn.Linear(16 * fh * fw, 120),
-            nn.ReLU(),
-            nn.Linear(120, 84),
-            nn.ReLU(),
-            nn.Linear(84, num_classes),
-        )
+        fh = ((h + 2 * padding - 4) // 2 - 4) // 2
+        fw = ((w + 2 * padding - 4) // 2 - 4) // 2
+        if fh < 1 or fw < 1:
+            raise LorankError(f"LeNet-5 needs larger inputs than {h}x{w} (set model.pad = true)")
+        layers: list[nn.Module] = []
+        width = c2 * fh * fw
+        for out in hidden:
+            layers += [nn.Linear(width, out), nn.ReLU()]
+            width = out
+        self.classifier = nn.Sequential(*layers, nn.Linear(width, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x).flatten(1))
@@ -588,7 +620,7 @@ def build_model(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
         return MLP(cfg, math.prod(info.input_shape), info.num_classes)
     shape = _image_shape(info, cfg.name)
     if isinstance(cfg, LeNet5Config):
-        return LeNet5(shape, info.num_classes)
+        return LeNet5(shape, info.num_classes, cfg.channels, cfg.hidden, cfg.pad)
     if isinstance(cfg, ResNet20Config):
         return ResNet20(shape, info.num_classes, cfg.width)
     if isinstance(cfg, VGGConfig):

@@ -381,9 +381,10 @@ def _rows(layer: nn.Module, x: Tensor, start: int, stop: int) -> Tensor:
     bias = None if layer.bias is None else layer.bias[start:stop]
     if type(layer) is nn.Linear:
         return F.linear(x, layer.weight[start:stop], bias)
-    if type(layer).forward is LowRankLinear.forward:
+    if type(layer).forward is LowRankLinear.forward and not layer.kls_gradients:
         return F.linear(F.linear(x, layer.V.T), layer.output_factor()[start:stop], bias)
-    return layer(x)[..., start:stop]  # an unknown subclass: run it whole
+    # An unknown subclass, or DLRT's K/L/S gradient mode (its own backward): run it whole.
+    return layer(x)[..., start:stop]
 
 
 def _additive(mask: Tensor, name: str, dtype: torch.dtype) -> Tensor:

@@ -58,6 +58,10 @@ class LowRankLayer(nn.Module):
     V: nn.Parameter
     S: nn.Parameter | None
     bias: nn.Parameter | None
+    kls_gradients: bool = False
+    """When true (set by DLRT around its passes; full core only), the backward writes
+    ``∇_K = ∇W V``, ``∇_S = Uᵀ ∇W V`` and ``∇_L = ∇Wᵀ U`` into the ``U``, ``S`` and ``V``
+    gradients instead of the factors' own gradients (see :class:`_KLSLinear`)."""
 
     def __init__(self, out_dim: int, in_dim: int, rank: int, core: CoreKind, bias: bool) -> None:
         super().__init__()
@@ -272,6 +276,8 @@ class LowRankLinear(LowRankLayer):
         super().__init__(out_features, in_features, rank, core, bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kls_gradients and self.core == "full":
+            return _KLSLinear.apply(x, self.U, self.S, self.V, self.bias)
         return F.linear(F.linear(x, self.V.T), self.output_factor(), self.bias)
 
     @classmethod
@@ -340,6 +346,10 @@ class LowRankConv2d(LowRankLayer):
         super().__init__(out_channels, in_channels * kh * kw, rank, core, bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.kls_gradients and self.core == "full":
+            x, padding = _explicit_padding(x, self.padding, self.kernel_size, self.dilation)
+            geometry = (self.in_channels, self.kernel_size, self.stride, padding, self.dilation)
+            return _KLSConv2d.apply(x, self.U, self.S, self.V, self.bias, geometry)
         r = self.rank
         spatial = self.V.T.reshape(r, self.in_channels, *self.kernel_size)
         h = F.conv2d(x, spatial, None, self.stride, self.padding, self.dilation)
@@ -457,3 +467,98 @@ def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     if isinstance(v, int):
         return (v, v)
     return (int(v[0]), int(v[1]))
+
+
+# ---------------------------------------------------------------------- K/L/S gradients
+# DLRT's integrators need, at the point (U, S, V), the gradients of the loss with respect to
+# K = U S (with V fixed), L = V Sᵀ (with U fixed) and S (with U, V fixed):
+#     ∇_K = ∇W V = gᵀ (x V),   ∇_L = ∇Wᵀ U = xᵀ (g U),   ∇_S = Uᵀ ∇W V = (g U)ᵀ (x V),
+# with x the layer input and g the gradient at its output. Autograd through the factorized
+# forward gives ∇_U = ∇_K Sᵀ and ∇_V = ∇_L S instead, from which ∇_K, ∇_L would need S⁻¹;
+# these functions compute the three directly, with the same GEMMs as the factorized backward
+# (g U, gᵀ h, xᵀ (g U), and the input gradient) and the same saved tensors (x and h = x V).
+
+
+class _KLSLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, U, S, V, bias):  # noqa: ANN001, ANN205
+        h = F.linear(x, V.T)
+        ctx.save_for_backward(x, h, U, S, V)
+        ctx.has_bias = bias is not None
+        return F.linear(h, U @ S, bias)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        x, h, U, S, V = ctx.saved_tensors
+        g2, h2, x2 = (
+            g.reshape(-1, g.shape[-1]),
+            h.reshape(-1, h.shape[-1]),
+            x.reshape(-1, x.shape[-1]),
+        )
+        gu = g2 @ U
+        grad_x = ((gu @ S) @ V.T).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        grad_k = g2.T @ h2 if ctx.needs_input_grad[1] else None
+        grad_s = gu.T @ h2 if ctx.needs_input_grad[2] else None
+        grad_l = x2.T @ gu if ctx.needs_input_grad[3] else None
+        grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return grad_x, grad_k, grad_s, grad_l, grad_b
+
+
+class _KLSConv2d(torch.autograd.Function):
+    """The same for the channel factorization: ``h = conv(x, Vᵀ)`` (k×k), ``y = conv1×1(h,
+    U S)``; g U is a 1×1 convolution, ∇_L the weight gradient of the k×k convolution for
+    the output gradient g U."""
+
+    @staticmethod
+    def forward(ctx, x, U, S, V, bias, geometry):  # noqa: ANN001, ANN205
+        c_in, kernel, stride, padding, dilation = geometry
+        r = U.shape[1]
+        spatial = V.T.reshape(r, c_in, *kernel)
+        h = F.conv2d(x, spatial, None, stride, padding, dilation)
+        ctx.save_for_backward(x, h, U, S, V)
+        ctx.geometry, ctx.has_bias = geometry, bias is not None
+        return F.conv2d(h, (U @ S).reshape(U.shape[0], r, 1, 1), bias)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        x, h, U, S, V = ctx.saved_tensors
+        c_in, kernel, stride, padding, dilation = ctx.geometry
+        m, r = U.shape
+        gu = F.conv2d(g, U.T.reshape(r, m, 1, 1))  # (b, r, H', W')
+        grad_x = grad_k = grad_s = grad_l = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_h = F.conv2d(gu, S.T.reshape(r, r, 1, 1))
+            spatial = V.T.reshape(r, c_in, *kernel)
+            grad_x = torch.nn.grad.conv2d_input(x.shape, spatial, grad_h, stride, padding, dilation)
+        if ctx.needs_input_grad[1]:
+            grad_k = g.transpose(0, 1).reshape(m, -1) @ h.transpose(0, 1).reshape(r, -1).T
+        if ctx.needs_input_grad[2]:
+            grad_s = gu.transpose(0, 1).reshape(r, -1) @ h.transpose(0, 1).reshape(r, -1).T
+        if ctx.needs_input_grad[3]:
+            grad_l = (
+                torch.nn.grad.conv2d_weight(x, (r, c_in, *kernel), gu, stride, padding, dilation)
+                .reshape(r, -1)
+                .T
+            )
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            grad_b = g.sum((0, 2, 3))
+        return grad_x, grad_k, grad_s, grad_l, grad_b, None
+
+
+def _explicit_padding(
+    x: Tensor,
+    padding: tuple[int, int] | str,
+    kernel: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[Tensor, tuple[int, int]]:
+    """``padding`` as integers (the gradient helpers take no strings); an asymmetric
+    ``"same"`` padding is applied to ``x`` itself, as ``F.conv2d`` does internally."""
+    if not isinstance(padding, str):
+        return x, padding
+    if padding == "valid":
+        return x, (0, 0)
+    totals = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
+    if all(t % 2 == 0 for t in totals):
+        return x, (totals[0] // 2, totals[1] // 2)
+    (th, tw) = totals
+    return F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2)), (0, 0)

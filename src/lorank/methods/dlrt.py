@@ -2,83 +2,98 @@ r"""``dlrt``: dynamical low-rank training (Schotthöfer et al., NeurIPS 2022, ar
 
 Every converted layer stores :math:`W = U S V^\top` with orthonormal :math:`U \in
 \mathbb{R}^{m\times r}`, :math:`V \in \mathbb{R}^{n\times r}` and a full core :math:`S \in
-\mathbb{R}^{r\times r}`; a matrix-ODE integrator evolves the three factors so that the bases
-stay orthonormal (QR after every step) and, when ``adaptive``, the rank follows the spectrum.
+\mathbb{R}^{r\times r}`; a matrix-ODE integrator of the gradient flow projected onto the
+rank-r manifold evolves the factors. With :math:`K = US`, :math:`L = VS^\top`, :math:`G =
+\nabla W` and ``opt`` the configured base optimizer's step (SGD, Adam, ...), every integrator
+uses, at the current point :math:`(U_0, S_0, V_0)`,
 
-**KLS** (the paper's integrator, three forward/backward passes per batch). With
-:math:`K = US`, :math:`L = VS^\top` and :math:`\nabla W` the loss gradient w.r.t. W:
+.. math:: \nabla_K = G V_0,\quad \nabla_L = G^\top U_0,\quad \nabla_S = U_0^\top G V_0 .
 
-1. K-step: forward with :math:`W = K V^\top`, gradient :math:`\nabla_K = \nabla W\,V`, step
-   :math:`K_1 = K - h\,\mathrm{opt}(\nabla_K)`.
-2. L-step: forward with :math:`W = U L^\top`, :math:`\nabla_L = \nabla W^\top U`, step
-   :math:`L_1`.
-3. Bases: adaptive :math:`\hat U = \mathrm{qr}([K_1 \mid U])`, :math:`\hat V =
-   \mathrm{qr}([L_1 \mid V])` (k = min(2r, m, n) columns each, so the core stays square);
-   fixed rank :math:`\hat U = \mathrm{qr}(K_1)`.
-   Core in the new bases :math:`\tilde S = M S N^\top`, :math:`M = \hat U^\top U`,
-   :math:`N = \hat V^\top V`.
-4. S-step: forward with :math:`\hat U \tilde S \hat V^\top`, step :math:`\tilde S`.
-5. Truncation (adaptive): :math:`\tilde S = P \Sigma Q^\top`, rank :math:`r_1` by the
-   ``tolerance(τ)`` rule on :math:`\Sigma` (smallest r with :math:`\|\sigma_{r+1:}\|_2 \le
-   \tau\|\sigma\|_2`), clamped to :math:`[r_{\min}, r_{\max}]`; :math:`U \leftarrow \hat U
-   P_{r_1}`, :math:`S \leftarrow \Sigma_{r_1}`, :math:`V \leftarrow \hat V Q_{r_1}`.
+They come exactly from one backward, with no :math:`S^{-1}`: in the layer's K/L/S gradient
+mode (:attr:`lorank.layers.LowRankLayer.kls_gradients`) the backward computes
+:math:`\nabla_K = g^\top (xV_0)`, :math:`\nabla_L = x^\top (gU_0)`, :math:`\nabla_S =
+(gU_0)^\top(xV_0)` from the layer input x and output gradient g (Conv2d: the 1×1 and k×k
+convolution identities), with the GEMMs and saved tensors of the factorized backward.
 
-**BUG** (default; the augmented basis-update & Galerkin integrator of Ceruti, Kusch and
-Lubich in the one-backward form of the same group's later work, e.g. GeoLoRA). One
-forward/backward at :math:`(U, S, V)` gives :math:`\nabla_U = \nabla W V S^\top`,
-:math:`\nabla_S = U^\top \nabla W V`, :math:`\nabla_V = \nabla W^\top U S`; the base optimizer
-takes one step on all three, giving :math:`(U_1, S_1, V_1)`. Then
+**parallel** (default; the parallel rank-adaptive integrator of Ceruti, Kusch and Lubich,
+2024, the basis of GeoLoRA; one forward/backward per batch). One optimizer step on the three
+gradients gives :math:`\bar S_1 = S_0 - h\,\mathrm{opt}(\nabla_S)` and the K- and L-steps
+:math:`K_1 - K_0 = -h\,\mathrm{opt}(\nabla_K)`, :math:`L_1 - L_0`. The new directions
+:math:`\tilde U` are an orthonormal basis of :math:`(I - U_0U_0^\top)K_1` (projected twice,
+Cholesky QR; Householder QR when the step is rank-deficient), likewise :math:`\tilde V`, and
 
-* augment: :math:`\hat U = [U \mid N]` with :math:`N R = (I - UU^\top)(U_1 - U)` (projected
-  twice, Cholesky QR), so :math:`U_1 = \hat U C_U` with :math:`C_U = [I + U^\top(U_1 - U);\ R]`
-  built from r×r matrices only. Since :math:`U_1 - U` is the optimizer's step along
-  :math:`\nabla_U = \nabla_K S^\top`, the new directions span the same space as the K-step's
-  whenever S is invertible, so no :math:`S^{-1}` is ever formed;
-* Galerkin core: :math:`\tilde S = C_U S_1 C_V^\top`. This is exact: :math:`\hat U \tilde S
-  \hat V^\top = U_1 S_1 V_1^\top`, so the S step taken by the optimizer is carried over
-  unchanged;
-* truncate :math:`\tilde S = P\Sigma Q^\top` as in KLS step 5, then one Cholesky-QR pass on
-  :math:`\hat U P_{r_1}` (folded into the core) so rounding errors never accumulate. Fixed
-  rank: :math:`U_1 = \hat U R_U` by one Cholesky-QR pass (a stepped basis is within one small
-  step of orthonormal) and :math:`\tilde S = R_U S_1 R_V^\top`, again exact.
+.. math:: \hat U = [U_0 \mid \tilde U],\quad \hat V = [V_0 \mid \tilde V],\quad
+   \hat S = \begin{pmatrix} \bar S_1 & L_1^\top \tilde V \\ \tilde U^\top K_1 & 0
+   \end{pmatrix},
 
-The step therefore costs one forward/backward of the factorized layer, a few m×r×r GEMMs
-per basis (about 4 fixed, 12 adaptive) and, when adaptive, an SVD of a 2r×2r matrix per layer.
+so :math:`\hat U\hat S\hat V^\top = W_0 - h\,\mathrm{opt}` projected on the tangent space
+(for SGD exactly :math:`W_0 - h(U_0U_0^\top G + GV_0V_0^\top - U_0U_0^\top G V_0V_0^\top)`).
+:math:`\tilde U^\top K_1` is the R factor of the QR, so the core costs no tall product.
+Adaptive: truncate by the tolerance (below); fixed rank: truncate to r (the 2r×2r core's
+small singular values are O(h²), so this stays first order).
 
-``truncate_every = k`` augments and truncates every k-th step only; the steps between are the
-same integrator at fixed rank (so ranks never grow unboundedly without truncation).
+**bug** (the rank-adaptive augmented basis-update & Galerkin integrator of Ceruti, Kusch and
+Lubich, BIT 2022; two forward/backward passes). K- and L-steps from the same point as above
+(only the U and V slots step), :math:`\hat U = \mathrm{orth}([U_0 \mid K_1])`, :math:`\hat V =
+\mathrm{orth}([L_1 \mid V_0])` (the same :math:`[U_0 \mid \tilde U]` construction),
+:math:`\tilde S_0 = (\hat U^\top U_0) S_0 (\hat V^\top V_0)^\top = \mathrm{diag}(S_0, 0)`; then a
+Galerkin S-step at the augmented point (second forward/backward; biases and dense layers take
+their step here) and truncation of :math:`\tilde S_1`. Fixed rank: the unconventional BUG
+integrator, :math:`\hat U = \mathrm{orth}(K_1)`, :math:`\hat V = \mathrm{orth}(L_1)` (r
+columns), :math:`\tilde S_0 = (\hat U^\top U_0) S_0 (\hat V^\top V_0)^\top`, S-step.
 
-**Optimizer state** (the choice the issue leaves open). The factors are trained by the
-configured base optimizer (e.g. Adam), like the biases and the dense layers; its moments
-follow every basis change instead of being reset. First moments (Adam ``exp_avg``, SGD
-``momentum_buffer``) are mapped like the gradients they average:
+**kls** (the DLRT paper's presentation; three forward/backward passes): the same algorithm as
+``bug``, with :math:`\nabla_K` from a forward at :math:`W = K V_0^\top` and :math:`\nabla_L` from
+one at :math:`W = U_0 L^\top` through ordinary autograd. Kept as an independent reference.
 
-* BUG re-factorizes :math:`U_1 = U' X_U`, :math:`V_1 = V' X_V` (fixed rank: :math:`X = R`;
-  adaptive: :math:`X_U = R' P_{r_1}^\top C_U`, which also projects onto the kept directions).
-  At the same W the gradients then satisfy :math:`\nabla_{U'} = \nabla_{U_1} X_U^\top` and
-  :math:`\nabla_{S'} = X_U^{-\top} \nabla_{S_1} X_V^{-1}` (pseudo-inverses when the rank
-  changed), so :math:`m_U \leftarrow m_U X_U^\top`, :math:`m_S \leftarrow X_U^{-\top} m_S
-  X_V^{-1}`, :math:`m_V \leftarrow m_V X_V^\top`: exact for any invertible change of basis;
-* KLS, whose U and V slots hold moments of :math:`\nabla_K = \nabla W V` and
-  :math:`\nabla_L = \nabla W^\top U`, with :math:`A = U^\top U'`, :math:`B = V^\top V'`:
-  :math:`m_K \leftarrow m_K B`, :math:`m_L \leftarrow m_L A`, :math:`m_S \leftarrow A^\top m_S
-  B` (exact for a rotation of the bases; a projection when directions are dropped).
+**retraction** (fast, *not* a DLRT integrator, kept for comparison): one optimizer step on
+U, S and V as separate parameters (:math:`\nabla_U = \nabla_K S^\top`), then the stepped
+factors are re-orthonormalised (adaptive: written in the augmented bases and truncated).
+Its core :math:`C_U S_1 C_V^\top` has rank ≤ r, so truncation can never raise a rank, and
+its step depends on the scale of S (:math:`\|\Delta W\| \propto \sigma^2` for
+:math:`S = \sigma I`), the instability DLRT exists to avoid.
 
-Second moments (``exp_avg_sq``, ``max_exp_avg_sq``) are mapped with the elementwise squares
-of the same matrices (the variance of a linear map of independent entries), which keeps them
-non-negative; on BUG's fixed-rank steps, where :math:`X = R = I + O(h)`, they are kept as
-they are (the map would change them by O(h), far below Adam's own averaging, for two more
-GEMMs per basis). Newly added directions start from zero. Adam's step count carries on, so
-bias correction does not restart. Unknown state keys are dropped (fresh state), so no state
-of a wrong shape or basis survives.
+**Truncation** (adaptive steps): :math:`\hat S = P\Sigma Q^\top`; rank :math:`r_1` by the
+``tolerance(τ)`` rule (smallest r with :math:`\|\sigma_{r+1:}\|_2 \le \tau\|\sigma\|_2`),
+clamped to :math:`[r_{\min}, r_{\max}]`; :math:`U_1 R_U = \hat U P_{r_1}` by one Cholesky-QR
+pass and :math:`S_1 = R_U \Sigma_{r_1} R_V^\top`, :math:`V_1 R_V = \hat V Q_{r_1}`. The
+Cholesky-QR pass costs two m×r×r GEMMs and resets the rounding error of the bases every
+step, so they stay orthonormal to working precision over any run length (without it the
+error of :math:`\hat U P` accumulates, e.g. to 1e-1 after 1,000 float32 Adam steps).
+``truncate_every = k`` truncates by the tolerance every k-th step only; the steps between
+are the integrator's fixed-rank step.
+
+**Optimizer state.** The U and V slots of the parallel, bug and kls integrators hold the
+optimizer state of the K- and L-steps (moments of :math:`\nabla_K`, :math:`\nabla_L`), the S
+slot that of the S-step; each state follows every change of basis instead of being reset.
+When the bases change from :math:`(U_0, V_0)` to :math:`(U_1, V_1)`, with :math:`A =
+U_0^\top U_1`, :math:`B = V_0^\top V_1` (small matrices, known from the construction):
+:math:`m_K \leftarrow m_K B`, :math:`m_L \leftarrow m_L A`, :math:`m_S \leftarrow A^\top m_S
+B` for first moments (Adam ``exp_avg``, SGD ``momentum_buffer``). This is exact (the moment
+of the gradient at the new point) for any change of basis within the old span, and a
+projection when directions are dropped; newly added directions start from zero. Second
+moments (``exp_avg_sq``, ``max_exp_avg_sq``) are mapped with the elementwise squares of the
+same matrices (the variance of a linear map of independent entries), which keeps them
+non-negative; a newly added direction gets its row's mean second moment instead of zero (a
+zero second moment makes Adam's first steps ±3η whatever the gradient, so round-off-sized
+gradients would be amplified into directions above the truncation threshold). Adam's step
+count carries on, so bias correction does not restart. Unknown state keys are dropped
+(fresh state). ``retraction`` maps its U, S, V moments by the
+change of basis of the factors themselves (see :meth:`DLRT._galerkin`).
+
+**Weight decay** acts on W once, as on a dense layer: during the K- and L-steps the U and V
+slots hold :math:`K - K_0 = 0` (parallel, bug; kls holds K₀, whose decayed part lies in
+span(U₀) and is discarded with it), so decoupled (AdamW) decay shrinks only S; ``retraction``
+undoes the decay its U and V steps took.
 
 Bias vectors and the layers kept dense (by default the output layer) are trained by the same
-base optimizer, once per batch (in KLS during the S-step).
+base optimizer, once per batch (bug and kls: during the S-step).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -98,13 +113,20 @@ from lorank.methods.registry import register
 _FIRST_MOMENTS = ("exp_avg", "momentum_buffer")
 _SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
 
+Integrator = Literal["parallel", "bug", "kls", "retraction"]
+PASSES: dict[str, int] = {"parallel": 1, "bug": 2, "kls": 3, "retraction": 1}
+
 
 class DLRTConfig(MethodConfig):
-    """Dynamical low-rank training: orthonormal U, V and a full core S evolved by KLS or BUG."""
+    """Dynamical low-rank training: orthonormal U, V and a full core S evolved by a DLRT
+    integrator (parallel, bug or kls) or the non-DLRT one-step retraction."""
 
     name: Literal["dlrt"] = "dlrt"
-    integrator: Literal["bug", "kls"] = Field(
-        "bug", description="bug: one forward/backward per batch; kls: the paper's three passes"
+    integrator: Integrator = Field(
+        "parallel",
+        description="parallel: rank-adaptive, one pass per batch; bug: augmented BUG, two "
+        "passes; kls: the paper's three passes; retraction: one step on U, S, V plus QR "
+        "(fast, cannot raise a rank, not scale-invariant)",
     )
     adaptive: bool = Field(True, description="augment to 2r and truncate by the tolerance")
     tolerance: float = Field(0.1, ge=0, description="τ: drop the tail with ‖σ_tail‖ ≤ τ‖σ‖")
@@ -140,7 +162,7 @@ class DLRTConfig(MethodConfig):
 
 @register
 class DLRT(Method):
-    """Dynamical low-rank training with the KLS or the one-backward augmented BUG integrator."""
+    """Dynamical low-rank training with the parallel, BUG or KLS integrator."""
 
     name = "dlrt"
     core = "full"
@@ -151,6 +173,10 @@ class DLRT(Method):
         super().__init__(config)
         self.rule: RankRule = tolerance(config.tolerance, config.absolute)
         self.truncations = 0
+        self.last_spectra: dict[str, tuple[Tensor, int]] = {}
+        """Per layer, the singular values of the core the last step truncated and the rank
+        kept (a diagnostic: tests check the tolerance rule on it)."""
+        self._names: dict[int, str] = {}
 
     # ------------------------------------------------------------------ setup
     def prepare(self, model: nn.Module) -> ConversionReport:
@@ -198,16 +224,110 @@ class DLRT(Method):
     def train_step(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, loss_fn: LossFn
     ) -> dict[str, Tensor]:
-        layers = list(find_low_rank_layers(model).values())
+        named = find_low_rank_layers(model)
+        layers = list(named.values())
+        self._names = {id(layer): name for name, layer in named.items()}
         adapt = self.config.adaptive and self.step % self.config.truncate_every == 0
-        if self.config.integrator == "bug":
-            loss = self._bug_step(model, layers, optimizer, batch, loss_fn, adapt)
-        else:
-            loss = self._kls_step(model, layers, optimizer, batch, loss_fn, adapt)
+        if adapt:
+            self.last_spectra = {}
+        step = {
+            "parallel": self._parallel_step,
+            "bug": self._bug_step,
+            "kls": self._kls_step,
+            "retraction": self._retraction_step,
+        }[self.config.integrator]
+        loss = step(model, layers, optimizer, batch, loss_fn, adapt)
         self.step += 1
         self.truncations += int(adapt)
         self.after_step(model, optimizer)
         return self.loss_stats(loss, loss, {})
+
+    def _parallel_step(
+        self,
+        model: nn.Module,
+        layers: list[LowRankLayer],
+        optimizer: torch.optim.Optimizer,
+        batch: Any,
+        loss_fn: LossFn,
+        adapt: bool,
+    ) -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with _kls_gradients(layers):
+            loss = loss_fn(model, batch)
+        loss.backward()  # ∇_K, ∇_S, ∇_L in the U, S, V slots; biases and dense layers as usual
+        self.clip_gradients(model)
+        bases = _zero_kl_slots(layers)
+        optimizer.step()  # S̄₁ in the S slot, K₁ - K₀ and L₁ - L₀ in the U and V slots
+        with torch.no_grad():
+            for layer, (U0, _, V0) in zip(layers, bases, strict=True):
+                dK, dL, S1 = layer.U.detach(), layer.V.detach(), layer.S.detach()
+                if self._parallel_lean(layer, optimizer, U0, V0, S1, dK, dL, adapt):
+                    continue
+                (Nu, Ru), (Nv, Rv) = _new_directions(U0, dK), _new_directions(V0, dL)
+                r = S1.shape[0]
+                ku, kv = Nu.shape[1], Nv.shape[1]
+                # K₀ ∈ span(U₀), so Ũᵀ K₁ = Ũᵀ (K₁ - K₀) = R_U, and L₁ᵀ Ṽ = R_Vᵀ.
+                core = S1.new_zeros(r + ku, r + kv)
+                core[:r, :r] = S1
+                core[:r, r:] = Rv.T
+                core[r:, :r] = Ru
+                A, B = _eye(r, r + ku, S1), _eye(r, r + kv, S1)
+                self._install(
+                    layer,
+                    optimizer,
+                    torch.cat([U0, Nu], 1),
+                    core,
+                    torch.cat([V0, Nv], 1),
+                    A,
+                    B,
+                    rank=None if adapt else r,
+                    truncate=True,
+                )
+        return loss
+
+    def _parallel_lean(
+        self,
+        layer: LowRankLayer,
+        optimizer: torch.optim.Optimizer,
+        U0: Tensor,
+        V0: Tensor,
+        S1: Tensor,
+        dK: Tensor,
+        dL: Tensor,
+        adapt: bool,
+    ) -> bool:
+        """The parallel step's basis work from small matrices: six m×r×r GEMMs per basis
+        instead of the explicit construction's fourteen. False (nothing changed) when the
+        new directions are not well separated from the old span or the layer is near full
+        rank; the caller then takes the explicit path.
+
+        With ``c = U₀ᵀ dK``, the residual ``dK - U₀ c = Ũ R`` has Gram ``dKᵀdK - cᵀc``, so
+        ``R`` (the core block Ũᵀ K₁) comes from a Cholesky factor, and the kept basis
+        ``Û P = U₀ P₁ + Ũ P₂ = U₀ (P₁ - c R⁻¹ P₂) + dK (R⁻¹ P₂)`` needs two GEMMs; Ũ is never
+        formed. One Cholesky-QR pass on the result makes it orthonormal to working
+        precision (and fixes any drift of U₀)."""
+        r = S1.shape[0]
+        su, sv = _gram_residual(U0, dK), _gram_residual(V0, dL)
+        if su is None or sv is None:
+            return False
+        (cu, Ru), (cv, Rv) = su, sv
+        core = S1.new_zeros(2 * r, 2 * r)
+        core[:r, :r] = S1
+        core[:r, r:] = Rv.T
+        core[r:, :r] = Ru
+        P, sigma, Qt = _svd(core)
+        r1 = r
+        if adapt:
+            lo, hi = self.rank_bounds(layer.full_rank)
+            r1 = self.rule.select(sigma, lo, hi, full_rank=layer.full_rank)
+            self.last_spectra[self._names.get(id(layer), str(id(layer)))] = (sigma, r1)
+        r1 = min(r1, sigma.numel())
+        Pu, Pv = P[:, :r1], Qt[:r1].T
+        U1, Au, Xu = _lean_basis(U0, dK, cu, Ru, Pu)
+        V1, Bv, Xv = _lean_basis(V0, dL, cv, Rv, Pv)
+        core = (Xu * sigma[:r1]) @ Xv.T
+        self._put(layer, optimizer, U1, core, V1, Au, Bv)
+        return True
 
     def _bug_step(
         self,
@@ -218,70 +338,22 @@ class DLRT(Method):
         loss_fn: LossFn,
         adapt: bool,
     ) -> Tensor:
-        # Only the augmentation needs the bases from before the optimizer step.
-        old_bases = (
-            [(lr.U.detach().clone(), lr.V.detach().clone()) for lr in layers] if adapt else []
-        )
+        with _kls_gradients(layers):
+            loss = loss_fn(model, batch)
+        slots = [p for layer in layers for p in (layer.U, layer.V)]
+        grads = torch.autograd.grad(loss, slots)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
-        loss.backward()
+        bases = _zero_kl_slots(layers)
+        for p, g in zip(slots, grads, strict=True):
+            p.grad = g
         self.clip_gradients(model)
-        optimizer.step()
+        optimizer.step()  # K₁ - K₀ and L₁ - L₀ (only the U and V slots carry gradients)
         with torch.no_grad():
-            for i, layer in enumerate(layers):
-                U1, S1, V1 = layer.U.detach(), layer.S.detach(), layer.V.detach()
-                if adapt:
-                    (Uh, Cu), (Vh, Cv) = (
-                        _augment(old_bases[i][0], U1),
-                        _augment(old_bases[i][1], V1),
-                    )
-                else:
-                    (Uh, Cu), (Vh, Cv) = _qr(U1), _qr(V1)
-                self._galerkin(layer, optimizer, Uh, Cu, S1, Vh, Cv, truncate=adapt)
+            for layer, (U0, S0, V0) in zip(layers, bases, strict=True):
+                dK, dL = layer.U.detach(), layer.V.detach()
+                self._augment_and_install(layer, optimizer, U0, S0, V0, dK, dL, adapt, False)
+        self._s_step(model, layers, optimizer, batch, loss_fn, adapt)
         return loss
-
-    def _galerkin(
-        self,
-        layer: LowRankLayer,
-        optimizer: torch.optim.Optimizer,
-        Uh: Tensor,
-        Cu: Tensor,
-        S1: Tensor,
-        Vh: Tensor,
-        Cv: Tensor,
-        truncate: bool,
-    ) -> None:
-        """Install the BUG result given orthonormal ``Uh``, ``Vh`` with ``U₁ = Uh Cu``,
-        ``V₁ = Vh Cv``: the core ``Cu S₁ Cvᵀ`` (exactly ``Uhᵀ U₁ S₁ V₁ᵀ Vh``, from small
-        matrices only), truncated by the rule when asked, and the optimizer state moved by
-        ``X_U``, ``X_V`` with ``U₁ ≈ U' X_U`` (see the module docstring)."""
-        core = Cu @ S1 @ Cv.T
-        if truncate:
-            P, sigma, Qt = _svd(core)
-            lo, hi = self.rank_bounds(layer.full_rank)
-            r = min(self.rule.select(sigma, lo, hi, full_rank=layer.full_rank), sigma.numel())
-            Pu, Pv = P[:, :r], Qt[:r].T
-            # Uh Pu is orthonormal up to rounding; one Cholesky-QR pass (folded into the
-            # core) keeps rounding errors from accumulating over many steps.
-            (Uh, Ru), (Vh, Rv) = _qr(Uh @ Pu), _qr(Vh @ Pv)
-            core = Ru @ torch.diag(sigma[:r]) @ Rv.T
-            Xu, Xv = Ru @ (Pu.T @ Cu), Rv @ (Pv.T @ Cv)
-        else:
-            Xu, Xv = Cu, Cv
-        maps = {"U": Xu.T, "V": Xv.T, "S": (_pinv(Xu).T, _pinv(Xv))}
-        if Uh.shape != layer.U.shape:
-            mapping = layer.set_factors(Uh, core, Vh)
-        else:
-            # Same shapes: update the parameters in place (no new Parameters); their state is
-            # transformed in place by the identity mapping.
-            for name, value in (("U", Uh), ("S", core), ("V", Vh)):
-                getattr(layer, name).copy_(value)
-            mapping = {p: p for p in (layer.U, layer.S, layer.V)}
-        # A fixed-rank step's X = R is I + O(step), so its second moments are kept as they
-        # are: the elementwise-square map would change them by O(step) too, far below Adam's
-        # own averaging, at the cost of two more GEMMs per basis.
-        transform = _state_map(layer, mapping, maps, map_second_moments=truncate)
-        swap_parameters(optimizer, mapping, transform)
 
     def _kls_step(
         self,
@@ -317,27 +389,65 @@ class DLRT(Method):
         with torch.no_grad():
             for layer, (U0, S0, V0) in zip(layers, start, strict=True):
                 K1, L1 = layer.U.detach(), layer.V.detach()
-                r = layer.rank
-                if adapt and 2 * r <= layer.full_rank:
-                    (Uh, _), (Vh, _) = _augment(U0, K1), _augment(V0, L1)
-                elif adapt:
-                    # The core must stay square, so near full rank both bases get
-                    # k = min(m, n) columns; K₁, L₁ come first, so the old directions are
-                    # the ones dropped, as the fixed-rank step would do.
-                    k = layer.full_rank
+                # The slots hold K₁, L₁ themselves: their parts outside span(U₀), span(V₀)
+                # are those of K₁ - K₀, L₁ - L₀ (projected twice, so no cancellation).
+                self._augment_and_install(layer, optimizer, U0, S0, V0, K1, L1, adapt, True)
+        self._s_step(model, layers, optimizer, batch, loss_fn, adapt)
+        return loss
+
+    def _augment_and_install(
+        self,
+        layer: LowRankLayer,
+        optimizer: torch.optim.Optimizer,
+        U0: Tensor,
+        S0: Tensor,
+        V0: Tensor,
+        K: Tensor,
+        L: Tensor,
+        adapt: bool,
+        absolute: bool,
+    ) -> None:
+        """BUG/KLS basis update: install ``Û``, ``S̃₀``, ``V̂`` from the K- and L-steps (``K``,
+        ``L``: K₁, L₁ when ``absolute``, else K₁ - K₀, L₁ - L₀)."""
+        r = S0.shape[0]
+        if adapt:
+            Nu, Nv = _new_directions(U0, K)[0], _new_directions(V0, L)[0]
+            ku, kv = Nu.shape[1], Nv.shape[1]
+            Uh, Vh = torch.cat([U0, Nu], 1), torch.cat([V0, Nv], 1)
+            A, B = _eye(r, r + ku, S0), _eye(r, r + kv, S0)
+            if ku != kv:
+                # Near full rank one side has fewer new directions, and the core must stay
+                # square for the S-step: that side's basis spans K₁ (or L₁) first, then as
+                # much of the old basis as fits, as the fixed-rank step would.
+                k = r + min(ku, kv)
+                if ku > kv:
+                    K1 = K if absolute else U0 @ S0 + K
                     Uh = torch.linalg.qr(torch.cat([K1, U0], 1))[0][:, :k]
+                    A = U0.T @ Uh
+                else:
+                    L1 = L if absolute else V0 @ S0.T + L
                     Vh = torch.linalg.qr(torch.cat([L1, V0], 1))[0][:, :k]
-                else:
-                    Uh, Vh = _qr(K1)[0], _qr(L1)[0]
-                if adapt and _starts_with(Uh, U0) and _starts_with(Vh, V0):
-                    # [U₀ | N]: the old basis in new coordinates is [I; 0], so the core
-                    # M S₀ Nᵀ and the coordinate changes need no product with a tall basis.
-                    A = torch.eye(r, Uh.shape[1], dtype=S0.dtype, device=S0.device)
-                    B = torch.eye(r, Vh.shape[1], dtype=S0.dtype, device=S0.device)
-                else:
-                    A, B = U0.T @ Uh, V0.T @ Vh
-                self._set(layer, optimizer, Uh, A.T @ S0 @ B, Vh, A, B, truncate=False)
-        # S-step on the (augmented) core; biases and dense layers take their step here too.
+                    B = V0.T @ Vh
+            core = A.T @ S0 @ B
+        else:
+            K1 = K if absolute else U0 @ S0 + K
+            L1 = L if absolute else V0 @ S0.T + L
+            Uh, Vh = _orth(K1), _orth(L1)
+            A, B = U0.T @ Uh, V0.T @ Vh
+            core = A.T @ S0 @ B
+        self._install(layer, optimizer, Uh, core, Vh, A, B, rank=None, truncate=False)
+
+    def _s_step(
+        self,
+        model: nn.Module,
+        layers: list[LowRankLayer],
+        optimizer: torch.optim.Optimizer,
+        batch: Any,
+        loss_fn: LossFn,
+        adapt: bool,
+    ) -> None:
+        """Galerkin S-step at the (augmented) point; biases and dense layers step here too;
+        then, when ``adapt``, truncation by the tolerance."""
         optimizer.zero_grad(set_to_none=True)
         factors = {id(p) for layer in layers for p in (layer.U, layer.V)}
         trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in factors]
@@ -350,11 +460,10 @@ class DLRT(Method):
             with torch.no_grad():
                 for layer in layers:
                     U, S, V = layer.U.detach(), layer.S.detach(), layer.V.detach()
-                    eye = torch.eye(layer.rank, dtype=S.dtype, device=S.device)
-                    self._set(layer, optimizer, U, S.clone(), V, eye, eye, truncate=True)
-        return loss
+                    e = torch.eye(layer.rank, dtype=S.dtype, device=S.device)
+                    self._install(layer, optimizer, U, S.clone(), V, e, e, None, truncate=True)
 
-    def _set(
+    def _install(
         self,
         layer: LowRankLayer,
         optimizer: torch.optim.Optimizer,
@@ -363,26 +472,137 @@ class DLRT(Method):
         Vh: Tensor,
         A: Tensor,
         B: Tensor,
+        rank: int | None,
         truncate: bool,
     ) -> None:
-        """KLS: install ``Uh core Vhᵀ`` (truncated by the rule when asked) and move the state;
-        ``A = U_oldᵀ Uh``, ``B = V_oldᵀ Vh`` are the coordinate changes before truncation."""
+        """Install ``W = Uh core Vhᵀ`` (orthonormal ``Uh``, ``Vh``; any core shape) and move the
+        optimizer state. ``truncate``: SVD of the core, rank ``rank`` or, when ``None``, by
+        the tolerance rule; then one Cholesky-QR pass on the kept bases, folded into the core.
+        ``A = U_oldᵀ Uh``, ``B = V_oldᵀ Vh`` are the coordinates of the old bases in the new
+        ones (moments of ∇_K, ∇_L, ∇_S at the old point are mapped by them)."""
         if truncate:
             P, sigma, Qt = _svd(core)
-            lo, hi = self.rank_bounds(layer.full_rank)
-            r = self.rule.select(sigma, lo, hi, full_rank=layer.full_rank)
+            if rank is None:
+                lo, hi = self.rank_bounds(layer.full_rank)
+                r = self.rule.select(sigma, lo, hi, full_rank=layer.full_rank)
+                self.last_spectra[self._names.get(id(layer), str(id(layer)))] = (sigma, r)
+            else:
+                r = rank
             r = min(r, sigma.numel())
-            Pr, Qr = P[:, :r], Qt[:r].T
-            Uh, core, Vh = Uh @ Pr, torch.diag(sigma[:r]), Vh @ Qr
-            A, B = A @ Pr, B @ Qr
-        mapping = layer.set_factors(Uh, core, Vh)
-        # KLS's U and V slots hold moments of ∇_K = ∇W V and ∇_L = ∇Wᵀ U.
+            Pu, Pv = P[:, :r], Qt[:r].T
+            # Uh Pu is orthonormal only up to the rounding of Uh, which would accumulate from
+            # step to step: one Cholesky-QR pass resets it (W unchanged: R goes to the core).
+            (Uh, Ru), (Vh, Rv) = _qr(Uh @ Pu), _qr(Vh @ Pv)
+            core = (Ru * sigma[:r]) @ Rv.T
+            A = A @ torch.linalg.solve_triangular(Ru, Pu, upper=True, left=False)
+            B = B @ torch.linalg.solve_triangular(Rv, Pv, upper=True, left=False)
+        self._put(layer, optimizer, Uh, core, Vh, A, B)
+
+    def _put(
+        self,
+        layer: LowRankLayer,
+        optimizer: torch.optim.Optimizer,
+        Uh: Tensor,
+        core: Tensor,
+        Vh: Tensor,
+        A: Tensor,
+        B: Tensor,
+    ) -> None:
+        """Install the factors and map the optimizer state by ``A = U_oldᵀ Uh``, ``B``."""
+        if Uh.shape == layer.U.shape and Vh.shape == layer.V.shape:
+            # Same shapes: update the parameters in place (no new Parameters, so a DDP
+            # wrapper need not be rebuilt); their state is moved by the identity mapping.
+            for name, value in (("U", Uh), ("S", core), ("V", Vh)):
+                getattr(layer, name).copy_(value)
+            mapping = {p: p for p in (layer.U, layer.S, layer.V)}
+        else:
+            mapping = layer.set_factors(Uh, core, Vh)
         maps = {"U": B, "V": A, "S": (A.T, B)}
         swap_parameters(optimizer, mapping, _state_map(layer, mapping, maps))
 
+    def _retraction_step(
+        self,
+        model: nn.Module,
+        layers: list[LowRankLayer],
+        optimizer: torch.optim.Optimizer,
+        batch: Any,
+        loss_fn: LossFn,
+        adapt: bool,
+    ) -> Tensor:
+        decay = _decoupled_decay(optimizer)
+        keep = adapt or any(decay.get(p, 0.0) for layer in layers for p in (layer.U, layer.V))
+        old_bases = (
+            [(lr.U.detach().clone(), lr.V.detach().clone()) for lr in layers] if keep else []
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        self.clip_gradients(model)
+        optimizer.step()
+        with torch.no_grad():
+            for i, layer in enumerate(layers):
+                # Decoupled decay shrank U, V and S, i.e. W three times over: undo it on the
+                # bases, U₁ = (1 - ηλ) U₀ - η a  →  U₀ - η a, so it acts on W once (via S).
+                for p, old in zip((layer.U, layer.V), old_bases[i] if keep else (), strict=False):
+                    if decay.get(p, 0.0):
+                        p.add_(old, alpha=decay[p])
+                U1, S1, V1 = layer.U.detach(), layer.S.detach(), layer.V.detach()
+                if adapt:
+                    (Uh, Cu), (Vh, Cv) = (
+                        _augment(old_bases[i][0], U1),
+                        _augment(old_bases[i][1], V1),
+                    )
+                else:
+                    (Uh, Cu), (Vh, Cv) = _qr(U1), _qr(V1)
+                self._galerkin(layer, optimizer, Uh, Cu, S1, Vh, Cv, truncate=adapt)
+        return loss
+
+    def _galerkin(
+        self,
+        layer: LowRankLayer,
+        optimizer: torch.optim.Optimizer,
+        Uh: Tensor,
+        Cu: Tensor,
+        S1: Tensor,
+        Vh: Tensor,
+        Cv: Tensor,
+        truncate: bool,
+    ) -> None:
+        """Retraction: install the result given orthonormal ``Uh``, ``Vh`` with ``U₁ = Uh Cu``,
+        ``V₁ = Vh Cv``: the core ``Cu S₁ Cvᵀ`` (exactly ``Uhᵀ U₁ S₁ V₁ᵀ Vh``, from small
+        matrices only), truncated by the rule when asked, and the optimizer state moved by
+        ``X_U``, ``X_V`` with ``U₁ ≈ U' X_U`` (see the module docstring)."""
+        core = Cu @ S1 @ Cv.T
+        if truncate:
+            P, sigma, Qt = _svd(core)
+            lo, hi = self.rank_bounds(layer.full_rank)
+            r = min(self.rule.select(sigma, lo, hi, full_rank=layer.full_rank), sigma.numel())
+            Pu, Pv = P[:, :r], Qt[:r].T
+            # Uh Pu is orthonormal up to rounding; one Cholesky-QR pass (folded into the
+            # core) keeps rounding errors from accumulating over many steps.
+            (Uh, Ru), (Vh, Rv) = _qr(Uh @ Pu), _qr(Vh @ Pv)
+            core = Ru @ torch.diag(sigma[:r]) @ Rv.T
+            Xu, Xv = Ru @ (Pu.T @ Cu), Rv @ (Pv.T @ Cv)
+        else:
+            Xu, Xv = Cu, Cv
+        maps = {"U": Xu.T, "V": Xv.T, "S": (_pinv(Xu).T, _pinv(Xv))}
+        if Uh.shape != layer.U.shape:
+            mapping = layer.set_factors(Uh, core, Vh)
+        else:
+            # Same shapes: update the parameters in place (no new Parameters); their state is
+            # transformed in place by the identity mapping.
+            for name, value in (("U", Uh), ("S", core), ("V", Vh)):
+                getattr(layer, name).copy_(value)
+            mapping = {p: p for p in (layer.U, layer.S, layer.V)}
+        # A fixed-rank step's X = R is I + O(step), so its second moments are kept as they
+        # are: the elementwise-square map would change them by O(step) too, far below Adam's
+        # own averaging, at the cost of two more GEMMs per basis.
+        transform = _state_map(layer, mapping, maps, map_second_moments=truncate)
+        swap_parameters(optimizer, mapping, transform)
+
     # ------------------------------------------------------------------ reporting
     def passes_per_batch(self) -> int:
-        return 1 if self.config.integrator == "bug" else 3
+        return PASSES[self.config.integrator]
 
     def epoch_metrics(self, model: nn.Module) -> dict[str, Any]:
         layers = find_low_rank_layers(model)
@@ -399,12 +619,15 @@ class DLRT(Method):
     def allocated(self, layer: LowRankLayer) -> int:
         """Factor entries the integrator holds in one step at the layer's current rank.
 
-        BUG keeps the old bases beside the stepped ones and builds the augmented bases and
-        core; KLS holds K, L, the start point and the augmented bases and core. Fixed-rank
-        steps need no augmentation but still keep the start point.
+        Every integrator keeps the start point (U₀, S₀, V₀) beside the slots holding the K-
+        and L-steps; parallel, bug and kls build augmented bases and a core of up to 2r
+        (parallel's fast path forms only the kept bases, but its fallback forms Û, V̂);
+        the fixed-rank parallel step augments too, the fixed-rank bug/kls/retraction steps
+        do not.
         """
         m, n, r = layer.out_dim, layer.in_dim, layer.rank
-        k = min(2 * r, m, n) if self.config.adaptive else r
+        augments = self.config.adaptive or self.config.integrator == "parallel"
+        k = min(2 * r, m, n) if augments else r
         kept = 2 * r * (m + n) + 2 * r * r  # current factors + start point (or K, L)
         return kept + k * (m + n) + k * k
 
@@ -504,12 +727,6 @@ def _augment(basis: Tensor, stepped: Tensor) -> tuple[Tensor, Tensor]:
     return q, q.T @ stepped
 
 
-def _starts_with(basis: Tensor, head: Tensor) -> bool:
-    """Whether ``basis``'s first columns are ``head`` itself (``_augment``'s fast path)."""
-    r = head.shape[1]
-    return basis.shape[1] > r and bool(torch.equal(basis[:, :r], head))
-
-
 def _pinv(x: Tensor) -> Tensor:
     """Inverse of a small square factor, pseudo-inverse when the rank changed."""
     if x.shape[0] == x.shape[1]:
@@ -547,11 +764,23 @@ def _state_map(
 def _apply_map(maps: dict[str, Any], slot: str, value: Tensor, square: bool) -> Tensor:
     if slot == "S":
         left, right = maps["S"]
-        if square:
-            left, right = left * left, right * right
-        return left @ value @ right
+        if not square:
+            return left @ value @ right
+        left, right = left * left, right * right
+        moved = left @ value @ right
+        cover = left.sum(1).clamp(max=1)[:, None] * right.sum(0).clamp(max=1)[None, :]
+        return moved + (1 - cover) * value.mean()
     m = maps[slot]
-    return value @ (m * m if square else m)
+    if not square:
+        return value @ m
+    m = m * m
+    # A second moment of zero would make Adam's first steps in a new direction ±3η whatever
+    # the gradient (round-off included), enough to keep noise directions above the
+    # truncation threshold; a new direction instead inherits its row's mean second moment,
+    # so its steps are scaled by the typical gradient size. ``cover`` is 1 for a direction
+    # in the old span and 0 for a new one.
+    cover = m.sum(0).clamp(max=1)[None, :]
+    return value @ m + (1 - cover) * value.mean(1, keepdim=True)
 
 
 def _full_rank(module: nn.Module) -> int:
@@ -561,3 +790,130 @@ def _full_rank(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return min(module.out_features, module.in_features)
     return min(module.weight.shape)
+
+
+def _gram_residual(basis: Tensor, step: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``c = basisᵀ step`` and the R factor of ``step - basis c`` from Gram matrices alone,
+    or ``None`` when that is not accurate (the residual is small or ill-conditioned next to
+    the step: the Gram difference would cancel) or there is no room for r new directions."""
+    rows, r = basis.shape
+    if 2 * r > rows:
+        return None
+    c = basis.T @ step
+    gram = step.T @ step
+    residual_gram = gram - c.T @ c
+    chol, info = torch.linalg.cholesky_ex(0.5 * (residual_gram + residual_gram.T))
+    if int(info) != 0:
+        return None
+    R = chol.T
+    diag = torch.diagonal(R)
+    # The Gram difference has absolute error ~eps·‖step‖²: demand every residual direction
+    # be at least 1/10 of the step's largest column, so its relative error stays ~100·eps.
+    if bool(diag.min() ** 2 < 1e-2 * torch.diagonal(gram).max()):
+        return None
+    return c, R
+
+
+def _lean_basis(
+    basis: Tensor, step: Tensor, c: Tensor, R: Tensor, P: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``Q``, ``A = basisᵀ Q`` and ``X`` with ``Q X = [basis | Ũ] P`` orthonormal, where
+    ``Ũ R = step - basis c`` (see :meth:`DLRT._parallel_lean`)."""
+    r = basis.shape[1]
+    Y = torch.linalg.solve_triangular(R, P[r:], upper=True)  # R⁻¹ P₂
+    X = P[:r] - c @ Y
+    Q, Rq = _qr(basis @ X + step @ Y)
+    # basisᵀ Q = (X + c Y) Rq⁻¹ = P₁ Rq⁻¹ (basis orthonormal up to the drift Q just removed)
+    A = torch.linalg.solve_triangular(Rq, P[:r], upper=True, left=False)
+    return Q, A, Rq
+
+
+@contextmanager
+def _kls_gradients(layers: list[LowRankLayer]) -> Iterator[None]:
+    """Forwards inside build graphs whose backward gives ∇_K, ∇_S, ∇_L (see the docstring)."""
+    for layer in layers:
+        layer.kls_gradients = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.kls_gradients = False
+
+
+@torch.no_grad()
+def _zero_kl_slots(layers: list[LowRankLayer]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Keep ``(U₀, S₀, V₀)`` and zero the U and V slots, which then hold K - K₀ and L - L₀:
+    the optimizer's K- and L-steps are all the integrators need of K₁, L₁ (only their parts
+    outside span(U₀), span(V₀) enter), and a zero slot keeps weight decay from acting on W
+    through K and L besides S."""
+    bases = []
+    for layer in layers:
+        bases.append((layer.U.detach().clone(), layer.S.detach().clone(), layer.V.detach().clone()))
+        layer.U.zero_()
+        layer.V.zero_()
+    return bases
+
+
+def _decoupled_decay(optimizer: torch.optim.Optimizer) -> dict[Tensor, float]:
+    """``lr · weight_decay`` of every parameter whose group decays decoupled (AdamW)."""
+    out: dict[Tensor, float] = {}
+    for group in optimizer.param_groups:
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get(
+            "decoupled_weight_decay", False
+        )
+        if decoupled and group.get("weight_decay", 0.0):
+            for p in group["params"]:
+                out[p] = float(group["lr"]) * float(group["weight_decay"])
+    return out
+
+
+def _eye(rows: int, cols: int, like: Tensor) -> Tensor:
+    return torch.eye(rows, cols, dtype=like.dtype, device=like.device)
+
+
+def _new_directions(basis: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
+    """``N``, ``R`` with ``(I - basis basisᵀ) step = N R``: ``N`` orthonormal, orthogonal to
+    ``basis``, with min(r, rows - r) columns (none at full rank).
+
+    The residual is projected twice ("twice is enough" for orthogonality to ``basis`` in
+    floating point), then factored by two Cholesky-QR passes: only m×r×r GEMMs. A
+    rank-deficient step (e.g. from a batch of one sample) makes the Gram matrix singular; then
+    Householder QR of ``[basis | residual]`` completes the basis with arbitrary orthonormal
+    directions, whose rows of R are ≈ 0 (and which truncation drops)."""
+    rows, r = basis.shape
+    k = min(r, rows - r)
+    if k <= 0:
+        return basis.new_zeros(rows, 0), basis.new_zeros(0, step.shape[1])
+    residual = step - basis @ (basis.T @ step)
+    residual = residual - basis @ (basis.T @ residual)
+    if k == step.shape[1]:
+        out = _cholesky_qr(residual, passes=2)
+        if out is not None and _well_conditioned(out[1]):
+            return out
+    q, _ = torch.linalg.qr(torch.cat([basis, residual], 1))
+    new = q[:, r : r + k]
+    # Householder's first r columns are ±basis up to rounding; project once more so the new
+    # directions are orthogonal to basis itself, not to its rounded copy.
+    new = new - basis @ (basis.T @ new)
+    new = torch.linalg.qr(new)[0]
+    return new, new.T @ residual
+
+
+def _well_conditioned(r: Tensor) -> bool:
+    """Whether Cholesky QR with this R reached working precision: its loss of orthogonality
+    grows like κ²·eps, so accept κ (estimated by the diagonal of R) below eps^(-1/4)."""
+    diag = torch.diagonal(r).abs()
+    if diag.numel() == 0:
+        return True
+    eps = torch.finfo(r.dtype).eps
+    return bool(diag.min() > diag.max() * eps**0.25)
+
+
+def _orth(x: Tensor) -> Tensor:
+    """An orthonormal basis of the columns of ``x`` (Householder when Cholesky QR would lose
+    accuracy, e.g. K₁ = U₀S₀ with an ill-conditioned S₀)."""
+    if x.shape[1] <= x.shape[0]:
+        out = _cholesky_qr(x, passes=2)
+        if out is not None and _well_conditioned(out[1]):
+            return out[0]
+    return torch.linalg.qr(x)[0][:, : min(x.shape)]
