@@ -1,0 +1,175 @@
+"""The training loop's FLOP bookkeeping: FLOPs per training step and per inference sample,
+counted on one real batch, and the cumulative training FLOPs of a run.
+
+**What a training step counts.** The method's own ``train_step`` (all its forward/backward
+passes, e.g. the three of DLRT's KLS integrator, its regularizers, and the small linear
+algebra it does in the step: DLRT's QRs, Gram matrices and core SVDs), run under
+:class:`lorank.core.flops.FlopCounter` on *copies* of the model, optimizer and method, so the
+run itself is untouched (the RNG state is restored too): matrix products and convolutions
+counted, decompositions estimated, element-wise work not counted (see
+:mod:`lorank.core.flops`). Two consecutive steps are counted and the cheaper one is kept,
+so work a method does only every k steps (OIALR's basis rotation, its one-time switch) is
+never charged to every step; such work is added once per epoch from
+:meth:`Method.extra_flops <lorank.methods.base.Method.extra_flops>` (estimated by the
+method). ``on_epoch_end`` (pruning, rank searches with their forward passes, switches) runs
+for real under the counter and is added to its epoch. Evaluation is not training: it is not
+in ``train_flops``.
+
+**When it counts.** On one fixed real batch (the first ``batch_size`` training samples,
+without augmentation): before an epoch when the parameters' shapes or trainability differ
+from the last count (a rank change, a switch, frozen bases), and again at the end of an
+epoch during which they changed (a rank-adaptive method); that epoch is charged the mean of
+the two counts per step (the trapezoid rule over the epoch), every step as a full batch.
+A run whose ranks never change is counted once. Counting is measurement, not training: its
+time (``flop_count_s`` in ``summary.json``) is kept out of the epoch times and the energy.
+
+**Inference** FLOPs per sample: one forward pass in eval mode without gradients on (up to
+:data:`INFERENCE_SAMPLES` samples of) the first test batch, divided by the number of samples
+(a sequence for the language model), re-counted when the structure changed. A layer with a
+core forms U·S once per forward, so that product is shared by the samples of the batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorank.core.flops import FlopCounter, count_flops
+
+INFERENCE_SAMPLES = 64  # FLOPs are linear in the batch; a slice is as exact and cheaper
+
+
+def structure(model: nn.Module) -> tuple[tuple[str, tuple[int, ...], bool], ...]:
+    """What a step's FLOPs depend on: every parameter's name, shape and trainability."""
+    return tuple((n, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters())
+
+
+def _rng_state() -> tuple[Any, Any]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[Any, Any]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def train_step_flops(
+    method: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Any,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    steps: int = 2,
+) -> int:
+    """FLOPs of one ``method.train_step`` on ``batch``: the cheapest of ``steps``
+    consecutive steps, taken on copies of ``method``, ``model`` and ``optimizer``."""
+    rng = _rng_state()
+    was_training = model.training
+    try:
+        m, mod, opt = copy.deepcopy((method, model, optimizer))
+        # An LR scheduler patches ``optimizer.step`` on the instance with a wrapper that
+        # holds a reference to the original optimizer: drop it so the copy steps itself.
+        opt.__dict__.pop("step", None)
+        mod.train()
+        counts = []
+        for _ in range(steps):
+            _, flops = count_flops(m.train_step, mod, opt, batch, loss_fn)
+            counts.append(flops)
+        return min(counts)
+    finally:
+        _set_rng_state(rng)
+        model.train(was_training)
+
+
+@torch.no_grad()
+def inference_flops(model: nn.Module, inputs: torch.Tensor) -> float:
+    """Forward FLOPs per sample of ``model`` in eval mode on ``inputs`` (a batch)."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = inputs[:INFERENCE_SAMPLES]
+        _, flops = count_flops(model, x)
+        return flops / max(len(x), 1)
+    finally:
+        model.train(was_training)
+
+
+class FlopMeter:
+    """Per-run FLOP bookkeeping for the trainer (see the module docstring).
+
+    ``total`` starts at the training FLOPs already done (a resumed run's last record)."""
+
+    def __init__(
+        self,
+        method: Any,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+        batch: Any,
+        inputs: torch.Tensor | None,
+        total: float = 0.0,
+    ) -> None:
+        self.method, self.loss_fn, self.batch, self.inputs = method, loss_fn, batch, inputs
+        self.total = float(total)
+        self.seconds = 0.0  # spent counting on copies (not training)
+        self.step_flops: float | None = None  # per step at the current structure
+        self.inference: float | None = None
+        self._counted: tuple | None = None  # structure of the last training count
+        self._inference_counted: tuple | None = None
+        self._epoch_start: float | None = None
+
+    def _count(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        now = structure(model)
+        if now != self._counted or self.step_flops is None:
+            start = time.perf_counter()
+            self.step_flops = train_step_flops(
+                self.method, model, optimizer, self.batch, self.loss_fn
+            )
+            self._counted = now
+            self.seconds += time.perf_counter() - start
+
+    def begin_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Before an epoch's first step: count if the structure changed since the last."""
+        self._count(model, optimizer)
+        self._epoch_start = self.step_flops
+
+    def end_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> float:
+        """After an epoch's last step (before ``on_epoch_end``): charge the epoch's steps;
+        returns the seconds this took (to keep out of the epoch's time)."""
+        if self._epoch_start is None:
+            return 0.0
+        before = self.seconds
+        self._count(model, optimizer)
+        assert self.step_flops is not None
+        per_step = 0.5 * (self._epoch_start + self.step_flops)
+        self.total += per_step * steps + float(self.method.extra_flops())
+        self._epoch_start = None
+        return self.seconds - before
+
+    def counted(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` (real training work outside the steps, e.g. ``on_epoch_end``) under the
+        counter and add its FLOPs to the training total."""
+        with FlopCounter() as counter:
+            out = fn(*args, **kwargs)
+        self.total += counter.total
+        return out
+
+    def record(self, model: nn.Module) -> dict[str, float]:
+        """The FLOP fields of an epoch record: ``train_flops`` (cumulative),
+        ``step_flops`` (per training step, at the last count) and ``inference_flops``
+        (per sample, re-counted when the structure changed)."""
+        out: dict[str, float] = {"train_flops": self.total}
+        if self.step_flops is not None:
+            out["step_flops"] = self.step_flops
+        now = structure(model)
+        if self.inputs is not None and (now != self._inference_counted or self.inference is None):
+            self.inference = inference_flops(model, self.inputs)
+            self._inference_counted = now
+        if self.inference is not None:
+            out["inference_flops"] = self.inference
+        return out
