@@ -208,3 +208,26 @@ def test_an_adaptive_dlrt_run_recounts_as_its_ranks_change(tmp_path):
         expected = low + core / INFERENCE_SAMPLES + 2 * 64 * dims[-1]
         assert r["inference_flops"] == pytest.approx(expected, rel=1e-9)
     assert len({r["inference_flops"] for r in records}) > 1  # the ranks did change
+
+
+def test_oialr_reports_its_switch_and_basis_updates_as_extra_flops():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 36), nn.ReLU(), nn.Linear(36, 10)
+    )
+    config = {"name": "oialr", "delay": 1, "frequency": 2, "cutoff": 0.0}
+    method, optimizer = _method(config, model)
+    batch = _batch(48)
+    assert method.extra_flops() == 0
+    method.train_step(model, optimizer, batch, task_loss)  # step 1: the switch (an SVD each)
+    switch = method.extra_flops()
+    assert switch >= svd_flops(40, 48) + svd_flops(36, 40)
+    assert method.extra_flops() == 0  # reset by reading
+    method.train_step(model, optimizer, batch, task_loss)  # step 2: no update
+    assert method.extra_flops() == 0
+    method.train_step(model, optimizer, batch, task_loss)  # step 3: a basis update
+    assert method.extra_flops() >= svd_flops(40, 40) + svd_flops(36, 36)  # the r×r cores
+    # The trainer keeps the cheaper of two counted steps, so a step that happens to rotate
+    # the bases is never charged to every step.
+    step = train_step_flops(method, model, optimizer, batch, task_loss)
+    assert step < svd_flops(40, 40)

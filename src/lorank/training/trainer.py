@@ -41,8 +41,8 @@ from lorank.training.checkpoint import (
     write_checkpoint,
 )
 from lorank.training.config import RunConfig
-from lorank.training.environment import environment, resolve_device, seed_everything
 from lorank.training.energy import POLL_STEPS, EnergyMeter
+from lorank.training.environment import environment, resolve_device, seed_everything
 from lorank.training.evaluate import evaluate, task_loss
 from lorank.training.flops import FlopMeter
 from lorank.training.rundir import (
