@@ -42,10 +42,13 @@ def qr_flops(m: int, n: int, with_q: bool = True) -> float:
 
 
 def svd_flops(m: int, n: int, with_vectors: bool = True) -> float:
-    """Thin SVD of an m×n matrix (Golub–Van Loan, R-SVD): 6pk² + 20k³ with the singular
-    vectors, 4pk² − 4k³/3 for the values only (k = min, p = max)."""
+    """Thin SVD of an m×n matrix (Golub–Van Loan, Table 8.6.1, k = min, p = max): with the
+    singular vectors the cheaper of Golub–Reinsch, 14pk² + 8k³, and R-SVD, 6pk² + 20k³
+    (22k³ for a square matrix); 4pk² − 4k³/3 for the values only."""
     k, p = min(m, n), max(m, n)
-    return 6 * p * k * k + 20 * k**3 if with_vectors else 4 * p * k * k - 4 * k**3 / 3
+    if not with_vectors:
+        return 4 * p * k * k - 4 * k**3 / 3
+    return min(14 * p * k * k + 8 * k**3, 6 * p * k * k + 20 * k**3)
 
 
 def eigh_flops(n: int, with_vectors: bool = True) -> float:

@@ -7,12 +7,13 @@ algebra it does in the step: DLRT's QRs, Gram matrices and core SVDs), run under
 :class:`lorank.core.flops.FlopCounter` on *copies* of the model, optimizer and method, so the
 run itself is untouched (the RNG state is restored too): matrix products and convolutions
 counted, decompositions estimated, element-wise work not counted (see
-:mod:`lorank.core.flops`). Two consecutive steps are counted and the cheaper one is kept,
-so work a method does only every k steps (OIALR's basis rotation, its one-time switch) is
-never charged to every step; such work is added once per epoch from
-:meth:`Method.extra_flops <lorank.methods.base.Method.extra_flops>` (estimated by the
-method). ``on_epoch_end`` (pruning, rank searches with their forward passes, switches) runs
-for real under the counter and is added to its epoch. Evaluation is not training: it is not
+:mod:`lorank.core.flops`). Work a method does only every k steps (OIALR's basis rotation,
+its one-time switch) is reported by the method itself through :meth:`Method.extra_flops
+<lorank.methods.base.Method.extra_flops>`: it is taken out of the counted step, so it is
+never charged to every step, and added once per epoch as it happened. ``on_epoch_end``
+(pruning, rank searches with their forward passes, switches) and ``prepare`` (conversion,
+SVD initialisations) run for real under the counter and are added where they happen. A
+gradient-free method's ``fit`` is counted as it runs. Evaluation is not training: it is not
 in ``train_flops``.
 
 **When it counts.** On one fixed real batch (the first ``batch_size`` training samples,
@@ -66,10 +67,10 @@ def train_step_flops(
     optimizer: torch.optim.Optimizer,
     batch: Any,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
-    steps: int = 2,
-) -> int:
-    """FLOPs of one ``method.train_step`` on ``batch``: the cheapest of ``steps``
-    consecutive steps, taken on copies of ``method``, ``model`` and ``optimizer``."""
+) -> tuple[int, int]:
+    """FLOPs of one ``method.train_step`` on ``batch``, taken on copies of ``method``,
+    ``model`` and ``optimizer``, less what the method reports as periodic work
+    (:meth:`~lorank.methods.base.Method.extra_flops`); and the estimated part of them."""
     rng = _rng_state()
     was_training = model.training
     try:
@@ -78,11 +79,13 @@ def train_step_flops(
         # holds a reference to the original optimizer: drop it so the copy steps itself.
         opt.__dict__.pop("step", None)
         mod.train()
-        counts = []
-        for _ in range(steps):
-            _, flops = count_flops(m.train_step, mod, opt, batch, loss_fn)
-            counts.append(flops)
-        return min(counts)
+        m.extra_flops()  # drop what the original had pending: only this step's counts
+        with FlopCounter() as counter:
+            m.train_step(mod, opt, batch, loss_fn)
+        periodic = int(m.extra_flops())
+        # Periodic work is matrix decompositions and products; take it from the estimated
+        # part first (it is never more than the whole).
+        return counter.total - periodic, max(counter.estimated - periodic, 0)
     finally:
         _set_rng_state(rng)
         model.train(was_training)
@@ -118,6 +121,7 @@ class FlopMeter:
         self.total = float(total)
         self.seconds = 0.0  # spent counting on copies (not training)
         self.step_flops: float | None = None  # per step at the current structure
+        self.step_estimated: float | None = None  # the decompositions' (estimated) part
         self.inference: float | None = None
         self._counted: tuple | None = None  # structure of the last training count
         self._inference_counted: tuple | None = None
@@ -127,7 +131,7 @@ class FlopMeter:
         now = structure(model)
         if now != self._counted or self.step_flops is None:
             start = time.perf_counter()
-            self.step_flops = train_step_flops(
+            self.step_flops, self.step_estimated = train_step_flops(
                 self.method, model, optimizer, self.batch, self.loss_fn
             )
             self._counted = now
@@ -161,11 +165,13 @@ class FlopMeter:
 
     def record(self, model: nn.Module) -> dict[str, float]:
         """The FLOP fields of an epoch record: ``train_flops`` (cumulative),
-        ``step_flops`` (per training step, at the last count) and ``inference_flops``
-        (per sample, re-counted when the structure changed)."""
+        ``step_flops`` (per training step, at the last count) with its estimated part
+        ``step_flops_estimated`` (the decompositions), and ``inference_flops`` (per
+        sample, re-counted when the structure changed)."""
         out: dict[str, float] = {"train_flops": self.total}
         if self.step_flops is not None:
             out["step_flops"] = self.step_flops
+            out["step_flops_estimated"] = self.step_estimated or 0
         now = structure(model)
         if self.inputs is not None and (now != self._inference_counted or self.inference is None):
             self.inference = inference_flops(model, self.inputs)

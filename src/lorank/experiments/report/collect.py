@@ -189,13 +189,15 @@ def mean_std(values: Iterable[Any]) -> tuple[float | None, float | None, int]:
 
 
 def curve(
-    runs: Sequence[RunData], key: str, x: str = "epoch"
+    runs: Sequence[RunData], key: str, x: str = "epoch", first_epoch: int = 0
 ) -> tuple[list[float], list[float], list[float]]:
-    """Per-epoch mean and std of ``key`` over ``runs``; x is the epoch or the mean of
-    ``x`` (e.g. ``time_s``) at that epoch."""
+    """Per-epoch mean and std of ``key`` over ``runs`` from ``first_epoch`` on; x is the
+    epoch or the mean of ``x`` (e.g. ``time_s``) at that epoch."""
     by_epoch: dict[int, list[tuple[float, float]]] = {}
     for run in runs:
         for record in run.records:
+            if int(record.get("epoch", 0)) < first_epoch:
+                continue
             value, xv = record.get(key), record.get(x)
             if value is None or xv is None or not math.isfinite(value):
                 continue
@@ -306,6 +308,16 @@ def curve_groups(groups: Sequence[Group]) -> list[Group]:
 
 DENSE_FRACTION = 0.99
 """The accuracy target of the "FLOPs to reach X% of dense accuracy" column and figure."""
+
+
+def flops_text(value: float | None) -> str:
+    """FLOPs with an SI prefix: ``471 G``, ``3.12 T``, ``12.6 k``."""
+    if value is None:
+        return "–"
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}"
+    return f"{value:.3g}"
 
 
 def dense_accuracy(groups: Sequence[Group]) -> float | None:

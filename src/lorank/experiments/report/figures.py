@@ -22,6 +22,7 @@ from lorank.experiments.report.collect import (
     curve,
     curve_groups,
     dense_accuracy,
+    flops_text,
     heat_maps,
     method_rank,
 )
@@ -193,6 +194,16 @@ def _target_line(ax: Any, groups: Sequence[Group]) -> None:
         )
 
 
+def _flops_x(ax: Any, label: str) -> None:
+    """Log x axis of FLOPs with SI labels (60 k, 200 G) instead of 6×10⁴."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: flops_text(v)))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.set_xlabel(label)
+
+
 def fig_accuracy_train_flops(groups: Sequence[Group]) -> Any | None:
     """Test accuracy vs cumulative training FLOPs: a curve per method (its best setting,
     mean over seeds at each evaluated epoch), a point per run without epochs (a post-training
@@ -203,7 +214,8 @@ def fig_accuracy_train_flops(groups: Sequence[Group]) -> Any | None:
     colors = _colors([g for g in groups if g.ok_runs])
     drawn = False
     for g in chosen:
-        xs, means, _ = curve(g.ok_runs, "test_acc", "train_flops")
+        # From epoch 1: epoch 0 is the untrained model (at the cost of its conversion).
+        xs, means, _ = curve(g.ok_runs, "test_acc", "train_flops", first_epoch=1)
         pts = [(x, 100 * m) for x, m in zip(xs, means, strict=True) if x > 0]
         if pts:
             ax.plot(
@@ -229,14 +241,13 @@ def fig_accuracy_train_flops(groups: Sequence[Group]) -> Any | None:
     if not drawn:
         return None
     _target_line(ax, groups)
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs, cumulative (log scale)")
+    _flops_x(ax, "training FLOPs, cumulative (log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("test accuracy vs training FLOPs")
     ax.grid(True, which="both", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
-    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="lower right")
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
     return fig
 
 
@@ -285,12 +296,11 @@ def fig_accuracy_inference_flops(groups: Sequence[Group]) -> Any | None:
             runs[i][0].label, pts[i], textcoords="offset points", xytext=(5, -11), fontsize=7
         )
     _target_line(ax, groups)
-    ax.set_xscale("log")
-    ax.set_xlabel("inference FLOPs per sample (log scale)")
+    _flops_x(ax, "inference FLOPs per sample (log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("test accuracy vs inference FLOPs")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="best")
     return fig
 
 

@@ -19,6 +19,7 @@ from lorank.experiments.report.collect import (
     cell_text,
     collect,
     dense_accuracy,
+    flops_text,
     group_flops_to_reach,
     group_runs,
     heat_maps,
@@ -41,16 +42,6 @@ def _num(value: float | None, digits: int = 4) -> str:
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     return f"{value:.{digits}g}"
-
-
-def flops_text(value: float | None) -> str:
-    """FLOPs with an SI prefix: ``471 G``, ``3.12 T``, ``12.6 k``."""
-    if value is None:
-        return "–"
-    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g} {prefix}"
-    return f"{value:.3g}"
 
 
 def _ranks_text(g: Group) -> str:
