@@ -110,10 +110,16 @@ def test_counts_follow_a_rank_change_and_a_mid_epoch_change_is_averaged():
     model = nn.Sequential(nn.Linear(n0, n), nn.ReLU(), LowRankLinear(n, m, 8, core="none"))
     method, optimizer = _method({"name": "dense"}, model)
     meter = FlopMeter(method, task_loss, _batch(n0, m), _batch(n0, m)[0])
+
+    def steps(k: int) -> None:
+        for _ in range(k):
+            meter.after_step(model, optimizer)
+
     meter.begin_epoch(model, optimizer)
-    assert meter.step_flops == expected(8)
-    meter.end_epoch(model, optimizer, steps=10)
-    assert meter.total == 10 * expected(8)
+    assert meter.step_flops == expected(8) and meter.counts == 1
+    steps(10)  # a check after FIRST_CHECK = 8 steps finds no change: no count
+    meter.end_epoch(model, optimizer)
+    assert meter.total == 10 * expected(8) and meter.counts == 1
 
     def set_rank(r: int) -> None:
         layer = model[2]
@@ -123,12 +129,21 @@ def test_counts_follow_a_rank_change_and_a_mid_epoch_change_is_averaged():
 
     set_rank(4)  # between epochs (e.g. pruning in on_epoch_end)
     meter.begin_epoch(model, optimizer)
-    assert meter.step_flops == expected(4)
-    set_rank(2)  # during the epoch (a rank-adaptive method): the trapezoid rule
-    meter.end_epoch(model, optimizer, steps=10)
-    assert meter.step_flops == expected(2)
-    assert meter.total == 10 * expected(8) + 10 * (expected(4) + expected(2)) / 2
+    assert meter.step_flops == expected(4) and meter.counts == 2
+    steps(3)
+    set_rank(2)  # during the epoch (a rank-adaptive method)
+    steps(5)  # the check at step 8 counts again; the 8 steps get the mean (trapezoid)
+    assert meter.step_flops == expected(2) and meter.counts == 3
+    steps(2)
+    meter.end_epoch(model, optimizer)
+    assert meter.total == 10 * expected(8) + 8 * (expected(4) + expected(2)) / 2 + 2 * expected(2)
     assert meter.record(model)["inference_flops"] == 2 * n0 * n + 2 * 2 * (m + n)
+
+    # A resumed run's meter carries on exactly (the state goes through JSON).
+    again = FlopMeter(method, task_loss, _batch(n0, m), None)
+    again.load_state_dict(json.loads(json.dumps(meter.state_dict())))
+    again.begin_epoch(model, optimizer)
+    assert again.counts == 3 and again.total == meter.total  # same structure: no recount
 
 
 def test_counting_leaves_the_run_untouched():

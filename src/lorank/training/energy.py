@@ -19,6 +19,8 @@ running on it at the time.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +161,18 @@ class EnergyMeter:
     def stop(self) -> None:
         self.poll()
         self.running = False
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave out what runs inside (e.g. counting FLOPs, which is not training)."""
+        if not self.running:
+            yield
+            return
+        self.stop()
+        try:
+            yield
+        finally:
+            self.start()
 
     def record(self) -> dict[str, Any]:
         """``energy_j`` (cumulative) for an epoch record, when measured."""

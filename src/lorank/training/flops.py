@@ -17,12 +17,13 @@ gradient-free method's ``fit`` is counted as it runs. Evaluation is not training
 in ``train_flops``.
 
 **When it counts.** On one fixed real batch (the first ``batch_size`` training samples,
-without augmentation): before an epoch when the parameters' shapes or trainability differ
-from the last count (a rank change, a switch, frozen bases), and again at the end of an
-epoch during which they changed (a rank-adaptive method); that epoch is charged the mean of
-the two counts per step (the trapezoid rule over the epoch), every step as a full batch.
-A run whose ranks never change is counted once. Counting is measurement, not training: its
-time (``flop_count_s`` in ``summary.json``) is kept out of the epoch times and the energy.
+without augmentation), whenever the parameters' shapes or trainability differ from the last
+count (a rank change, a switch, frozen bases): checked before each epoch, at its end, and
+within it after 8, 16, 32, ... steps (the gap doubles after every check that found a
+change, so a rank-adaptive run is counted O(log steps) times, a fixed one once). The steps
+between two check points are charged the mean of the step FLOPs at both (the trapezoid
+rule), every step as a full batch. Counting is measurement, not training: its time
+(``flop_count_s`` in ``summary.json``) is kept out of the epoch times and the energy.
 
 **Inference** FLOPs per sample: one forward pass in eval mode without gradients on (up to
 :data:`INFERENCE_SAMPLES` samples of) the first test batch, divided by the number of samples
@@ -35,6 +36,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -104,10 +106,16 @@ def inference_flops(model: nn.Module, inputs: torch.Tensor) -> float:
         model.train(was_training)
 
 
+FIRST_CHECK = 8
+"""Steps from an epoch's start to the first structure check; the gap doubles after every
+check that found a change, so a rank-adaptive run is counted O(log steps) times."""
+
+
 class FlopMeter:
     """Per-run FLOP bookkeeping for the trainer (see the module docstring).
 
-    ``total`` starts at the training FLOPs already done (a resumed run's last record)."""
+    ``total`` starts at the training FLOPs already done (a resumed run's last record);
+    ``pause`` is entered around each count (the trainer pauses the energy meter there)."""
 
     def __init__(
         self,
@@ -119,41 +127,96 @@ class FlopMeter:
     ) -> None:
         self.method, self.loss_fn, self.batch, self.inputs = method, loss_fn, batch, inputs
         self.total = float(total)
+        self.pause: Callable[[], AbstractContextManager[Any]] = nullcontext
         self.seconds = 0.0  # spent counting on copies (not training)
+        self.counts = 0
         self.step_flops: float | None = None  # per step at the current structure
         self.step_estimated: float | None = None  # the decompositions' (estimated) part
         self.inference: float | None = None
         self._counted: tuple | None = None  # structure of the last training count
         self._inference_counted: tuple | None = None
-        self._epoch_start: float | None = None
+        self._segment: float | None = None  # step FLOPs at the last check point
+        self._since = 0  # steps since the last check point
+        self._gap = FIRST_CHECK
 
-    def _count(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def _count(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+        """Count a step if the structure changed since the last count; whether it did."""
         now = structure(model)
-        if now != self._counted or self.step_flops is None:
-            start = time.perf_counter()
+        if now == self._counted and self.step_flops is not None:
+            return False
+        start = time.perf_counter()
+        with self.pause():
             self.step_flops, self.step_estimated = train_step_flops(
                 self.method, model, optimizer, self.batch, self.loss_fn
             )
-            self._counted = now
-            self.seconds += time.perf_counter() - start
+        self._counted = now
+        self.counts += 1
+        self.seconds += time.perf_counter() - start
+        return True
+
+    def _check(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        """Charge the steps since the last check point at the mean of the step FLOPs there
+        and here (the trapezoid rule); returns the seconds spent counting."""
+        before = self.seconds
+        changed = self._count(model, optimizer)
+        assert self._segment is not None and self.step_flops is not None
+        self.total += self._since * 0.5 * (self._segment + self.step_flops)
+        self._segment, self._since = self.step_flops, 0
+        if changed:
+            self._gap *= 2
+        return self.seconds - before
 
     def begin_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Before an epoch's first step: count if the structure changed since the last."""
         self._count(model, optimizer)
-        self._epoch_start = self.step_flops
+        self._segment, self._since = self.step_flops, 0
 
-    def end_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> float:
-        """After an epoch's last step (before ``on_epoch_end``): charge the epoch's steps;
-        returns the seconds this took (to keep out of the epoch's time)."""
-        if self._epoch_start is None:
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        """After every step: an integer compare, except every so many steps (see
+        :data:`FIRST_CHECK`) a structure check, and a count if it changed. Returns the
+        seconds spent counting (to keep out of the epoch's time)."""
+        self._since += 1
+        if self._since < self._gap:
             return 0.0
-        before = self.seconds
-        self._count(model, optimizer)
-        assert self.step_flops is not None
-        per_step = 0.5 * (self._epoch_start + self.step_flops)
-        self.total += per_step * steps + float(self.method.extra_flops())
-        self._epoch_start = None
-        return self.seconds - before
+        return self._check(model, optimizer)
+
+    def end_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        """After an epoch's last step (before ``on_epoch_end``): charge its remaining steps
+        and the method's periodic work; returns the seconds spent counting."""
+        if self._segment is None:
+            return 0.0
+        spent = self._check(model, optimizer)
+        self.total += float(self.method.extra_flops())
+        self._segment = None
+        return spent
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to count exactly as an uninterrupted one (JSON-able)."""
+        return {
+            "total": self.total,
+            "seconds": self.seconds,
+            "counts": self.counts,
+            "gap": self._gap,
+            "step_flops": self.step_flops,
+            "step_estimated": self.step_estimated,
+            "counted": self._counted,
+            "inference": self.inference,
+            "inference_counted": self._inference_counted,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        def as_structure(value: Any) -> tuple | None:
+            # JSON turned the tuples into lists.
+            return None if value is None else tuple((n, tuple(s), g) for n, s, g in value)
+
+        self.total = float(state.get("total", self.total))
+        self.seconds = float(state.get("seconds", 0.0))
+        self.counts = int(state.get("counts", 0))
+        self._gap = int(state.get("gap", FIRST_CHECK))
+        self.step_flops, self.step_estimated = state.get("step_flops"), state.get("step_estimated")
+        self._counted = as_structure(state.get("counted"))
+        self.inference = state.get("inference")
+        self._inference_counted = as_structure(state.get("inference_counted"))
 
     def counted(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn`` (real training work outside the steps, e.g. ``on_epoch_end``) under the

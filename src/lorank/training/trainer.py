@@ -165,10 +165,12 @@ def train(
         run.write_json(SUMMARY, {"status": "running"})
         first_epoch, train_time = state["epoch"] + 1, state["train_time"]
         last = run.records[-1] if run.records else {}
-        flops.total = float(last.get("train_flops") or 0)
+        flops.total = float(last.get("train_flops") or 0)  # a checkpoint from before FLOPs
+        flops.load_state_dict(state.get("flops") or {})
         joules = float(last.get("energy_j") or 0)
 
     energy = EnergyMeter(tc.measure_energy, device, joules=joules)
+    flops.pause = energy.paused  # counting FLOPs on copies is not training
     if method.gradient_free:
         train_time = fit_closed_form(
             run, model, data, method, tc.eval_every, meta, quiet, flops, energy
@@ -196,6 +198,7 @@ def train(
             else:
                 stats = method.train_step(model, optimizer, batch, task_loss)
             steps += 1
+            start += flops.after_step(model, optimizer)  # 0 but when it counted (untimed)
             if steps % POLL_STEPS == 0:
                 energy.poll()  # a RAPL counter wraps; read it well before it can
             nonfinite = tc.nonfinite == "stop" and not torch.isfinite(stats["loss"])
@@ -212,9 +215,7 @@ def train(
         train_stats = {k: float(v) / max(steps, 1) for k, v in sums.items()}
         if ddp:
             train_stats = ddp.average(train_stats)  # the global-batch means
-        energy.stop()  # counting FLOPs (on copies) is not training: not timed or metered
-        start += flops.end_epoch(model, optimizer, steps)
-        energy.start()
+        start += flops.end_epoch(model, optimizer)  # counting is not training: untimed
         flops.counted(method.on_epoch_end, model, optimizer, epoch, train_stats)
         if ddp:
             ddp.sync_structure(model)  # an epoch hook may have swapped parameters
@@ -250,6 +251,7 @@ def train(
                 "scheduler": scheduler.state_dict(),
                 "method": method.state_dict(),
                 "rng": rng_state(data_gen),
+                "flops": flops.state_dict(),
             }
             write_checkpoint(run.path, epoch, model, meta, training_state, tc.keep_checkpoints)
         if not quiet:
@@ -257,7 +259,7 @@ def train(
     if tc.epochs == 0 and main:
         save(model, run.path / MODEL, meta)
     summary = summarize(run.records, train_time, "completed") | energy.summary()
-    summary["flop_count_s"] = flops.seconds
+    summary["flop_count_s"], summary["flop_counts"] = flops.seconds, flops.counts
     run.write_json(SUMMARY, summary | method.summary())
     if ddp:
         ddp.barrier()  # summary.json exists before any process returns

@@ -196,11 +196,15 @@ def _target_line(ax: Any, groups: Sequence[Group]) -> None:
 
 def _flops_x(ax: Any, label: str) -> None:
     """Log x axis of FLOPs with SI labels (60 k, 200 G) instead of 6×10⁴."""
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    # Within two decades label 1, 2 and 5 of each: a single "100 G" tells nothing.
+    subs = (1.0, 2.0, 5.0) if hi / max(lo, 1e-30) < 100 else (1.0,)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=12))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: flops_text(v)))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(label)
 
 
