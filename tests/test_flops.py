@@ -148,9 +148,13 @@ def test_counts_follow_a_rank_change_and_a_mid_epoch_change_is_averaged():
 
 def test_counting_leaves_the_run_untouched():
     method, model, optimizer = _dlrt("kls")
+    # A scheduler wraps optimizer.step with a reference to this optimizer; the copy must
+    # step itself (the wrapper would step the original, or nothing).
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    train_step_flops(method, model, optimizer, _batch(64), task_loss)
+    flops, _ = train_step_flops(method, model, optimizer, _batch(64), task_loss)
+    assert flops > 0 and "step" in optimizer.__dict__  # the original keeps its wrapper
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state())
     assert method.step == 0 and not optimizer.state
