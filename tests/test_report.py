@@ -151,6 +151,14 @@ def test_flops_to_reach_99_percent_of_dense_accuracy(tmp_path):
     assert rows["dlrt"]["inference FLOPs/sample"] == "100 k"
     assert "train energy (J)" not in columns  # nothing measured energy
     assert flops_text(4.71e11) == "471 G" and flops_text(None) == "–"
+    # A run that measured its energy adds the column; the others show "–".
+    summary = json.loads((tmp_path / "l" / "summary.json").read_text())
+    summary |= {"energy_j": 1234.5, "energy_source": "RAPL (1 package)"}
+    (tmp_path / "l" / "summary.json").write_text(json.dumps(summary))
+    groups = group_runs(collect([tmp_path]).runs)
+    columns = run_columns(groups)
+    rows = {row[0]: dict(zip(columns, row, strict=True)) for row in runs_table(groups)}
+    assert rows["dlrt"]["train energy (J)"] == "1,234" and rows["dense"]["train energy (J)"] == "–"
 
 
 def test_divergence_is_nan_or_an_exploded_loss():
