@@ -2,8 +2,10 @@
 
 Trains each method from its shipped config (``configs/mnist-mlp-<method>.toml``; evaluation
 after every epoch) and reports the training wall time (evaluation excluded) until the test
-accuracy first reaches 97% and 98%, and the epoch time. Also times one epoch of the data
-loader alone (shuffle + batch indexing of the in-memory tensors, no model).
+accuracy first reaches 97% and 98%, the training FLOPs spent by then (``train_flops`` of
+that epoch's record, counted by the trainer: see ``lorank.training.flops``), the epoch
+time and the forward FLOPs per inference sample. Also times one epoch of the data loader
+alone (shuffle + batch indexing of the in-memory tensors, no model).
 """
 
 from __future__ import annotations
@@ -69,42 +71,63 @@ def run(
             "final_acc": trained[-1]["test_acc"],
             "epoch_s": trained[-1]["time_s"] / len(trained),
             "params_eval": trained[-1]["params_eval"],
+            "train_flops": trained[-1].get("train_flops"),
+            "inference_flops": trained[-1].get("inference_flops"),
         }
         for t in THRESHOLDS:
             hit = next((r for r in trained if r.get("test_acc", 0) >= t), None)
             row[f"to_{round(t * 100)}"] = hit["time_s"] if hit else None
             row[f"epoch_{round(t * 100)}"] = hit["epoch"] if hit else None
+            row[f"flops_{round(t * 100)}"] = hit.get("train_flops") if hit else None
         rows.append(row)
         print(_format(row), flush=True)
     return rows, data_seconds
 
 
-HEADER = f"{'method':<16} {'final acc':>9} {'s/epoch':>8} {'to 97%':>9} {'to 98%':>9}"
+HEADER = (
+    f"{'method':<16} {'final acc':>9} {'s/epoch':>8} {'to 97%':>14} {'to 98%':>14} "
+    f"{'FLOPs to 97%':>13} {'FLOPs to 98%':>13}"
+)
 
 
 def _seconds(value: float | None, epoch: int | None) -> str:
     return "not reached" if value is None else f"{value:.1f} s (ep {epoch})"
 
 
+def _flops(value: float | None) -> str:
+    if value is None:
+        return "not reached"
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}"
+    return f"{value:.3g}"
+
+
 def _format(row: dict[str, Any]) -> str:
     to97, to98 = _seconds(row["to_97"], row["epoch_97"]), _seconds(row["to_98"], row["epoch_98"])
     return (
         f"{row['method']:<16} {100 * row['final_acc']:>8.2f}% {row['epoch_s']:>8.2f} "
-        f"{to97:>14} {to98:>14}"
+        f"{to97:>14} {to98:>14} {_flops(row.get('flops_97')):>13} "
+        f"{_flops(row.get('flops_98')):>13}"
     )
 
 
 def markdown(rows: list[dict[str, Any]], data_seconds: float) -> str:
     dense_epoch = next((r["epoch_s"] for r in rows if r["method"] == "dense"), None)
     out = [
-        "| method | epochs | final test acc | s/epoch | to 97% | to 98% | eval params |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | epochs | final test acc | s/epoch | to 97% | to 98% | train FLOPs to 97% "
+        "| train FLOPs to 98% | eval params | inference FLOPs/sample |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        # Rows saved by an earlier version of this benchmark have no FLOPs: "–".
+        flops = [
+            _flops(r.get(k)) if k in r else "–" for k in ("flops_97", "flops_98", "inference_flops")
+        ]
         out.append(
             f"| {r['method']} | {r['epochs']} | {100 * r['final_acc']:.2f}% | {r['epoch_s']:.2f} "
             f"| {_seconds(r['to_97'], r['epoch_97'])} | {_seconds(r['to_98'], r['epoch_98'])} "
-            f"| {r['params_eval']:,} |"
+            f"| {flops[0]} | {flops[1]} | {r['params_eval']:,} | {flops[2]} |"
         )
     share = f" = {100 * data_seconds / dense_epoch:.1f}% of a dense epoch" if dense_epoch else ""
     out.append("")

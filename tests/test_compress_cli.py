@@ -139,6 +139,15 @@ def test_finetune_and_overwrite(dense_run, capsys):
     records = (out / "metrics.jsonl").read_text().splitlines()
     assert len(records) == 2  # epoch 0 (compressed) and the fine-tune epoch
     assert json.loads(records[0])["test_acc"] == pytest.approx(summary["test_acc_after"])
+    # The compressed model's cost: the dense source's training plus the fine-tune epoch; its
+    # inference at rank 8 is 2·8·(m + n) per low-rank layer, far below the dense 2·m·n.
+    source = summary_of(run)
+    assert summary["train_flops"] == source["train_flops"] + summary["finetune"]["train_flops"]
+    assert summary["finetune"]["train_flops"] > 0
+    assert summary["inference_flops_before"] == source["inference_flops"]
+    dims = [784, 96, 96, 10]
+    low_rank = sum(2 * 8 * (a + b) for a, b in zip(dims, dims[1:], strict=False))
+    assert summary["inference_flops"] == pytest.approx(low_rank, rel=0.02)
 
 
 def test_plain_state_dict_with_model_config(dense_run, capsys):

@@ -33,6 +33,8 @@ def write_run(
     status="completed",
     params=100,
     epochs=2,
+    accs=None,
+    flops=None,
 ):
     path.mkdir(parents=True)
     config = {
@@ -62,7 +64,7 @@ def write_run(
                 "epoch": epoch,
                 "train_loss": loss,
                 "test_loss": loss + 0.1,
-                "test_acc": acc,
+                "test_acc": accs[epoch - 1] if accs else acc,
                 "params_eval": params,
                 "params_train": params,
                 "params_dense": 200,
@@ -70,6 +72,9 @@ def write_run(
                 "time_s": float(epoch),
             }
         )
+    if flops is not None:  # (per training epoch, per inference sample)
+        for r in records:
+            r["train_flops"], r["inference_flops"] = r["epoch"] * flops[0], flops[1]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = {
         "status": status,
@@ -83,6 +88,8 @@ def write_run(
         "ranks": {},
         "train_time_s": float(len(losses)),
     }
+    if flops is not None:
+        summary["train_flops"], summary["inference_flops"] = len(losses) * flops[0], flops[1]
     (path / "summary.json").write_text(json.dumps(summary))
 
 
@@ -122,6 +129,36 @@ def test_groups_aggregate_over_seeds_and_leave_out_diverged_runs(tmp_path):
     assert stds == pytest.approx([statistics.stdev([1, 2, 3]), statistics.stdev([0.5, 1, 1.5])])
     # x = wall time: the mean of time_s at each epoch.
     assert curve(g.ok_runs, "test_loss", "time_s")[0] == [0.0, 1.0, 2.0]  # epoch 0 too
+
+
+def test_flops_to_reach_99_percent_of_dense_accuracy(tmp_path):
+    from lorank.experiments.report.render import flops_text, run_columns, runs_table
+
+    write_run(tmp_path / "d", method="dense", accs=(0.8, 0.9), flops=(3e9, 5e5))
+    # Reaches 0.99 · 0.9 = 0.891 only at its second epoch: 2 · 1e9 FLOPs.
+    write_run(tmp_path / "l", method="dlrt", accs=(0.85, 0.895), flops=(1e9, 1e5))
+    write_run(tmp_path / "f", method="factorized", accs=(0.5, 0.6), flops=(1e9, 1e5))
+    write_run(tmp_path / "s", method="svd", accs=(0.5, 0.95))  # logged no FLOPs
+    groups = group_runs(collect([tmp_path]).runs)
+    columns = run_columns(groups)
+    rows = {row[0]: dict(zip(columns, row, strict=True)) for row in runs_table(groups)}
+    to_target = "train FLOPs to 99% of dense acc"
+    assert rows["dense"][to_target] == "6 G"  # 0.9 ≥ 0.891 at epoch 2
+    assert rows["dlrt"][to_target] == "2 G"
+    assert rows["factorized"][to_target] == "not reached"
+    assert rows["svd"][to_target] == "– (no FLOPs logged)"
+    assert rows["dlrt"]["train FLOPs"] == "2 G"
+    assert rows["dlrt"]["inference FLOPs/sample"] == "100 k"
+    assert "train energy (J)" not in columns  # nothing measured energy
+    assert flops_text(4.71e11) == "471 G" and flops_text(None) == "–"
+    # A run that measured its energy adds the column; the others show "–".
+    summary = json.loads((tmp_path / "l" / "summary.json").read_text())
+    summary |= {"energy_j": 1234.5, "energy_source": "RAPL (1 package)"}
+    (tmp_path / "l" / "summary.json").write_text(json.dumps(summary))
+    groups = group_runs(collect([tmp_path]).runs)
+    columns = run_columns(groups)
+    rows = {row[0]: dict(zip(columns, row, strict=True)) for row in runs_table(groups)}
+    assert rows["dlrt"]["train energy (J)"] == "1,234" and rows["dense"]["train energy (J)"] == "–"
 
 
 def test_divergence_is_nan_or_an_exploded_loss():
@@ -249,6 +286,8 @@ def test_report_renders_every_figure(tiny_sweeps, tmp_path):
             "loss_epoch.png",
             "loss_time.png",
             "accuracy_params.png",
+            "accuracy_train_flops.png",
+            "accuracy_inference_flops.png",
             "ranks.png",
             "spectra.png",
             "orth_error.png",
@@ -271,6 +310,8 @@ def test_report_renders_every_figure(tiny_sweeps, tmp_path):
         "div (ep 1)",
         "ablation",
         "Published vs ours: a made-up table",
+        "train FLOPs to 99% of dense acc",
+        "inference FLOPs/sample",
     ):
         assert text in md, text
     # The published 9.8% cell is matched by a diverged run, shown as such.

@@ -64,6 +64,7 @@ def read(run):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
     summary.pop("train_time_s")
+    summary.pop("flop_count_s", None)  # time spent counting FLOPs, like train_time_s
     return strip_times(metrics), summary, load_file(run / "model.safetensors")
 
 

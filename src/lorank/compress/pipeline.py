@@ -93,6 +93,7 @@ from lorank.errors import LorankError
 from lorank.training.config import RunConfig, apply_override, load_config, validate_config
 from lorank.training.environment import environment, resolve_device
 from lorank.training.evaluate import evaluate, task_loss
+from lorank.training.flops import inference_flops
 from lorank.training.rundir import COMPRESS, CONFIG, ENV, MODEL, SUMMARY, Run, read_json
 from lorank.training.trainer import train
 
@@ -364,6 +365,14 @@ def compress(
                 "ranks": after["ranks"],
             }
         )
+        # The cost of the model: its source's training (plus any fine-tuning); the SVDs of
+        # the compression itself are not counted.
+        source_flops = (read_json(Path(source) / SUMMARY) or {}).get("train_flops")
+        if source_flops is not None:
+            tuned = (summary.get("finetune") or {}).get("train_flops") or 0
+            summary["train_flops"] = source_flops + tuned
+        if after.get("inference_flops") is not None:
+            summary["inference_flops"] = after["inference_flops"]
         run = Run(tmp)
         run.write_json(COMPRESS, options)
         run.write_json(SUMMARY, summary)
@@ -847,6 +856,9 @@ def _measure(model: nn.Module, data: Dataset | None) -> dict[str, Any]:
     if data is not None:
         test = evaluate(model, data.eval_batches("test"))
         out["test_loss"], out["test_acc"] = test["loss"], test["acc"]
+        first = next(iter(data.eval_batches("test")), None)
+        if first is not None:
+            out["inference_flops"] = inference_flops(model, first[0])
     return out
 
 
@@ -876,7 +888,7 @@ def _finetune(
         model=model,
     )
     ft = read_json(tmp / SUMMARY) or {}
-    keys = ("test_acc", "test_loss", "train_loss", "epochs", "train_time_s")
+    keys = ("test_acc", "test_loss", "train_loss", "epochs", "train_time_s", "train_flops")
     return {"finetune": {k: ft.get(k) for k in keys}, "finetune_epochs": epochs}
 
 

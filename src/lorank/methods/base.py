@@ -62,7 +62,8 @@ class Method:
     * :meth:`train_step` per batch (default: one forward/backward with
       :meth:`regularization`, clip, ``optimizer.step()``, :meth:`after_step`);
     * :meth:`on_epoch_end` after each epoch's evaluation (pruning, switches);
-    * :meth:`epoch_metrics` for method-specific per-epoch logs, :meth:`summary` at the end.
+    * :meth:`epoch_metrics` for method-specific per-epoch logs, :meth:`summary` at the end;
+    * :meth:`extra_flops` once per epoch, for the run's FLOP count.
     """
 
     name: ClassVar[str]
@@ -148,6 +149,13 @@ class Method:
     def summary(self) -> dict[str, Any]:
         """Method-specific values for ``summary.json`` (e.g. when a switch happened)."""
         return {}
+
+    def extra_flops(self) -> float:
+        """Estimated FLOPs of work done since the last call that a counted step does not
+        show: work done every k steps only (a periodic basis rotation, a one-time switch).
+        The trainer counts each step on copies and keeps the cheaper of two consecutive
+        ones, then adds this once per epoch (see :mod:`lorank.training.flops`)."""
+        return 0.0
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the method needs to resume exactly (tensors allowed)."""

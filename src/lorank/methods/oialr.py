@@ -67,6 +67,7 @@ from lorank.core.convert import (
     planned_report,
     replace_module,
 )
+from lorank.core.flops import FlopCounter
 from lorank.core.layers import LowRankLayer
 from lorank.core.optim import StateTransform, swap_parameters
 from lorank.core.rank import cutoff
@@ -130,6 +131,7 @@ class OIALR(Method):
         self.params_train_after: int | None = None
         self.updates: list[dict[str, Any]] = []  # one entry per basis update (all layers)
         self._epoch_updates: list[dict[str, Any]] = []
+        self._extra_flops = 0.0  # switch and basis updates since the last extra_flops()
 
     # ------------------------------------------------------------------ hooks
     def prepare(self, model: nn.Module) -> ConversionReport:
@@ -142,12 +144,18 @@ class OIALR(Method):
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         cfg = self.config
+        # The switch and the basis updates happen every so many steps only; they are counted
+        # here as they run (a counter costs nothing next to an SVD) for extra_flops.
         if not self.switched:
             if self.step >= cfg.delay:
-                self.switch(model, optimizer)
+                with FlopCounter() as counter:
+                    self.switch(model, optimizer)
+                self._extra_flops += counter.total
             return
         if self.step > self.switch_step and (self.step - self.switch_step) % cfg.frequency == 0:
-            self.update_bases(model, optimizer)
+            with FlopCounter() as counter:
+                self.update_bases(model, optimizer)
+            self._extra_flops += counter.total
 
     def on_epoch_end(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, metrics: dict
@@ -163,6 +171,10 @@ class OIALR(Method):
             out["oialr_updates"] = len(self._epoch_updates)
         self._epoch_updates = []
         return out
+
+    def extra_flops(self) -> float:
+        flops, self._extra_flops = self._extra_flops, 0.0
+        return flops
 
     def summary(self) -> dict[str, Any]:
         return {

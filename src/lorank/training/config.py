@@ -42,6 +42,9 @@ class TrainConfig(BaseModel):
     nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="on a NaN/inf loss: stop the run (diverged) or skip that batch"
     )
+    measure_energy: bool = Field(
+        False, description="read RAPL/NVML energy counters while training (energy_j)"
+    )
 
 
 class RunConfig(BaseModel):

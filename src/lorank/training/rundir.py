@@ -195,6 +195,10 @@ def summarize(records: list[dict[str, Any]], train_time: float, status: str) -> 
     }
     if "test_ppl" in final:
         summary["test_ppl"] = final["test_ppl"]
+    # Training FLOPs (cumulative), inference FLOPs per sample, energy in joules (measured).
+    for key in ("train_flops", "inference_flops", "energy_j"):
+        if last.get(key) is not None:
+            summary[key] = last[key]
     return summary
 
 

@@ -41,8 +41,10 @@ from lorank.training.checkpoint import (
     write_checkpoint,
 )
 from lorank.training.config import RunConfig
+from lorank.training.energy import POLL_STEPS, EnergyMeter
 from lorank.training.environment import environment, resolve_device, seed_everything
 from lorank.training.evaluate import evaluate, task_loss
+from lorank.training.flops import FlopMeter
 from lorank.training.rundir import (
     CONFIG,
     CONVERSION,
@@ -120,7 +122,16 @@ def train(
             f"method {method.name!r} trains in one closed-form pass: it runs in one process "
             "and has nothing to resume; drop --nproc/--resume (use --overwrite to rerun)"
         )
-    report = method.prepare(model)
+    first_test = next(iter(data.eval_batches("test")), None)
+    flops = FlopMeter(
+        method,
+        task_loss,
+        data.train_subset_batches(config.data.batch_size)[0],
+        first_test[0] if first_test is not None else None,
+    )
+    # Preparing (conversion, SVD initialisations) is training work too; a resumed run's
+    # total is read back from its records below instead.
+    report = flops.counted(method.prepare, model) if checkpoint is None else method.prepare(model)
     model.to(device)
     data_gen = torch.Generator().manual_seed(tc.seed)
     if checkpoint is not None:
@@ -143,8 +154,9 @@ def train(
         if report.layers:
             run.write_json(CONVERSION, report.to_dict())
         run.write_json(SUMMARY, {"status": "running"})
-        run.log(epoch_record(0, model, data, method, {}, 0.0, tc.eval_every, force_eval=True))
-        first_epoch, train_time = 1, 0.0
+        record = epoch_record(0, model, data, method, {}, 0.0, tc.eval_every, force_eval=True)
+        run.log(record | flops.record(model))
+        first_epoch, train_time, joules = 1, 0.0, 0.0
     else:
         state = read_training_state(checkpoint)
         load_optimizer_state(optimizer, model, state["optimizer"])
@@ -156,12 +168,20 @@ def train(
         run.log_all()
         run.write_json(SUMMARY, {"status": "running"})
         first_epoch, train_time = state["epoch"] + 1, state["train_time"]
+        last = run.records[-1] if run.records else {}
+        flops.total = float(last.get("train_flops") or 0)  # a checkpoint from before FLOPs
+        flops.load_state_dict(state.get("flops") or {})
+        joules = float(last.get("energy_j") or 0)
 
+    energy = EnergyMeter(tc.measure_energy, device, joules=joules)
+    flops.pause = energy.paused  # counting FLOPs on copies is not training
     sinks = Sinks(config.log if main else LogConfig(), run.path, config.model_dump(mode="json"))
     if checkpoint is None:
         sinks.log_epoch(run.records[0], model)
     if method.gradient_free:
-        train_time = fit_closed_form(run, model, data, method, tc.eval_every, meta, quiet)
+        train_time = fit_closed_form(
+            run, model, data, method, tc.eval_every, meta, quiet, flops, energy
+        )
         sinks.log_epoch(run.records[-1], model)
         first_epoch = tc.epochs + 1  # no gradient epochs
 
@@ -169,7 +189,9 @@ def train(
         model.train()
         sums: dict[str, Tensor] = {}
         steps = 0
+        flops.begin_epoch(model, optimizer)  # on copies, when the parameters' shapes changed
         start = time.perf_counter()
+        energy.start()
         bar = tqdm(
             data.train_batches(data_gen),
             total=data.num_train_batches,
@@ -184,6 +206,9 @@ def train(
             else:
                 stats = method.train_step(model, optimizer, batch, task_loss)
             steps += 1
+            start += flops.after_step(model, optimizer)  # 0 but when it counted (untimed)
+            if steps % POLL_STEPS == 0:
+                energy.poll()  # a RAPL counter wraps; read it well before it can
             nonfinite = tc.nonfinite == "stop" and not torch.isfinite(stats["loss"])
             if ddp and tc.nonfinite == "stop":
                 nonfinite = ddp.any_true(nonfinite)  # every process stops together
@@ -200,11 +225,13 @@ def train(
         train_stats = {k: float(v) / max(steps, 1) for k, v in sums.items()}
         if ddp:
             train_stats = ddp.average(train_stats)  # the global-batch means
-        method.on_epoch_end(model, optimizer, epoch, train_stats)
+        start += flops.end_epoch(model, optimizer)  # counting is not training: untimed
+        flops.counted(method.on_epoch_end, model, optimizer, epoch, train_stats)
         if ddp:
             ddp.sync_structure(model)  # an epoch hook may have swapped parameters
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        energy.stop()
         epoch_time = time.perf_counter() - start
         train_time += epoch_time
         if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -221,6 +248,7 @@ def train(
         )
         record["epoch_time_s"] = epoch_time
         record["lr"] = optimizer.param_groups[0]["lr"]
+        record.update(flops.record(model) | energy.record())
         run.log(record)
         sinks.log_epoch(record, model)
         if main:
@@ -234,13 +262,16 @@ def train(
                 "scheduler": scheduler.state_dict(),
                 "method": method.state_dict(),
                 "rng": rng_state(data_gen),
+                "flops": flops.state_dict(),
             }
             write_checkpoint(run.path, epoch, model, meta, training_state, tc.keep_checkpoints)
         if not quiet:
             print(format_record(record, tc.epochs), file=sys.stderr, flush=True)
     if tc.epochs == 0 and main:
         save(model, run.path / MODEL, meta)
-    run.write_json(SUMMARY, summarize(run.records, train_time, "completed") | method.summary())
+    summary = summarize(run.records, train_time, "completed") | energy.summary()
+    summary["flop_count_s"], summary["flop_counts"] = flops.seconds, flops.counts
+    run.write_json(SUMMARY, summary | method.summary())
     sinks.close()
     if ddp:
         ddp.barrier()  # summary.json exists before any process returns
@@ -256,18 +287,23 @@ def fit_closed_form(
     eval_every: int,
     meta: dict[str, Any],
     quiet: bool,
+    flops: FlopMeter,
+    energy: EnergyMeter,
 ) -> float:
     """Train a gradient-free method by its ``fit`` on the whole training set, log it as
     epoch 1 and save the model; returns the training time."""
     start = time.perf_counter()
+    energy.start()
     batches = data.train_subset_batches(data.info.train_size, data.eval_batch_size)
-    stats = method.fit(model, batches)
+    stats = flops.counted(method.fit, model, batches)  # its few large ops: counted as run
+    energy.stop()
     train_time = time.perf_counter() - start
     if "model" in stats:  # the method chose the architecture
         meta["model"] = {**meta["model"], **stats.pop("model")}
     record = epoch_record(1, model, data, method, stats, train_time, eval_every, force_eval=True)
     record["epoch_time_s"] = train_time
     record["max_rss_mb"] = peak_memory_mb()
+    record.update(flops.record(model) | energy.record())
     run.log(record)
     save(model, run.path / MODEL, meta)
     if not quiet:

@@ -21,6 +21,12 @@ every figure embedded as base64 PNG), ``report.json`` (the aggregated numbers) a
   band ±1 std;
 * ``accuracy_params.png``: test accuracy vs params_eval and vs params_train, every run, the
   Pareto front (fewest parameters for the accuracy) highlighted;
+* ``accuracy_train_flops.png``: test accuracy vs cumulative training FLOPs per method (a
+  post-training compression as a point at its source's cost), with 99% of the dense accuracy
+  marked; ``accuracy_inference_flops.png``: test accuracy vs forward FLOPs per inference
+  sample, every run, the Pareto front highlighted. The runs table has the matching columns
+  (train FLOPs, inference FLOPs/sample, train FLOPs to reach 99% of the best dense group's
+  accuracy, and training energy when a run measured it);
 * ``ranks.png``: rank per layer vs epoch for methods whose ranks change during training;
 * ``spectra.png``: singular values σ_i/σ_1 per layer of the final checkpoint;
 * ``orth_error.png``: max(‖UᵀU − I‖_F, ‖VᵀV − I‖_F) per layer vs epoch;

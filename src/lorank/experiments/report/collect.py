@@ -189,13 +189,15 @@ def mean_std(values: Iterable[Any]) -> tuple[float | None, float | None, int]:
 
 
 def curve(
-    runs: Sequence[RunData], key: str, x: str = "epoch"
+    runs: Sequence[RunData], key: str, x: str = "epoch", first_epoch: int = 0
 ) -> tuple[list[float], list[float], list[float]]:
-    """Per-epoch mean and std of ``key`` over ``runs``; x is the epoch or the mean of
-    ``x`` (e.g. ``time_s``) at that epoch."""
+    """Per-epoch mean and std of ``key`` over ``runs`` from ``first_epoch`` on; x is the
+    epoch or the mean of ``x`` (e.g. ``time_s``) at that epoch."""
     by_epoch: dict[int, list[tuple[float, float]]] = {}
     for run in runs:
         for record in run.records:
+            if int(record.get("epoch", 0)) < first_epoch:
+                continue
             value, xv = record.get(key), record.get(x)
             if value is None or xv is None or not math.isfinite(value):
                 continue
@@ -300,6 +302,52 @@ def curve_groups(groups: Sequence[Group]) -> list[Group]:
     if len({g.method for g in live}) > 1:
         return best_per_method(live)
     return sorted(live, key=lambda g: -g.acc())[:MAX_CURVES]
+
+
+# ---------------------------------------------------------------------- cost to accuracy
+
+DENSE_FRACTION = 0.99
+"""The accuracy target of the "FLOPs to reach X% of dense accuracy" column and figure."""
+
+
+def flops_text(value: float | None) -> str:
+    """FLOPs with an SI prefix: ``471 G``, ``3.12 T``, ``12.6 k``."""
+    if value is None:
+        return "–"
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}"
+    return f"{value:.3g}"
+
+
+def dense_accuracy(groups: Sequence[Group]) -> float | None:
+    """The best mean test accuracy of the ``dense`` groups (None without one)."""
+    dense = [g for g in groups if g.method == "dense" and g.ok_runs and g.stat("test_acc")[0]]
+    return max(g.acc() for g in dense) if dense else None
+
+
+def flops_to_reach(run: RunData, target: float) -> float | None:
+    """Training FLOPs when ``run``'s test accuracy first reached ``target`` (None: never, or
+    no FLOPs recorded). A run without epochs (a post-training compression) reaches it, if at
+    all, at its recorded cost (the source's training)."""
+    logged = [r["train_flops"] for r in run.records if r.get("train_flops") is not None]
+    total = run.summary.get("train_flops")
+    # A fine-tuned compression logs only its fine-tuning; its summary adds the source's.
+    offset = total - logged[-1] if logged and total is not None else 0.0
+    for record in run.records:
+        acc, flops = record.get("test_acc"), record.get("train_flops")
+        if acc is not None and flops is not None and acc >= target and record.get("epoch"):
+            return float(flops) + offset
+    acc, flops = run.final("test_acc"), run.final("train_flops")
+    if len(run.records) <= 1 and acc is not None and flops is not None and acc >= target:
+        return float(flops)
+    return None
+
+
+def group_flops_to_reach(g: Group, target: float) -> tuple[float | None, int]:
+    """Mean training FLOPs to ``target`` over the runs that reached it, and how many did."""
+    reached = [f for f in (flops_to_reach(r, target) for r in g.ok_runs) if f is not None]
+    return (sum(reached) / len(reached) if reached else None), len(reached)
 
 
 @dataclass

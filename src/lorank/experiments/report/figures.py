@@ -10,6 +10,7 @@ from typing import Any
 
 from lorank.errors import LorankError
 from lorank.experiments.report.collect import (
+    DENSE_FRACTION,
     MAX_CURVES,
     Ablation,
     Group,
@@ -20,6 +21,8 @@ from lorank.experiments.report.collect import (
     cell_text,
     curve,
     curve_groups,
+    dense_accuracy,
+    flops_text,
     heat_maps,
     method_rank,
 )
@@ -176,6 +179,132 @@ def fig_accuracy_params(groups: Sequence[Group]) -> Any | None:
         ax.set_title(f"test accuracy vs {title}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def _target_line(ax: Any, groups: Sequence[Group]) -> None:
+    dense = dense_accuracy(groups)
+    if dense is not None:
+        ax.axhline(
+            100 * DENSE_FRACTION * dense,
+            color="grey",
+            ls=":",
+            lw=1,
+            label=f"{100 * DENSE_FRACTION:g}% of dense",
+        )
+
+
+def _flops_x(ax: Any, label: str) -> None:
+    """Log x axis of FLOPs with SI labels (60 k, 200 G) instead of 6×10⁴."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    # Within two decades label 1, 2 and 5 of each: a single "100 G" tells nothing.
+    subs = (1.0, 2.0, 5.0) if hi / max(lo, 1e-30) < 100 else (1.0,)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=12))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: flops_text(v)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(label)
+
+
+def fig_accuracy_train_flops(groups: Sequence[Group]) -> Any | None:
+    """Test accuracy vs cumulative training FLOPs: a curve per method (its best setting,
+    mean over seeds at each evaluated epoch), a point per run without epochs (a post-training
+    compression, at its source's training cost)."""
+    chosen = curve_groups(groups)
+    fig, axes = _figure(1, 1, width=7.0, height=4.6)
+    ax = axes[0][0]
+    colors = _colors([g for g in groups if g.ok_runs])
+    drawn = False
+    for g in chosen:
+        # From epoch 1: epoch 0 is the untrained model (at the cost of its conversion).
+        xs, means, _ = curve(g.ok_runs, "test_acc", "train_flops", first_epoch=1)
+        pts = [(x, 100 * m) for x, m in zip(xs, means, strict=True) if x > 0]
+        if pts:
+            ax.plot(
+                *zip(*pts, strict=True),
+                marker="o",
+                ms=3,
+                lw=1.8,
+                color=colors[id(g)],
+                label=g.label,
+            )
+            drawn = True
+    shown = {id(g) for g in chosen}
+    for g in groups:
+        if id(g) in shown:
+            continue
+        for r in g.ok_runs:
+            flops, acc = r.final("train_flops"), r.final("test_acc")
+            if len(r.records) <= 1 and flops and acc is not None:
+                ax.scatter(
+                    flops, 100 * acc, color=colors[id(g)], marker="s", s=36, label=g.label, zorder=3
+                )
+                drawn = True
+    if not drawn:
+        return None
+    _target_line(ax, groups)
+    _flops_x(ax, "training FLOPs, cumulative (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("test accuracy vs training FLOPs")
+    ax.grid(True, which="both", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
+    return fig
+
+
+def fig_accuracy_inference_flops(groups: Sequence[Group]) -> Any | None:
+    """Final test accuracy vs forward FLOPs per inference sample, every completed run, with
+    the Pareto front (fewest FLOPs for the accuracy)."""
+    runs = [
+        (g, r)
+        for g in groups
+        for r in g.ok_runs
+        if r.final("test_acc") is not None and r.final("inference_flops")
+    ]
+    if not runs:
+        return None
+    fig, axes = _figure(1, 1, width=7.0, height=4.6)
+    ax = axes[0][0]
+    by_method = len({g.method for g, _ in runs}) > 1
+    palette = _colors([g for g in groups if g.ok_runs])
+    pts = [(float(r.final("inference_flops")), 100 * float(r.final("test_acc"))) for _, r in runs]
+    labelled = set()
+    for (x, y), (g, _) in zip(pts, runs, strict=True):
+        name = g.method if by_method else g.label
+        ax.scatter(
+            x,
+            y,
+            color=palette[id(g)],
+            s=28,
+            alpha=0.8,
+            zorder=3,
+            label=None if name in labelled else name,
+        )
+        labelled.add(name)
+    front = pareto_front(pts)
+    ax.step(
+        [pts[i][0] for i in front],
+        [pts[i][1] for i in front],
+        where="post",
+        color="black",
+        ls="--",
+        lw=1,
+        label="Pareto front",
+        zorder=2,
+    )
+    for i in front:
+        ax.annotate(
+            runs[i][0].label, pts[i], textcoords="offset points", xytext=(5, -11), fontsize=7
+        )
+    _target_line(ax, groups)
+    _flops_x(ax, "inference FLOPs per sample (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("test accuracy vs inference FLOPs")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
     return fig
 
 
@@ -447,6 +576,23 @@ def build_figures(groups: Sequence[Group]) -> list[FigureOut]:
         fig_accuracy_params(groups),
         "Test accuracy vs inference (params_eval) and trainable (params_train) parameters, "
         "every completed run; dashed: the Pareto front. Diverged runs are not plotted.",
+    )
+    dense = dense_accuracy(groups)
+    target = (
+        f"; dotted: {100 * DENSE_FRACTION:g}% of the dense accuracy" if dense is not None else ""
+    )
+    add(
+        "accuracy_train_flops.png",
+        fig_accuracy_train_flops(groups),
+        f"Test accuracy vs cumulative training FLOPs ({which}; squares: post-training "
+        f"compressions at their source's training cost){target}. FLOPs counted with "
+        "FlopCounterMode (products and convolutions; decompositions estimated).",
+    )
+    add(
+        "accuracy_inference_flops.png",
+        fig_accuracy_inference_flops(groups),
+        f"Test accuracy vs forward FLOPs per inference sample, every completed run; dashed: "
+        f"the Pareto front{target}.",
     )
     add(
         "ranks.png",

@@ -12,11 +12,15 @@ from typing import Any
 
 from lorank.core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lorank.experiments.report.collect import (
+    DENSE_FRACTION,
     Group,
     HeatMap,
     ablations,
     cell_text,
     collect,
+    dense_accuracy,
+    flops_text,
+    group_flops_to_reach,
     group_runs,
     heat_maps,
 )
@@ -71,12 +75,39 @@ RUN_COLUMNS = [
     "eval compression (%)",
     "final ranks",
     "train time (s)",
+    "train FLOPs",
+    "inference FLOPs/sample",
+    f"train FLOPs to {100 * DENSE_FRACTION:g}% of dense acc",
     "status",
 ]
+ENERGY_COLUMN = "train energy (J)"
+
+
+def run_columns(groups: Sequence[Group]) -> list[str]:
+    """The runs table's header: the energy column only when some run measured it."""
+    columns = list(RUN_COLUMNS)
+    if any(g.stat("energy_j")[0] is not None for g in groups):
+        columns.insert(columns.index("status"), ENERGY_COLUMN)
+    return columns
+
+
+def _to_target(g: Group, dense: float | None) -> str:
+    if dense is None:
+        return "– (no dense run)"
+    if not g.ok_runs:
+        return "–"
+    mean, reached = group_flops_to_reach(g, DENSE_FRACTION * dense)
+    if reached == 0:
+        final = [r.final("train_flops") for r in g.ok_runs]
+        return "– (no FLOPs logged)" if all(f is None for f in final) else "not reached"
+    text = flops_text(mean)
+    return text if reached == len(g.ok_runs) else f"{text} ({reached}/{len(g.ok_runs)} seeds)"
 
 
 def runs_table(groups: Sequence[Group]) -> list[list[str]]:
     rows = []
+    dense = dense_accuracy(groups)
+    energy = ENERGY_COLUMN in run_columns(groups)
     for g in groups:
         acc = g.stat("test_acc")
         loss = g.stat("test_loss")
@@ -93,6 +124,10 @@ def runs_table(groups: Sequence[Group]) -> list[list[str]]:
                 "–" if comp[0] is None else f"{100 * comp[0]:.1f}",
                 _ranks_text(g),
                 _num(g.stat("train_time_s")[0], 3),
+                flops_text(g.stat("train_flops")[0]),
+                flops_text(g.stat("inference_flops")[0]),
+                _to_target(g, dense),
+                *([_num(g.stat("energy_j")[0], 4)] if energy else []),
                 _status(g),
             ]
         )
@@ -227,7 +262,7 @@ def report(paths: Sequence[str | Path], out: str | Path, title: str | None = Non
 
     title = title or "lorank report"
     sections: list[tuple[str, list[str], list[list[str]]]] = [
-        ("Runs (mean ± std over seeds)", RUN_COLUMNS, runs_table(groups))
+        ("Runs (mean ± std over seeds)", run_columns(groups), runs_table(groups))
     ]
     for hm in heat_maps(groups):
         header, rows = heatmap_table(hm)
@@ -298,10 +333,13 @@ def report(paths: Sequence[str | Path], out: str | Path, title: str | None = Non
     page = HTML_TEMPLATE.format(title=html.escape(title), body="\n".join(body))
     atomic_write_text(out / "report.html", page)
 
+    dense = dense_accuracy(groups)
+    target = None if dense is None else DENSE_FRACTION * dense
     atomic_write_json(
         out / "report.json",
         {
             "runs": len(runs),
+            "flops_target_acc": target,  # DENSE_FRACTION of the best dense accuracy
             "groups": [
                 {
                     "method": g.method,
@@ -311,6 +349,12 @@ def report(paths: Sequence[str | Path], out: str | Path, title: str | None = Non
                     "test_acc": g.stat("test_acc"),
                     "params_eval": g.stat("params_eval")[0],
                     "params_train": g.stat("params_train")[0],
+                    "train_flops": g.stat("train_flops")[0],
+                    "inference_flops": g.stat("inference_flops")[0],
+                    "train_flops_to_target": (
+                        None if target is None else group_flops_to_reach(g, target)[0]
+                    ),
+                    "energy_j": g.stat("energy_j")[0],
                     "status": _status(g),
                     "runs": [str(r.path) for r in g.runs],
                 }
