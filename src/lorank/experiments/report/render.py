@@ -75,18 +75,51 @@ RUN_COLUMNS = [
 ]
 
 
+# Regression (forecasting) columns: (summary key, header); shown when some run has them.
+REGRESSION_COLUMNS = (
+    ("test_mse", "test MSE"),
+    ("test_mae", "test MAE"),
+    ("test_mse_orig", "test MSE (units²)"),
+    ("test_mae_orig", "test MAE (units)"),
+)
+
+
+def _has(groups: Sequence[Group], key: str) -> bool:
+    return any(r.final(key) is not None for g in groups for r in g.runs)
+
+
+def run_columns(groups: Sequence[Group]) -> list[str]:
+    """:data:`RUN_COLUMNS`, without accuracy when no run has one (a regression task), with
+    the regression errors (mean ± std) when some run has them."""
+    columns = list(RUN_COLUMNS)
+    if groups and not _has(groups, "test_acc"):
+        columns.remove("test acc (%)")
+    at = columns.index("test loss") + 1
+    extra = [header for key, header in REGRESSION_COLUMNS if _has(groups, key)]
+    return columns[:at] + extra + columns[at:]
+
+
+def _mean_std(mean: float | None, std: float | None, n: int) -> str:
+    if mean is None:
+        return "–"
+    return _num(mean) + (f" ± {_num(std)}" if n > 1 and std is not None else "")
+
+
 def runs_table(groups: Sequence[Group]) -> list[list[str]]:
+    """Rows under :func:`run_columns` ``(groups)``."""
+    with_acc = not groups or _has(groups, "test_acc")
+    regression = [key for key, _ in REGRESSION_COLUMNS if _has(groups, key)]
     rows = []
     for g in groups:
         acc = g.stat("test_acc")
         loss = g.stat("test_loss")
         comp = g.stat("compression")
         rows.append(
-            [
-                g.label,
-                f"{len(g.ok_runs)}/{len(g.runs)}",
-                _pct(*acc),
-                _num(loss[0]),
+            [g.label, f"{len(g.ok_runs)}/{len(g.runs)}"]
+            + ([_pct(*acc)] if with_acc else [])
+            + [_num(loss[0])]
+            + [_mean_std(*g.stat(key)) for key in regression]
+            + [
                 _num(g.stat("params_eval")[0]),
                 _num(g.stat("params_train")[0]),
                 _num(g.stat("params_dense")[0]),
@@ -227,7 +260,7 @@ def report(paths: Sequence[str | Path], out: str | Path, title: str | None = Non
 
     title = title or "lorank report"
     sections: list[tuple[str, list[str], list[list[str]]]] = [
-        ("Runs (mean ± std over seeds)", RUN_COLUMNS, runs_table(groups))
+        ("Runs (mean ± std over seeds)", run_columns(groups), runs_table(groups))
     ]
     for hm in heat_maps(groups):
         header, rows = heatmap_table(hm)
@@ -309,6 +342,7 @@ def report(paths: Sequence[str | Path], out: str | Path, title: str | None = Non
                     "settings": g.varying,
                     "seeds": [r.seed for r in g.runs],
                     "test_acc": g.stat("test_acc"),
+                    **{key: g.stat(key) for key, _ in REGRESSION_COLUMNS if _has(groups, key)},
                     "params_eval": g.stat("params_eval")[0],
                     "params_train": g.stat("params_train")[0],
                     "status": _status(g),
