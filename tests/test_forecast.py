@@ -242,7 +242,7 @@ def test_forecasters_refuse_other_data_and_classifiers_refuse_series():
         build_model(TINY, image)
     from lorank.models import MLPConfig
 
-    with pytest.raises(LorankError, match="model mlp cannot forecast"):
+    with pytest.raises(LorankError, match="model mlp cannot forecast a series"):
         build_model(MLPConfig(), INFO)
 
 

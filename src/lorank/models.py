@@ -152,15 +152,16 @@ class ForecastTransformerConfig(BaseModel):
     embedding, pre-LayerNorm encoder blocks of ``nn.MultiheadAttention`` and a GELU MLP, and
     a linear head from all patch tokens to the horizon.
 
-    The default (patch 24, stride 12 over a 168-step context: 13 tokens; width 64, 2 blocks)
-    has 0.1M parameters and trains an epoch of the hourly temperatures in seconds on a CPU.
+    The default (patches of 24 steps, not overlapping, over a 168-step context: 7 tokens;
+    width 64, 2 blocks) has 80k parameters and trains an epoch of the hourly temperatures
+    (5,940 windows of both cities) in about 6 s on one CPU thread.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["forecast_transformer"] = "forecast_transformer"
     patch_len: int = Field(24, ge=1, description="Steps per patch (token).")
-    stride: int = Field(12, ge=1, description="Steps between the starts of two patches.")
+    stride: int = Field(24, ge=1, description="Steps between the starts of two patches.")
     dim: int = Field(64, ge=1, description="Token width (embedding / residual stream).")
     depth: int = Field(2, ge=1, description="Number of encoder blocks.")
     heads: int = Field(4, ge=1, description="Attention heads; must divide dim.")
@@ -638,8 +639,8 @@ def build_model(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
     if isinstance(cfg, forecasters) != (info.task == "forecast"):
         if info.task == "forecast":
             raise LorankError(
-                f"model {cfg.name} cannot forecast {info.name}; use model.name: "
-                "forecast_transformer or forecast_linear"
+                f"model {cfg.name} cannot forecast a series; for data.name = 'forecast' use "
+                "model.name: forecast_transformer or forecast_linear"
             )
         raise LorankError(
             f"model {cfg.name} is a forecaster but {info.name} is not a forecast dataset; "
