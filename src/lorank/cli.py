@@ -501,6 +501,9 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         "ranks",
     )
     shown = {k: summary.get(k) for k in keys}
+    if "test_mse" in summary:  # a forecaster: its errors, not an accuracy
+        shown = {k: v for k, v in shown.items() if not k.startswith("test_acc")}
+        shown |= {k: summary[k] for k in summary if k.startswith(("test_mse", "test_mae"))}
     # A Hugging Face model has no test set: its loss on the calibration windows says more.
     for key in ("calibration_loss_before", "calibration_loss_after"):
         if key in summary:

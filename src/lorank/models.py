@@ -33,6 +33,10 @@ from lorank.errors import LorankError
 __all__ = [
     "CharTransformer",
     "CharTransformerConfig",
+    "ForecastTransformer",
+    "ForecastTransformerConfig",
+    "LinearForecaster",
+    "LinearForecasterConfig",
     "LeNet5",
     "LeNet5Config",
     "MLP",
@@ -187,6 +191,52 @@ class PhilKimCNNConfig(BaseModel):
     )
 
 
+class ForecastTransformerConfig(BaseModel):
+    """Patch transformer forecaster in the spirit of PatchTST (Nie et al. 2023): each channel
+    on its own (channel independence), its context cut into patches, a Linear patch
+    embedding, pre-LayerNorm encoder blocks of ``nn.MultiheadAttention`` and a GELU MLP, and
+    a linear head from all patch tokens to the horizon.
+
+    The default (patches of 24 steps, not overlapping, over a 168-step context: 7 tokens;
+    width 64, 2 blocks) has 80k parameters and trains an epoch of the hourly temperatures
+    (5,940 windows of both cities) in about 6 s on one CPU thread.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["forecast_transformer"] = "forecast_transformer"
+    patch_len: int = Field(24, ge=1, description="Steps per patch (token).")
+    stride: int = Field(24, ge=1, description="Steps between the starts of two patches.")
+    dim: int = Field(64, ge=1, description="Token width (embedding / residual stream).")
+    depth: int = Field(2, ge=1, description="Number of encoder blocks.")
+    heads: int = Field(4, ge=1, description="Attention heads; must divide dim.")
+    mlp_ratio: float = Field(2.0, gt=0, description="MLP hidden width as a multiple of dim.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on attention and residuals.")
+    instance_norm: bool = Field(
+        True,
+        description="Subtract each window's own mean and divide by its std before the model, "
+        "and undo it on the forecast (RevIN without affine weights).",
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ForecastTransformerConfig:
+        if self.dim % self.heads != 0:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class LinearForecasterConfig(BaseModel):
+    """The linear baseline of Zeng et al. (2023, "Are transformers effective for time series
+    forecasting?"): one Linear from the context to the horizon, shared by all channels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["forecast_linear"] = "forecast_linear"
+    instance_norm: bool = Field(
+        False, description="Normalise each window by its own mean and std (as the transformer)."
+    )
+
+
 ModelConfig = Annotated[
     MLPConfig
     | LeNet5Config
@@ -194,7 +244,9 @@ ModelConfig = Annotated[
     | VGGConfig
     | CharTransformerConfig
     | ViTConfig
-    | PhilKimCNNConfig,
+    | PhilKimCNNConfig
+    | ForecastTransformerConfig
+    | LinearForecasterConfig,
     Field(discriminator="name"),
 ]
 
@@ -600,10 +652,103 @@ class PhilKimCNN(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# Forecasters: (B, context, C) -> (B, horizon, C), every channel forecast on its own
+
+
+def _instance_normalised(x: Tensor, on: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Channels as rows (B*C, L), normalised per row when ``on``; with the mean and std."""
+    b, length, c = x.shape
+    rows = x.transpose(1, 2).reshape(b * c, length)
+    if not on:
+        zero = rows.new_zeros(b * c, 1)
+        return rows, zero, zero + 1
+    mean = rows.mean(dim=1, keepdim=True)
+    std = (rows.var(dim=1, keepdim=True, unbiased=False) + 1e-5).sqrt()
+    return (rows - mean) / std, mean, std
+
+
+def _as_forecast(rows: Tensor, mean: Tensor, std: Tensor, b: int) -> Tensor:
+    """(B*C, H) rows back to (B, H, C), the instance normalisation undone."""
+    rows = rows * std + mean
+    return rows.reshape(b, -1, rows.shape[1]).transpose(1, 2)
+
+
+class LinearForecaster(nn.Module):
+    """One Linear from the ``context`` past values to the ``horizon`` future ones."""
+
+    def __init__(self, cfg: LinearForecasterConfig, context: int, horizon: int) -> None:
+        super().__init__()
+        self.instance_norm = cfg.instance_norm
+        self.linear = nn.Linear(context, horizon)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows, mean, std = _instance_normalised(x, self.instance_norm)
+        return _as_forecast(self.linear(rows), mean, std, x.shape[0])
+
+
+class ForecastTransformer(nn.Module):
+    """PatchTST-like forecaster: (B, context, C) -> (B, horizon, C).
+
+    The context's last ``(n - 1) * stride + patch_len`` steps are cut into ``n`` patches (the
+    oldest few steps that do not fill a patch are dropped, the newest never are). The patch
+    embedding stays dense under every low-rank method unless targeted explicitly; the head is
+    the last layer, which the methods keep dense by default (``keep_last_dense``).
+    """
+
+    lorank_dense_modules = ("patch_embed",)
+
+    def __init__(self, cfg: ForecastTransformerConfig, context: int, horizon: int) -> None:
+        super().__init__()
+        if cfg.patch_len > context:
+            raise LorankError(
+                f"forecast_transformer patch_len {cfg.patch_len} is longer than the context "
+                f"{context}; lower model.patch_len"
+            )
+        self.patch_len, self.stride = cfg.patch_len, cfg.stride
+        self.n_patches = (context - cfg.patch_len) // cfg.stride + 1
+        self.offset = context - ((self.n_patches - 1) * cfg.stride + cfg.patch_len)
+        self.instance_norm = cfg.instance_norm
+        self.patch_embed = nn.Linear(cfg.patch_len, cfg.dim)
+        self.pos_embed = nn.Parameter(torch.randn(1, self.n_patches, cfg.dim) * 0.02)
+        self.drop = nn.Dropout(cfg.dropout)
+        hidden = max(1, round(cfg.mlp_ratio * cfg.dim))
+        self.blocks = nn.ModuleList(
+            ViTBlock(cfg.dim, cfg.heads, hidden, cfg.dropout) for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(self.n_patches * cfg.dim, horizon)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows, mean, std = _instance_normalised(x, self.instance_norm)
+        patches = rows[:, self.offset :].unfold(1, self.patch_len, self.stride)
+        h = self.drop(self.patch_embed(patches) + self.pos_embed)
+        for block in self.blocks:
+            h = block(h)
+        out = self.head(self.norm(h).flatten(1))
+        return _as_forecast(out, mean, std, x.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def build_model(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
     """Instantiate the model described by ``cfg`` for data described by ``info``."""
+    forecasters = (ForecastTransformerConfig, LinearForecasterConfig)
+    if isinstance(cfg, forecasters) != (info.task == "forecast"):
+        if info.task == "forecast":
+            raise LorankError(
+                f"model {cfg.name} cannot forecast a series; for data.name = 'forecast' use "
+                "model.name: forecast_transformer or forecast_linear"
+            )
+        raise LorankError(
+            f"model {cfg.name} is a forecaster but {info.name} is not a forecast dataset; "
+            "use data.name: forecast"
+        )
+    if isinstance(cfg, forecasters):
+        context, horizon = info.input_shape[0], int(info.horizon or 0)
+        if isinstance(cfg, LinearForecasterConfig):
+            return LinearForecaster(cfg, context, horizon)
+        return ForecastTransformer(cfg, context, horizon)
     if isinstance(cfg, CharTransformerConfig):
         if info.task != "language_model":
             raise LorankError(
@@ -636,9 +781,8 @@ def build_from_metadata(meta: dict[str, Any]) -> nn.Module | None:
     """Rebuild a zoo model from the metadata that :func:`lorank.save` wrote beside it."""
     if "model" not in meta or "data_info" not in meta:
         return None
-    info = dict(meta["data_info"])
-    info["input_shape"] = tuple(info["input_shape"])
-    return build_model(model_config_from_dict(meta["model"]), DatasetInfo(**info))
+    info = DatasetInfo.from_dict(meta["data_info"])
+    return build_model(model_config_from_dict(meta["model"]), info)
 
 
 register_model_builder(build_from_metadata)

@@ -92,7 +92,7 @@ from lorank.data import Dataset, load_dataset
 from lorank.errors import LorankError
 from lorank.training.config import RunConfig, apply_override, load_config, validate_config
 from lorank.training.environment import environment, resolve_device
-from lorank.training.evaluate import evaluate, task_loss
+from lorank.training.evaluate import evaluate_split, prefixed, task_loss
 from lorank.training.flops import inference_flops
 from lorank.training.rundir import COMPRESS, CONFIG, ENV, MODEL, SUMMARY, Run, read_json
 from lorank.training.trainer import train
@@ -355,9 +355,11 @@ def compress(
         else:
             _write_untrained(model, src, data, tmp)
         final = summary.get("finetune") or after
+        # The task's figures: accuracy, or the errors of a regression (forecasting).
+        figures = [k for k in final if k.startswith(("test_acc", "test_mse", "test_mae"))]
         summary.update(
             {
-                "test_acc": final.get("test_acc"),
+                **{k: final[k] for k in figures},
                 "test_loss": final.get("test_loss"),
                 "params_eval": after["params_eval"],
                 "params_dense": after["params_dense"],
@@ -822,8 +824,7 @@ def _compare_svd(
         with truncated(spectra, chosen):
             row = {"calibration_loss": mean_loss(model, batches, loss_fn)}
             if data is not None:
-                test = evaluate(model, data.eval_batches("test"))
-                row |= {"test_loss": test["loss"], "test_acc": test["acc"]}
+                row |= prefixed("test", evaluate_split(model, data, "test"))
         out[kind] = row
     return out
 
@@ -854,8 +855,7 @@ def _measure(model: nn.Module, data: Dataset | None) -> dict[str, Any]:
     out: dict[str, Any] = dict(parameter_counts(model))
     out["ranks"] = ranks(model)
     if data is not None:
-        test = evaluate(model, data.eval_batches("test"))
-        out["test_loss"], out["test_acc"] = test["loss"], test["acc"]
+        out |= prefixed("test", evaluate_split(model, data, "test"))
         first = next(iter(data.eval_batches("test")), None)
         if first is not None:
             out["inference_flops"] = inference_flops(model, first[0])
@@ -888,8 +888,9 @@ def _finetune(
         model=model,
     )
     ft = read_json(tmp / SUMMARY) or {}
-    keys = ("test_acc", "test_loss", "train_loss", "epochs", "train_time_s", "train_flops")
-    return {"finetune": {k: ft.get(k) for k in keys}, "finetune_epochs": epochs}
+    keys = ("test_loss", "train_loss", "epochs", "train_time_s", "train_flops")
+    figures = [k for k in ft if k.startswith(("test_acc", "test_mse", "test_mae"))] or ["test_acc"]
+    return {"finetune": {k: ft.get(k) for k in (*figures, *keys)}, "finetune_epochs": epochs}
 
 
 def _write_untrained(model: nn.Module, src: Source, data: Dataset | None, tmp: Path) -> None:

@@ -24,12 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from lorank.data.files import data_roots, load_cifar10, load_idx_dataset, load_text
+from lorank.data.forecast import FORECAST_SPLITS, ForecastConfig, load_series, split_series
 from lorank.errors import LorankError
 
 __all__ = [
     "DataConfig",
     "Dataset",
     "DatasetInfo",
+    "ForecastData",
     "LanguageModelData",
     "ClassificationData",
     "data_roots",
@@ -49,7 +51,9 @@ _AUGMENT = {"cifar10": (4, True), "mnist": (2, False), "fashion-mnist": (2, Fals
 
 _SPLITS = ("train", "test")
 
-DatasetName = Literal["mnist", "fashion-mnist", "cifar10", "tinyshakespeare", "synthetic"]
+DatasetName = Literal[
+    "mnist", "fashion-mnist", "cifar10", "tinyshakespeare", "synthetic", "forecast"
+]
 
 
 class DataConfig(BaseModel):
@@ -93,6 +97,10 @@ class DataConfig(BaseModel):
     synthetic_seed: int = Field(
         0, ge=0, description="Synthetic: seed; the same seed always gives the same data."
     )
+    forecast: ForecastConfig = Field(
+        default_factory=ForecastConfig,
+        description="Forecast: the series file, its columns and the window sizes.",
+    )
 
 
 @dataclass
@@ -100,16 +108,19 @@ class DatasetInfo:
     """What a model needs to know about its data; JSON-serialisable via ``dataclasses.asdict``."""
 
     name: str
-    task: Literal["classification", "language_model"]
+    task: Literal["classification", "language_model", "forecast"]
     input_shape: tuple[int, ...]
-    """Shape of one sample: (C, H, W) for images, (block_size,) for the language model."""
+    """Shape of one sample: (C, H, W) for images, (block_size,) for the language model,
+    (context, channels) for forecasting."""
     num_classes: int
-    """Number of classes; the vocabulary size for the language model."""
+    """Number of classes; the vocabulary size for the language model; 0 for forecasting."""
     vocab: str | None
     """The language model's characters in sorted order (token id = index); None otherwise."""
     train_size: int
     """Training samples, or windows per epoch for the language model."""
     test_size: int
+    horizon: int | None = None
+    """Forecasting: future steps per window (targets are (horizon, channels)); else None."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DatasetInfo:
@@ -166,6 +177,9 @@ class Dataset(ABC):
     device: torch.device
     batch_size: int
     eval_batch_size: int
+
+    eval_splits: tuple[str, ...] = ("test",)
+    """The splits the trainer evaluates each time (``test`` last)."""
 
     @property
     def num_train_batches(self) -> int:
@@ -336,8 +350,75 @@ class LanguageModelData(Dataset):
             yield self._windows("train", offset + perm[s] * self.block_size)
 
 
+class ForecastData(Dataset):
+    """Forecasting windows (context -> horizon) of a series, built by
+    :mod:`lorank.data.forecast`; inputs (B, context, C) and targets (B, horizon, C), both
+    normalised with the training part's statistics.
+
+    ``target_std`` (C,) turns an error on the normalised scale back into the series' units.
+    """
+
+    eval_splits = ("val", "test")
+
+    def __init__(
+        self,
+        info: DatasetInfo,
+        x: dict[str, Tensor],
+        y: dict[str, Tensor],
+        mean: Tensor,
+        std: Tensor,
+        batch_size: int,
+        eval_batch_size: int,
+    ) -> None:
+        self.info = info
+        self.device = x["train"].device
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self._x, self._y = x, y
+        self.target_mean, self.target_std = mean, std
+        if len(x["val"]) == 0:
+            self.eval_splits = ("test",)
+
+    def _split_size(self, split: str) -> int:
+        if split not in self._x:
+            raise LorankError(f"unknown split {split!r}; use one of {', '.join(FORECAST_SPLITS)}")
+        return len(self._x[split])
+
+    def _batch(self, split: str, index: Tensor | slice) -> tuple[Tensor, Tensor]:
+        return self._x[split][index], self._y[split][index]
+
+    def train_batches(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        n = self.info.train_size
+        perm = torch.randperm(n, generator=generator).to(self.device)
+        for s in _batched_ranges(n, self.batch_size):
+            idx = perm[s]
+            yield self._x["train"][idx], self._y["train"][idx]
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
+
+
+def _load_forecast(cfg: DataConfig, roots: list[Path], device: torch.device) -> Dataset:
+    fc = cfg.forecast
+    values = load_series(fc.file, fc.columns, roots)
+    splits = split_series(values, fc, name=Path(fc.file).name)
+    limits = {"train": cfg.train_subset, "val": cfg.test_subset, "test": cfg.test_subset}
+    x = {k: torch.from_numpy(v[: limits[k]]).to(device) for k, v in splits.x.items()}
+    y = {k: torch.from_numpy(v[: limits[k]]).to(device) for k, v in splits.y.items()}
+    info = DatasetInfo(
+        name=cfg.name,
+        task="forecast",
+        input_shape=(fc.context, len(fc.columns)),
+        num_classes=0,
+        vocab=None,
+        train_size=len(x["train"]),
+        test_size=len(x["test"]),
+        horizon=fc.horizon,
+    )
+    mean = torch.tensor(splits.mean, dtype=torch.float32, device=device)
+    std = torch.tensor(splits.std, dtype=torch.float32, device=device)
+    return ForecastData(info, x, y, mean, std, cfg.batch_size, cfg.eval_batch_size)
 
 
 def _subset(arrays: dict[str, np.ndarray], cfg: DataConfig) -> dict[str, np.ndarray]:
@@ -398,6 +479,10 @@ def load_dataset(
             raise LorankError("augment is not available for tinyshakespeare; set augment: false")
         return _load_language_model(cfg, roots, device)
 
+    if cfg.name == "forecast":
+        if cfg.augment:
+            raise LorankError("augment is not available for forecast; set augment: false")
+        return _load_forecast(cfg, roots, device)
     if cfg.name == "synthetic":
         arrays = _synthetic(cfg)
     elif cfg.name == "cifar10":

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lorank.core.io import load, read_metadata
 from lorank.core.metrics import parameter_counts, ranks
-from lorank.data import load_dataset
+from lorank.data import Dataset, load_dataset
 from lorank.errors import LorankError
 from lorank.training.config import RunConfig, load_config, validate_config
 from lorank.training.environment import resolve_device
@@ -21,29 +21,67 @@ from lorank.training.rundir import CONFIG, MODEL
 
 
 def task_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    """Cross-entropy for classification (B×C logits) and language modelling (B×T×V)."""
+    """The task's training loss, told apart by the targets' dtype: integer targets are
+    classes (cross-entropy over B×C logits, or B×T×V for the language model), floating
+    targets are values to regress (mean squared error, e.g. forecasts B×horizon×C)."""
     x, y = batch
-    logits = model(x)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    out = model(x)
+    if y.is_floating_point():
+        return F.mse_loss(out, y)
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
-    """Mean loss and accuracy (per sample, or per token for the language model)."""
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    target_std: Tensor | None = None,
+) -> dict[str, float]:
+    """Mean loss and accuracy (per sample, or per token for the language model).
+
+    For floating (regression) targets: ``loss`` = ``mse`` and ``mae`` per target value, and,
+    when ``target_std`` (one scale per last-axis channel) is given, ``mse_orig`` and
+    ``mae_orig`` in the data's original units (errors times the channel's scale).
+    """
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
+    sums: dict[str, Tensor] = {}
     count = 0
+
+    def add(key: str, value: Tensor) -> None:
+        value = value.double().cpu()
+        sums[key] = sums[key] + value if key in sums else value
+
     for x, y in batches:
-        logits = model(x)
-        logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double().cpu()
-        correct += (logits.argmax(-1) == y).sum().cpu()
+        out = model(x)
+        if y.is_floating_point():
+            err = out - y
+            add("mse", err.square().sum())
+            add("mae", err.abs().sum())
+            if target_std is not None:
+                err = err * target_std
+                add("mse_orig", err.square().sum())
+                add("mae_orig", err.abs().sum())
+        else:
+            logits, y = out.reshape(-1, out.shape[-1]), y.reshape(-1)
+            add("loss", F.cross_entropy(logits, y, reduction="sum"))
+            add("acc", (logits.argmax(-1) == y).sum())
         count += y.numel()
     model.train(was_training)
-    loss = float(loss_sum) / max(count, 1)
-    return {"loss": loss, "acc": float(correct) / max(count, 1)}
+    metrics = {k: float(v) / max(count, 1) for k, v in sums.items()}
+    if "mse" in metrics:
+        metrics = {"loss": metrics["mse"], **metrics}
+    return metrics
+
+
+def evaluate_split(model: nn.Module, data: Dataset, split: str = "test") -> dict[str, float]:
+    """:func:`evaluate` on a split of ``data``, in original units too where it has them."""
+    return evaluate(model, data.eval_batches(split), getattr(data, "target_std", None))
+
+
+def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    """``{"loss": 1.0}`` -> ``{"test_loss": 1.0}`` (the names metrics.jsonl uses)."""
+    return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
 
 def locate_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
@@ -88,11 +126,10 @@ def evaluate_checkpoint(
     device = resolve_device(config.train.device)
     data = load_dataset(config.data, device=device, data_dir=data_dir)
     model = load(stem).to(device)
-    test = evaluate(model, data.eval_batches("test"))
+    test = evaluate_split(model, data, "test")
     return {
         "checkpoint": str(stem.with_suffix(".safetensors")),
-        "test_loss": test["loss"],
-        "test_acc": test["acc"],
+        **prefixed("test", test),
         **parameter_counts(model),
         "ranks": ranks(model),
     }

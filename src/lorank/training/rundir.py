@@ -39,6 +39,8 @@ FINISHED = ("completed", "diverged")
 # A training loss this many times that of a uniform guess, ln(classes), means the run blew
 # up even when it stayed finite (it then usually collapses to one class: "9.8% accuracy").
 EXPLOSION_FACTOR = 3.0
+# Prefixes of the regression figures that summary.json carries over from the last evaluation.
+REGRESSION_METRICS = ("test_mse", "test_mae", "val_mse", "val_mae")
 
 
 def default_run_dir(config_name: str) -> Path:
@@ -153,7 +155,15 @@ def run_summary(path: Path) -> dict[str, Any]:
         summary = json.loads((path / SUMMARY).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    keys = ("status", "test_acc", "test_loss", "params_eval", "params_train", "train_time_s")
+    keys = (
+        "status",
+        "test_acc",
+        "test_loss",
+        "test_mse",
+        "params_eval",
+        "params_train",
+        "train_time_s",
+    )
     out = {k: summary.get(k) for k in keys if k in summary}
     if out.get("status") == "diverged" and summary.get("diverged_epoch") is not None:
         out["diverged_epoch"] = summary["diverged_epoch"]
@@ -178,7 +188,7 @@ def run_status(path: Path) -> str:
 
 def summarize(records: list[dict[str, Any]], train_time: float, status: str) -> dict[str, Any]:
     last = records[-1]
-    evaluated = [r for r in records if "test_acc" in r]
+    evaluated = [r for r in records if "test_loss" in r]
     final = evaluated[-1] if evaluated else last
     summary = {
         "status": status,
@@ -199,6 +209,10 @@ def summarize(records: list[dict[str, Any]], train_time: float, status: str) -> 
     for key in ("train_flops", "inference_flops", "energy_j"):
         if last.get(key) is not None:
             summary[key] = last[key]
+    # Regression (forecasting) figures, on the normalised scale and in original units.
+    summary.update({k: v for k, v in final.items() if k.startswith(REGRESSION_METRICS)})
+    if summary["test_acc"] is None and "test_mse" in summary:
+        del summary["test_acc"]  # a regression task has no accuracy
     return summary
 
 

@@ -43,7 +43,7 @@ from lorank.training.checkpoint import (
 from lorank.training.config import RunConfig
 from lorank.training.energy import POLL_STEPS, EnergyMeter
 from lorank.training.environment import environment, resolve_device, seed_everything
-from lorank.training.evaluate import evaluate, task_loss
+from lorank.training.evaluate import evaluate_split, prefixed, task_loss
 from lorank.training.flops import FlopMeter
 from lorank.training.rundir import (
     CONFIG,
@@ -334,10 +334,10 @@ def epoch_record(
     record: dict[str, Any] = {"epoch": epoch, "train_loss": train_stats.get("loss_task")}
     record.update({k: v for k, v in train_stats.items() if k != "loss_task"})
     if force_eval or epoch % eval_every == 0:
-        test = evaluate(model, data.eval_batches("test"))
-        record["test_loss"], record["test_acc"] = test["loss"], test["acc"]
+        for split in data.eval_splits:
+            record.update(prefixed(split, evaluate_split(model, data, split)))
         if data.info.task == "language_model":
-            record["test_ppl"] = math.exp(min(test["loss"], 50.0))
+            record["test_ppl"] = math.exp(min(record["test_loss"], 50.0))
     record.update(parameter_counts(model))
     record["ranks"] = ranks(model)
     if record["ranks"]:
@@ -349,9 +349,12 @@ def epoch_record(
 
 def format_record(record: dict[str, Any], epochs: int) -> str:
     parts = [f"epoch {record['epoch']}/{epochs}", f"train_loss {record['train_loss']:.4f}"]
-    if "test_acc" in record:
+    if "test_loss" in record:
         parts.append(f"test_loss {record['test_loss']:.4f}")
+    if "test_acc" in record:
         parts.append(f"test_acc {100 * record['test_acc']:.2f}%")
+    if "test_mae" in record:
+        parts.append(f"test_mae {record['test_mae']:.4f}")
     if "test_ppl" in record:
         parts.append(f"ppl {record['test_ppl']:.2f}")
     parts.append(f"params {record['params_eval']:,}/{record['params_dense']:,}")

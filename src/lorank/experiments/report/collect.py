@@ -236,8 +236,12 @@ class Group:
         return mean_std(r.final(key) for r in self.ok_runs)
 
     def acc(self) -> float:
+        """Higher is better: the test accuracy, or minus the test MSE of a regression."""
         mean = self.stat("test_acc")[0]
-        return -1.0 if mean is None else mean
+        if mean is None:
+            mse = self.stat("test_mse")[0]
+            return -math.inf if mse is None else -mse
+        return mean
 
 
 def _settings_key(settings: dict[str, Any]) -> str:

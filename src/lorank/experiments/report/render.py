@@ -83,14 +83,6 @@ RUN_COLUMNS = [
 ENERGY_COLUMN = "train energy (J)"
 
 
-def run_columns(groups: Sequence[Group]) -> list[str]:
-    """The runs table's header: the energy column only when some run measured it."""
-    columns = list(RUN_COLUMNS)
-    if any(g.stat("energy_j")[0] is not None for g in groups):
-        columns.insert(columns.index("status"), ENERGY_COLUMN)
-    return columns
-
-
 def _to_target(g: Group, dense: float | None) -> str:
     if dense is None:
         return "– (no dense run)"
@@ -104,7 +96,43 @@ def _to_target(g: Group, dense: float | None) -> str:
     return text if reached == len(g.ok_runs) else f"{text} ({reached}/{len(g.ok_runs)} seeds)"
 
 
+# Regression (forecasting) columns: (summary key, header); shown when some run has them.
+REGRESSION_COLUMNS = (
+    ("test_mse", "test MSE"),
+    ("test_mae", "test MAE"),
+    ("test_mse_orig", "test MSE (units²)"),
+    ("test_mae_orig", "test MAE (units)"),
+)
+
+
+def _has(groups: Sequence[Group], key: str) -> bool:
+    return any(r.final(key) is not None for g in groups for r in g.runs)
+
+
+def run_columns(groups: Sequence[Group]) -> list[str]:
+    """:data:`RUN_COLUMNS`, without accuracy when no run has one (a regression task), with
+    the regression errors (mean ± std) when some run has them, and the energy column only
+    when some run measured it."""
+    columns = list(RUN_COLUMNS)
+    if any(g.stat("energy_j")[0] is not None for g in groups):
+        columns.insert(columns.index("status"), ENERGY_COLUMN)
+    if groups and not _has(groups, "test_acc"):
+        columns.remove("test acc (%)")
+    at = columns.index("test loss") + 1
+    extra = [header for key, header in REGRESSION_COLUMNS if _has(groups, key)]
+    return columns[:at] + extra + columns[at:]
+
+
+def _mean_std(mean: float | None, std: float | None, n: int) -> str:
+    if mean is None:
+        return "–"
+    return _num(mean) + (f" ± {_num(std)}" if n > 1 and std is not None else "")
+
+
 def runs_table(groups: Sequence[Group]) -> list[list[str]]:
+    """Rows under :func:`run_columns` ``(groups)``."""
+    with_acc = not groups or _has(groups, "test_acc")
+    regression = [key for key, _ in REGRESSION_COLUMNS if _has(groups, key)]
     rows = []
     dense = dense_accuracy(groups)
     energy = ENERGY_COLUMN in run_columns(groups)
@@ -113,11 +141,11 @@ def runs_table(groups: Sequence[Group]) -> list[list[str]]:
         loss = g.stat("test_loss")
         comp = g.stat("compression")
         rows.append(
-            [
-                g.label,
-                f"{len(g.ok_runs)}/{len(g.runs)}",
-                _pct(*acc),
-                _num(loss[0]),
+            [g.label, f"{len(g.ok_runs)}/{len(g.runs)}"]
+            + ([_pct(*acc)] if with_acc else [])
+            + [_num(loss[0])]
+            + [_mean_std(*g.stat(key)) for key in regression]
+            + [
                 _num(g.stat("params_eval")[0]),
                 _num(g.stat("params_train")[0]),
                 _num(g.stat("params_dense")[0]),
@@ -347,6 +375,7 @@ def report(paths: Sequence[str | Path], out: str | Path, title: str | None = Non
                     "settings": g.varying,
                     "seeds": [r.seed for r in g.runs],
                     "test_acc": g.stat("test_acc"),
+                    **{key: g.stat(key) for key, _ in REGRESSION_COLUMNS if _has(groups, key)},
                     "params_eval": g.stat("params_eval")[0],
                     "params_train": g.stat("params_train")[0],
                     "train_flops": g.stat("train_flops")[0],
