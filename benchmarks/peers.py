@@ -1054,18 +1054,30 @@ def markdown(section: dict[str, Any]) -> str:
             "budget), evaluated here. No fine-tuning. Char transformer: the dense model of "
             "6.1 (seed 0), test loss per token; MLP: the MNIST model of 6.3, test accuracy.\n"
         )
-        out.append("| model | B | entry | test loss | test acc | params | × before |")
-        out.append("|---|---:|---|---:|---:|---:|---:|")
+        out.append(
+            "| model | B | entry | test loss | × uncompressed | × peer | test acc | params "
+            "| × uncompressed |"
+        )
+        out.append("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+        best: dict[tuple[str, float], float] = {}
+        for r in comp:
+            if r.get("peer") and "loss" in r:
+                key = (r["model"], r["budget"])
+                best[key] = min(best.get(key, math.inf), r["loss"])
         for r in comp:
             if "error" in r:
                 out.append(
                     f"| {r['model']} | {r.get('budget', '')} | {r.get('name', '')} "
-                    f"| failed: {r['error'][:100]} | | | |"
+                    f"| failed: {r['error'][:100]} | | | | | |"
                 )
                 continue
             ratio = r["params"] / r["params_before"] if r.get("params_before") else None
+            before = r["loss"] / r["loss_before"] if r.get("loss_before") else None
+            peer = best.get((r["model"], r["budget"]))
+            name = r["name"] + (" (best peer)" if r.get("peer") and r["loss"] == peer else "")
             out.append(
-                f"| {r['model']} | {r['budget']} | {r['name']} | {r['loss']:.4f} "
+                f"| {r['model']} | {r['budget']} | {name} | {r['loss']:.4f} "
+                f"| {_fmt(before, '.3f')} | {_fmt(r['loss'] / peer if peer else None, '.3f')} "
                 f"| {_fmt(r.get('acc'), '.4f')} | {r['params']:,} | {_fmt(ratio, '.3f')} |"
             )
         out.append("")
