@@ -9,9 +9,10 @@ skipped with a one-line note; CI's default run never needs one.
    ``factorized`` and ``dlrt`` on lorank's char transformer (4 blocks, d 128) on tiny
    Shakespeare, batch 32 × 128, every entry with the same seed, model init, data order,
    steps and schedule (10% linear warm-up, cosine to 0.1 × lr: GaLore's
-   ``torchrun_main.py``). GaLore at its authors' settings for a model of this size (README
-   and paper, Table 2/8: rank d/4, ``update_proj_gap`` 200, ``scale`` 0.25, lr 0.01, on the
-   attention and MLP weights) and a sweep of rank and projection gap.
+   ``torchrun_main.py``). GaLore at its authors' settings scaled to this model (the
+   README's LLaMA-60M command: rank 128 of d 512, i.e. d/4 = 32 here, ``update_proj_gap``
+   200, ``galore_scale`` 0.25, lr 0.01, on the attention and MLP weights) and a sweep of rank
+   (16, 64) and projection gap (50).
 2. **Factorized layers** (``layers``): ``tltorch.FactorizedLinear`` (CP, Tucker, block-TT;
    ``factorized`` and ``reconstructed`` forward) vs ``LowRankLinear`` vs ``nn.Linear``, at
    the parameter count of ``LowRankLinear`` at rank 64: forward + backward time at batch
