@@ -264,7 +264,7 @@ def test_regression_loss_and_metrics():
 
 
 # --------------------------------------------------------------------------------------------
-# Every training method on the transformer
+# Every training method on the transformer (pil and bipil fit MLPs only and refuse it)
 
 METHODS = {
     "dense": {},
@@ -273,6 +273,7 @@ METHODS = {
     "dlrt": {"tolerance": 0.2, "r_min": 1},
     "oialr": {"delay": 1, "frequency": 1, "cutoff": 0.3},
     "hybrid": {"direction": "dense_to_lowrank", "switch_epoch": 1, "rank_rule": "rank=3"},
+    "nnsvd": {"rank": 0.5},
 }
 
 

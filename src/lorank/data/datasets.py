@@ -180,6 +180,8 @@ class Dataset(ABC):
 
     eval_splits: tuple[str, ...] = ("test",)
     """The splits the trainer evaluates each time (``test`` last)."""
+    target_std: Tensor | None = None
+    """Regression: per-channel scale that turns a normalised error into original units."""
 
     @property
     def num_train_batches(self) -> int:

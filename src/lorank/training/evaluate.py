@@ -76,7 +76,7 @@ def evaluate(
 
 def evaluate_split(model: nn.Module, data: Dataset, split: str = "test") -> dict[str, float]:
     """:func:`evaluate` on a split of ``data``, in original units too where it has them."""
-    return evaluate(model, data.eval_batches(split), getattr(data, "target_std", None))
+    return evaluate(model, data.eval_batches(split), data.target_std)
 
 
 def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:

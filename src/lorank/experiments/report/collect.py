@@ -372,6 +372,8 @@ def heat_maps(groups: Sequence[Group]) -> list[HeatMap]:
         keys = list(mine[0].varying)
         if len(keys) != 2:
             continue
+        if all(g.stat("test_acc")[0] is None for g in mine):
+            continue  # the cells show accuracy; a regression task has none (see the runs table)
         if not all(isinstance(g.settings.get(k), int | float) for g in mine for k in keys):
             continue
         # Columns: the learning rate when it is one of the keys (seed 000's layout).
