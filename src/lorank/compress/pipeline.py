@@ -72,7 +72,8 @@ from lorank.compress.calibration import (
     collect_second_moments,
     read_calibration_file,
 )
-from lorank.core.convert import low_rank_from, replace_module
+from lorank.core.adapters import low_rank_from
+from lorank.core.convert import LayerSelection, candidate_layers, replace_module, shared_parameters
 from lorank.core.io import load, read_metadata, save
 from lorank.core.layers import LowRankLayer
 from lorank.core.metrics import parameter_counts, ranks
@@ -822,23 +823,15 @@ def _compare_svd(
 def _drop_tied(
     model: nn.Module, spectra: list[LayerSpectrum]
 ) -> tuple[list[LayerSpectrum], list[str]]:
-    """``spectra`` without layers whose weight another module shares (a tied output head).
+    """``spectra`` without layers that share a Parameter with another module (a tied output
+    head), and the names of the tied layers :func:`~lorank.core.convert.plan` keeps dense.
 
     Factorizing a tied head saves nothing (the embedding still holds the matrix) and adds
     the factors, so such a layer stays dense.
     """
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    kept, tied = [], []
-    for spec in spectra:
-        weight = getattr(spec.module, "weight", None)
-        if isinstance(weight, Tensor) and owners.get(id(weight), 0) > 1:
-            tied.append(spec.name)
-        else:
-            kept.append(spec)
-    return kept, tied
+    shared = shared_parameters(model)
+    tied = [name for name, _ in candidate_layers(model, LayerSelection(keep_last_dense=False))]
+    return [s for s in spectra if s.name not in shared], [n for n in tied if n in shared]
 
 
 def _measure(model: nn.Module, data: Dataset | None) -> dict[str, Any]:
