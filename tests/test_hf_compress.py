@@ -121,7 +121,7 @@ def test_activation_svd_compress_save_reload(gpt2_dir, tmp_path):
 
     reloaded = load_huggingface_compressed(out)
     assert type(reloaded).__name__ == "GPT2LMHeadModel"
-    assert type(reloaded.transformer.h[0].attn.c_attn).__name__ == "LowRankLinear"
+    assert type(reloaded.transformer.h[0].attn.c_attn).__name__ == "LowRankHFConv1D"
     assert reloaded.lm_head.weight is reloaded.transformer.wte.weight  # still tied
     batches = calibration_file_batches(
         reloaded, TEXT, 16, None, gpt2_dir / "gpt2", gpt2_dir / "calib.txt"
