@@ -13,8 +13,8 @@ import torch
 
 from lorank.cli import main
 from lorank.compress.calibration import activation_svd, collect_second_moments
+from lorank.compress.huggingface import forward_fn
 from lorank.compress.pipeline import (
-    _hf_forward,
     calibration_file_batches,
     compress,
     load_huggingface_compressed,
@@ -74,7 +74,7 @@ def test_conv1d_calibration_weights_the_transposed_weight(gpt2_dir):
     layer = model.transformer.h[0].mlp.c_fc
     captured = []
     handle = layer.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
-    moments = collect_second_moments(model, {"fc": layer}, batches, _hf_forward)
+    moments = collect_second_moments(model, {"fc": layer}, batches, forward_fn(model))
     handle.remove()
     x = captured[0].reshape(-1, 64).double()
     assert moments["fc"].rows == 6 * 64

@@ -65,6 +65,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lorank.compress import huggingface
 from lorank.compress.allocation import ALLOCATIONS, allocate, budget_search
 from lorank.compress.calibration import (
     DEFAULT_DAMPING,
@@ -72,6 +73,7 @@ from lorank.compress.calibration import (
     collect_second_moments,
     read_calibration_file,
 )
+from lorank.compress.huggingface import load_huggingface_compressed
 from lorank.core.adapters import low_rank_from
 from lorank.core.convert import LayerSelection, candidate_layers, replace_module, shared_parameters
 from lorank.core.io import load, read_metadata, save
@@ -139,6 +141,7 @@ class Source:
     kind: str  # "lorank" | "state_dict" | "huggingface"
     config: RunConfig | None
     data: Dataset | None = None
+    path: Path | None = None  # a Hugging Face folder: where its tokenizer files are
 
 
 def compress(
@@ -230,14 +233,12 @@ def compress(
         file_batches = calibration_file_batches(
             model, file_content, calibration, data, Path(source), calibration_file
         )
-    forward, loss_fn = (_hf_forward, _hf_loss) if hf else (None, task_loss)
-    if hf and file_batches is not None and not _hf_has_loss(model, file_batches):
-        if needs_loss:
-            raise LorankError(
-                f"{source} has no language-model head (its forward returns no loss), so a "
-                "loss tolerance cannot be measured; use --budget or --rule"
-            )
-        loss_fn = None
+    forward, loss_fn, loss_kind = None, task_loss, None
+    if hf:
+        # The model's own LM loss, or the output-preservation loss (compress/huggingface.py).
+        forward, loss_fn = huggingface.forward_fn(model), None
+        if file_batches is not None:
+            loss_fn, loss_kind = huggingface.calibration_loss(model, file_batches)
 
     summary: dict[str, Any] = {
         "status": "completed",
@@ -246,6 +247,8 @@ def compress(
         "rule": str(rule),
         "svd": svd,
     }
+    if loss_kind is not None:
+        summary["calibration_loss_kind"] = loss_kind
     if budget is not None:
         summary["rule"] = f"budget={budget} ({allocation})"
     elif loss_tolerance is not None:
@@ -403,7 +406,7 @@ def load_source(
         )
     if path.is_dir() and not (path / "model.json").is_file():
         if _is_hf_directory(path):
-            return Source(_load_huggingface(path), "huggingface", None)
+            return Source(huggingface.load_pretrained(path), "huggingface", None, path=path)
         raise LorankError(
             f"{path} holds no model.json/model.safetensors; is it a finished lorank run directory?"
         )
@@ -411,7 +414,9 @@ def load_source(
     if lorank_stem is not None:
         from lorank.training.evaluate import run_config_of
 
-        read_metadata(lorank_stem)
+        if "huggingface" in read_metadata(lorank_stem):  # a compressed Hugging Face folder
+            model = load_huggingface_compressed(lorank_stem)
+            return Source(model, "huggingface", None, path=lorank_stem.parent)
         run_dir = lorank_stem.parent if (lorank_stem.parent / CONFIG).is_file() else None
         config = _with_overrides(
             run_config_of(run_dir, model_config and str(model_config)), overrides
@@ -489,23 +494,6 @@ def _is_hf_directory(path: Path) -> bool:
         return "model_type" in json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-
-
-def _load_huggingface(
-    path: Path,
-) -> nn.Module:  # transformers is optional (the dev extra installs it)
-    try:
-        import transformers
-    except ImportError:
-        raise LorankError(
-            f"{path} is a Hugging Face model directory; install the optional "
-            "extra (pip install 'lorank[hf]') to compress it"
-        ) from None
-    with _quiet_transformers(transformers):
-        try:
-            return transformers.AutoModelForCausalLM.from_pretrained(path)
-        except (OSError, ValueError):
-            return transformers.AutoModel.from_pretrained(path)
 
 
 @contextlib.contextmanager
@@ -640,6 +628,8 @@ def _windows(ids: Tensor, block: int, context: int, path: Any) -> Tensor:
 
 
 def _hf_inputs(model: nn.Module, content: str | Tensor, source: Path, path: Any) -> Tensor:
+    if not huggingface.takes_tokens(model):  # a vision model: pixel values
+        return huggingface.float_inputs(model, content, path)
     config = getattr(model, "config", None)
     vocab_size = getattr(config, "vocab_size", None)
     context = (
@@ -681,59 +671,6 @@ def _hf_tokenizer(source: Path) -> Any:
     # Calibration text is cut into windows afterwards: a long text is not an error.
     tokenizer.model_max_length = int(1e30)
     return tokenizer
-
-
-def _hf_forward(model: nn.Module, batch: tuple[Tensor, ...]) -> Any:
-    return model(input_ids=batch[0])
-
-
-def _hf_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
-    """The causal language-model loss (transformers shifts the labels itself)."""
-    import transformers
-
-    with _quiet_transformers(transformers):
-        return model(input_ids=batch[0], labels=batch[0]).loss
-
-
-@torch.no_grad()
-def _hf_has_loss(model: nn.Module, batches: list[tuple[Tensor]]) -> bool:
-    was_training = model.training
-    model.eval()
-    try:
-        out = _hf_loss(model, (batches[0][0][:1],))
-        return isinstance(out, Tensor)
-    except (TypeError, ValueError, AttributeError):
-        return False
-    finally:
-        model.train(was_training)
-
-
-def load_huggingface_compressed(path: str | Path) -> nn.Module:
-    """Reload a Hugging Face model compressed by ``lorank compress`` (its run directory).
-
-    The transformers class and config are stored in ``model.json``; the low-rank layers are
-    rebuilt by :func:`lorank.core.io.load`.
-    """
-    stem = _lorank_stem(Path(path))
-    if stem is None:
-        raise LorankError(
-            f"{path} holds no model.json; pass the run directory lorank compress wrote"
-        )
-    meta = read_metadata(stem)
-    hf = meta.get("huggingface")
-    if not isinstance(hf, dict):
-        raise LorankError(f"{path} is not a compressed Hugging Face model; use lorank.load")
-    import transformers
-
-    cls = getattr(transformers, hf["class"], None)
-    if cls is None:
-        raise LorankError(
-            f"transformers {transformers.__version__} has no class {hf['class']!r}; "
-            "install the version that wrote the model"
-        )
-    with _quiet_transformers(transformers):
-        model = cls(cls.config_class.from_dict(hf["config"]))
-    return load(stem, model).eval()
 
 
 # ---------------------------------------------------------------------- surgery
@@ -883,8 +820,9 @@ def _write_untrained(model: nn.Module, src: Source, data: Dataset | None, tmp: P
         meta |= {"model": config.model.model_dump(mode="json"), "data_info": asdict(data.info)}
         run.log({"epoch": 0, **_measure(model, data), "time_s": 0.0})
     if src.kind == "huggingface" and hasattr(model, "config"):
-        # What load_huggingface_compressed rebuilds the dense architecture from.
-        meta["huggingface"] = {"class": type(model).__name__, "config": model.config.to_dict()}
+        # config.json, tokenizer files, and what load_huggingface_compressed rebuilds from.
+        assert src.path is not None
+        meta["huggingface"] = huggingface.write_folder(model, src.path, tmp)
     save(model, tmp / MODEL, meta)
 
 
