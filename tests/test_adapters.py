@@ -268,3 +268,11 @@ def test_every_registered_kind_has_an_adapter_for_its_low_rank_layer():
         adapter = adapter_for(dense)
         assert adapter is not None and adapter.low_rank_type is low_rank_type
         assert adapter_for(low_rank_from(dense, 1)) is adapter
+
+
+def test_a_subclass_of_a_low_rank_layer_uses_its_parents_adapter():
+    from lorank.methods.nnsvd import SymmetricLowRankLinear
+
+    layer = SymmetricLowRankLinear.from_linear(nn.Linear(6, 6), 2)
+    assert adapter_for(layer).name == "linear"
+    assert adapter_for(LowRankHFConv1D(4, 3, 2)).name == "hf_conv1d"

@@ -295,9 +295,12 @@ for _adapter in (
 def adapter_for(module: nn.Module) -> LayerAdapter | None:
     """The adapter of a dense layer, or of the low-rank layer one became; None if neither."""
     if isinstance(module, LowRankLayer):
-        for adapter in ADAPTERS:
-            if type(module) is adapter.low_rank_type:
-                return adapter
+        # The nearest class in the MRO: a subclass of LowRankLinear (nn-svd's symmetric layer)
+        # is a Linear, while LowRankHFConv1D, itself a LowRankLinear, has its own adapter.
+        for cls in type(module).__mro__:
+            for adapter in ADAPTERS:
+                if cls is adapter.low_rank_type:
+                    return adapter
         return None
     for adapter in ADAPTERS:
         if adapter.matches(module):
