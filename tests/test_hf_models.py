@@ -172,6 +172,10 @@ def _compress_and_reload(arch, tmp_path, monkeypatch, capsys, extra=("--budget",
     summary = json.loads((out / "summary.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [type(original).__name__]
+    assert (out / "lorank.safetensors").is_file() and (out / "lorank.json").is_file()
+    # transformers cannot read factors: it must refuse, not load random "missing" weights
+    with pytest.raises(OSError):
+        type(original).from_pretrained(out)
     reloaded = load_huggingface_compressed(out)
     assert type(reloaded) is type(original)
     assert lorank.low_rank_layers(reloaded)

@@ -29,11 +29,14 @@ first line of explanation.
 
 **Writing.** :func:`write_folder` puts the Hugging Face ``config.json`` (the same class in
 ``architectures``), the tokenizer/processor files of the source folder and
-``generation_config.json`` beside lorank's ``model.safetensors`` (the factors) and
-``model.json`` (the class, the config and each layer's rank). :func:`load_huggingface_compressed`
+``generation_config.json`` beside lorank's ``lorank.safetensors`` (the factors) and
+``lorank.json`` (the class, the config and each layer's rank). :func:`load_huggingface_compressed`
 rebuilds the same class from that folder, with outputs identical to the compressed model.
-The weights hold factors, not dense matrices, so transformers' own ``from_pretrained`` cannot
-read them (load with lorank, or ``lorank.merge`` and ``save_pretrained`` for a dense copy).
+The weights hold factors, not dense matrices. They are deliberately not named
+``model.safetensors``: transformers' ``from_pretrained`` would load such a file with every
+factorized weight "missing", randomly initialised, and only a warning; without it,
+``from_pretrained`` stops with an error instead (load with lorank, or ``lorank.merge`` and
+``save_pretrained`` for a dense copy).
 """
 
 from __future__ import annotations
@@ -48,13 +51,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorank.core.io import load, read_metadata
+from lorank.core.io import load, read_metadata, save
 from lorank.errors import LorankError
 
 __all__ = [
     "AUX_FILES",
     "architecture",
     "calibration_loss",
+    "compressed_stem",
     "float_inputs",
     "forward_fn",
     "load_huggingface_compressed",
@@ -63,6 +67,9 @@ __all__ = [
     "quiet_transformers",
     "write_folder",
 ]
+
+#: the stem of the factors (``.safetensors``) and the rank metadata (``.json``) in an output
+STEM = "lorank"
 
 #: files of a Hugging Face folder that describe inputs, not weights: copied to the output
 AUX_FILES: tuple[str, ...] = (
@@ -287,31 +294,53 @@ def calibration_loss(
     return loss, loss.kind
 
 
-def write_folder(model: nn.Module, source: Path, out: Path) -> dict[str, Any]:
-    """Write the Hugging Face side of a compressed model's folder (module docstring) and
-    return the ``huggingface`` metadata :func:`load_huggingface_compressed` reads."""
+def write_folder(
+    model: nn.Module, source: Path, out: Path, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write a compressed Hugging Face model to the folder ``out`` (module docstring):
+    ``config.json``, the source's tokenizer/processor files, ``lorank.safetensors`` and
+    ``lorank.json`` (with ``metadata``). Returns the weights' path."""
     config = model.config
     config.architectures = [type(model).__name__]
     config.save_pretrained(out)
     for name in AUX_FILES:
         if (source / name).is_file() and not (out / name).exists():
             shutil.copy2(source / name, out / name)
-    return {"class": type(model).__name__, "config": config.to_dict()}
+    hf = {"class": type(model).__name__, "config": config.to_dict()}
+    return save(model, out / STEM, {**(metadata or {}), "huggingface": hf})
+
+
+def compressed_stem(path: str | Path) -> Path | None:
+    """The lorank stem of a compressed Hugging Face model at ``path`` (its folder, or the
+    weights/metadata file), or None when ``path`` is not one. Also reads run directories
+    written before the folder layout (``model.json`` with a ``huggingface`` entry)."""
+    path = Path(path)
+    stems = [path / STEM, path / "model"] if path.is_dir() else [path.with_suffix("")]
+    for stem in stems:
+        meta_path = stem.with_suffix(".json")
+        if not meta_path.is_file():
+            continue
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(meta, dict) and isinstance(meta.get("huggingface"), dict):
+            return stem
+    return None
 
 
 def load_huggingface_compressed(path: str | Path) -> nn.Module:
     """Reload a Hugging Face model compressed by ``lorank compress`` from its folder: the
     same transformers class, its low-rank layers rebuilt by :func:`lorank.core.io.load`, in
     eval mode."""
-    path = Path(path)
-    stem = path / "model" if path.is_dir() else path.with_suffix("")
-    if not stem.with_suffix(".json").is_file():
-        raise LorankError(f"{path} holds no model.json; pass the folder lorank compress wrote")
-    meta = read_metadata(stem)
-    hf = meta.get("huggingface")
-    if not isinstance(hf, dict):
-        raise LorankError(f"{path} is not a compressed Hugging Face model; use lorank.load")
-    transformers = _transformers(path)
+    stem = compressed_stem(path)
+    if stem is None:
+        raise LorankError(
+            f"{path} is not a Hugging Face model compressed by lorank (no {STEM}.json); "
+            "pass the folder lorank compress wrote, or use lorank.load"
+        )
+    hf = read_metadata(stem)["huggingface"]
+    transformers = _transformers(Path(path))
     cls = getattr(transformers, hf["class"], None)
     if cls is None:
         raise LorankError(

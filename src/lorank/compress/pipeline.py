@@ -404,6 +404,9 @@ def load_source(
             f"{path} not found; pass a lorank run directory, a checkpoint, a "
             "PyTorch state_dict file or a Hugging Face model directory"
         )
+    if huggingface.compressed_stem(path) is not None:  # what lorank compress wrote for HF
+        hf_folder = path if path.is_dir() else path.parent
+        return Source(load_huggingface_compressed(path), "huggingface", None, path=hf_folder)
     if path.is_dir() and not (path / "model.json").is_file():
         if _is_hf_directory(path):
             return Source(huggingface.load_pretrained(path), "huggingface", None, path=path)
@@ -414,9 +417,7 @@ def load_source(
     if lorank_stem is not None:
         from lorank.training.evaluate import run_config_of
 
-        if "huggingface" in read_metadata(lorank_stem):  # a compressed Hugging Face folder
-            model = load_huggingface_compressed(lorank_stem)
-            return Source(model, "huggingface", None, path=lorank_stem.parent)
+        read_metadata(lorank_stem)
         run_dir = lorank_stem.parent if (lorank_stem.parent / CONFIG).is_file() else None
         config = _with_overrides(
             run_config_of(run_dir, model_config and str(model_config)), overrides
@@ -820,9 +821,10 @@ def _write_untrained(model: nn.Module, src: Source, data: Dataset | None, tmp: P
         meta |= {"model": config.model.model_dump(mode="json"), "data_info": asdict(data.info)}
         run.log({"epoch": 0, **_measure(model, data), "time_s": 0.0})
     if src.kind == "huggingface" and hasattr(model, "config"):
-        # config.json, tokenizer files, and what load_huggingface_compressed rebuilds from.
+        # The Hugging Face folder layout: config.json, tokenizer files, lorank.safetensors/json.
         assert src.path is not None
-        meta["huggingface"] = huggingface.write_folder(model, src.path, tmp)
+        huggingface.write_folder(model, src.path, tmp, meta)
+        return
     save(model, tmp / MODEL, meta)
 
 
