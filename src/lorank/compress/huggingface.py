@@ -32,6 +32,9 @@ first line of explanation.
 ``generation_config.json`` beside lorank's ``lorank.safetensors`` (the factors) and
 ``lorank.json`` (the class, the config and each layer's rank). :func:`load_huggingface_compressed`
 rebuilds the same class from that folder, with outputs identical to the compressed model.
+A sentence-transformers folder (``modules.json``; the transformer at the root or in a
+subfolder) is compressed through its transformer and written back in its own layout
+(:func:`write_sentence_transformer`), loadable with ``SentenceTransformer``.
 The weights hold factors, not dense matrices. They are deliberately not named
 ``model.safetensors``: transformers' ``from_pretrained`` would load such a file with every
 factorized weight "missing", randomly initialised, and only a warning; without it,
@@ -65,7 +68,9 @@ __all__ = [
     "load_pretrained",
     "main_input_name",
     "quiet_transformers",
+    "sentence_transformer_module",
     "write_folder",
+    "write_sentence_transformer",
 ]
 
 #: the stem of the factors (``.safetensors``) and the rank metadata (``.json``) in an output
@@ -351,6 +356,66 @@ def load_huggingface_compressed(path: str | Path) -> nn.Module:
         config = cls.config_class.from_dict(hf["config"])
         model = cls(config)
     return load(stem, model).eval()
+
+
+# ---------------------------------------------------------------------- sentence-transformers
+
+#: the ``modules.json`` type of a compressed transformer module (:mod:`lorank.compress.sbert`)
+ST_TRANSFORMER = "lorank.compress.sbert.LowRankTransformer"
+
+
+def sentence_transformer_module(path: str | Path) -> tuple[Path, str] | None:
+    """``(folder of its transformer, that module's path in modules.json)`` when ``path`` is a
+    sentence-transformers model folder (the transformer in a subfolder or at the root);
+    None otherwise."""
+    path = Path(path)
+    try:
+        modules = json.loads((path / "modules.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    for entry in modules if isinstance(modules, list) else []:
+        kind = str(entry.get("type", "")) if isinstance(entry, dict) else ""
+        if kind == ST_TRANSFORMER or (
+            kind.startswith("sentence_transformers.") and kind.endswith(".Transformer")
+        ):
+            sub = str(entry.get("path", ""))
+            return path / sub, sub
+    return None
+
+
+def load_sentence_transformer_model(folder: Path) -> nn.Module:
+    """The transformers model of a sentence-transformers transformer module's ``folder``
+    (dense, or one lorank compressed before)."""
+    if compressed_stem(folder) is not None:
+        return load_huggingface_compressed(folder)
+    return load_pretrained(folder)
+
+
+def write_sentence_transformer(
+    model: nn.Module, source: Path, out: Path, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write a compressed sentence-transformers model: every module of ``source`` as it was
+    (pooling, normalisation, dense heads, their configs), the transformer module's folder as
+    :func:`write_folder` writes it, and its ``modules.json`` type :data:`ST_TRANSFORMER`, the
+    module class that loads the factors (``SentenceTransformer(out, trust_remote_code=True)``:
+    sentence-transformers ≥ 6 asks for the flag for any module class outside its package)."""
+    found = sentence_transformer_module(source)
+    assert found is not None
+    folder, sub = found
+    weights = {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"}
+    weights |= {f"{STEM}.safetensors", f"{STEM}.json"}
+
+    def skip(directory: str, names: list[str]) -> set[str]:
+        return {n for n in names if n in weights} if Path(directory) == folder else set()
+
+    shutil.copytree(source, out, ignore=skip, dirs_exist_ok=True)
+    path = write_folder(model, folder, out / sub, metadata)
+    modules = json.loads((source / "modules.json").read_text())
+    for entry in modules:
+        if str(entry.get("path", "")) == sub:
+            entry["type"] = ST_TRANSFORMER
+    (out / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    return path
 
 
 def _first_line(e: BaseException) -> str:

@@ -142,6 +142,7 @@ class Source:
     config: RunConfig | None
     data: Dataset | None = None
     path: Path | None = None  # a Hugging Face folder: where its tokenizer files are
+    sentence_transformer: Path | None = None  # the sentence-transformers folder it came from
 
 
 def compress(
@@ -230,8 +231,8 @@ def compress(
     file_batches = None
     if file_content is not None:
         assert calibration_file is not None
-        file_batches = calibration_file_batches(
-            model, file_content, calibration, data, Path(source), calibration_file
+        file_batches = calibration_file_batches(  # src.path: where a HF tokenizer is
+            model, file_content, calibration, data, src.path or Path(source), calibration_file
         )
     forward, loss_fn, loss_kind = None, task_loss, None
     if hf:
@@ -404,6 +405,10 @@ def load_source(
             f"{path} not found; pass a lorank run directory, a checkpoint, a "
             "PyTorch state_dict file or a Hugging Face model directory"
         )
+    st = huggingface.sentence_transformer_module(path) if path.is_dir() else None
+    if st is not None:  # a sentence-transformers folder: compress its transformer
+        model = huggingface.load_sentence_transformer_model(st[0])
+        return Source(model, "huggingface", None, path=st[0], sentence_transformer=path)
     if huggingface.compressed_stem(path) is not None:  # what lorank compress wrote for HF
         hf_folder = path if path.is_dir() else path.parent
         return Source(load_huggingface_compressed(path), "huggingface", None, path=hf_folder)
@@ -823,7 +828,10 @@ def _write_untrained(model: nn.Module, src: Source, data: Dataset | None, tmp: P
     if src.kind == "huggingface" and hasattr(model, "config"):
         # The Hugging Face folder layout: config.json, tokenizer files, lorank.safetensors/json.
         assert src.path is not None
-        huggingface.write_folder(model, src.path, tmp, meta)
+        if src.sentence_transformer is not None:
+            huggingface.write_sentence_transformer(model, src.sentence_transformer, tmp, meta)
+        else:
+            huggingface.write_folder(model, src.path, tmp, meta)
         return
     save(model, tmp / MODEL, meta)
 
