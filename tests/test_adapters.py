@@ -201,7 +201,7 @@ def test_custom_net_every_layer_converted_or_listed_and_ties_hold():
     assert {n for n, (s, _) in status.items() if s == "converted"} == {"conv", "seq", "mix"}
     assert "depthwise" in status["depthwise"][1]
     assert "no low-rank adapter for ConvTranspose2d" in status["up"][1]
-    assert "tied with emb" in status["head"][1]
+    assert status["head"][1] == "tied: its weight is emb.weight; kept dense so the tie holds"
     assert "only when named in target_modules" in status["emb"][1]
     assert set(status) == {"conv", "depthwise", "up", "seq", "emb", "mix", "head"}  # BN: no W
     assert model.head.weight is model.emb.weight  # the tie holds
@@ -223,9 +223,9 @@ def test_custom_net_every_layer_converted_or_listed_and_ties_hold():
 
 
 def test_naming_a_tied_or_unsupported_layer_is_an_error():
-    with pytest.raises(LorankError, match="cannot convert 'head': weight tied with emb"):
+    with pytest.raises(LorankError, match="cannot convert 'head': tied: its weight is emb.weight"):
         lorank.convert(TiedNet(), LowRankConfig(rank=2, target_modules=["head"]))
-    with pytest.raises(LorankError, match="cannot convert 'emb': weight tied with head"):
+    with pytest.raises(LorankError, match="cannot convert 'emb': tied: its weight is head.weight"):
         lorank.convert(TiedNet(), LowRankConfig(rank=2, target_modules=["emb"]))
     with pytest.raises(LorankError, match="no low-rank adapter for ConvTranspose2d"):
         lorank.convert(TiedNet(), LowRankConfig(rank=2, target_modules=["up"]))

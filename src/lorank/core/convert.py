@@ -319,18 +319,18 @@ def candidate_layers(model: nn.Module, selection: LayerSelection) -> list[tuple[
 def shared_parameters(model: nn.Module) -> dict[str, str]:
     """``{module name: reason}`` for every module that shares a Parameter with another module
     (a tied head and its embedding), or that the model holds at more than one place."""
-    owners: dict[int, list[str]] = {}
+    owners: dict[int, list[tuple[str, str]]] = {}
     places: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         places.setdefault(id(module), []).append(name)
     for name, module in model.named_modules():
-        for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), []).append(name)
+        for pname, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((name, pname))
     out: dict[str, str] = {}
-    for names in owners.values():
-        for name in names if len(names) > 1 else ():
-            others = ", ".join(n or "<root>" for n in names if n != name)
-            out[name] = f"weight tied with {others} (shared Parameter); kept dense so the tie holds"
+    for holders in owners.values():
+        for name, pname in holders if len(holders) > 1 else ():
+            others = ", ".join(f"{n or '<root>'}.{p}" for n, p in holders if n != name)
+            out[name] = f"tied: its {pname} is {others}; kept dense so the tie holds"
     for names in places.values():
         for name in names[:1] if len(names) > 1 else ():
             # named_modules() yields a shared module once, under its first name.
