@@ -36,12 +36,13 @@ evaluated on a test set, since lorank has no data pipeline for it).
 text encoded with the model's characters or the Hugging Face directory's tokenizer, or a
 tensor of inputs). A Hugging Face model is calibrated through its own forward
 (``model(input_ids=...)``, hooks on its GPT-2 ``Conv1D`` layers see the rows x of
-``x @ weight``, the same X as for the Linear ``W = weightᵀ``), and when it has a
-language-model head its loss on the calibration windows stands in for the training loss
-(``calibration_loss_before/after``, ``svd_comparison``, loss tolerances). An output layer
-whose weight is tied to the input embedding stays dense (``tied_layers_kept``): factorizing
-it would add parameters. :func:`load_huggingface_compressed` rebuilds a compressed Hugging
-Face model from its run directory.
+``x @ weight``, the same X as for the Linear ``W = weightᵀ``); a causal LM's own loss on the
+calibration windows, or for any other model the relative error of its output against the
+uncompressed model, stands in for the training loss (``calibration_loss_before/after``,
+``calibration_loss_kind``, ``svd_comparison``, loss tolerances). An output layer whose weight
+is tied to the input embedding stays dense (``tied_layers_kept``): factorizing it would add
+parameters. Loading as the class ``config.json`` names, the output folder's layout and
+:func:`load_huggingface_compressed` are in :mod:`lorank.compress.huggingface`.
 
 **Ranks.** ``--budget B`` allocates a global budget (:mod:`lorank.compress.allocation`);
 ``--loss-tolerance ε`` searches the smallest budget whose allocation keeps the loss change
