@@ -104,7 +104,13 @@ def test_converted_at_full_rank_equals_original(batch_first, qkv):
     original.load_state_dict(model.state_dict())
     report = convert(
         model,
-        LowRankConfig(rank=1.0, core="full", skip_if_no_savings=False, attention_qkv=qkv),
+        LowRankConfig(
+            keep_last_dense=False,
+            rank=1.0,
+            core="full",
+            skip_if_no_savings=False,
+            attention_qkv=qkv,
+        ),
     )
     expected = {"in_proj", "out_proj"} if qkv == "packed" else {"q_proj", "k_proj", "v_proj"}
     names = {e.name.split(".")[-1] for e in report.converted}
@@ -134,7 +140,7 @@ def test_low_rank_forward_matches_its_merged_weights():
     slices the packed factor; self-attention runs the layer whole)."""
     torch.manual_seed(0)
     model = Wrap(nn.MultiheadAttention(E, H, batch_first=True))
-    convert(model, LowRankConfig(rank=3, core="diag"))
+    convert(model, LowRankConfig(keep_last_dense=False, rank=3, core="diag"))
     assert model.attn.in_proj.rank == 3
     merged = Wrap(model.attn.to_mha())
     for same in (True, False):
@@ -186,7 +192,10 @@ def test_merge_round_trips_to_plain_mha(qkv, bias):
     torch.manual_seed(0)
     model = Wrap(nn.MultiheadAttention(E, H, bias=bias, batch_first=True))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    convert(model, LowRankConfig(rank=1.0, skip_if_no_savings=False, attention_qkv=qkv))
+    convert(
+        model,
+        LowRankConfig(keep_last_dense=False, rank=1.0, skip_if_no_savings=False, attention_qkv=qkv),
+    )
     merge(model)
     assert type(model.attn) is nn.MultiheadAttention
     assert model.attn.batch_first
@@ -201,7 +210,7 @@ def test_targets_and_exclusions_by_attention_name():
         nn.MultiheadAttention(E, H, batch_first=True),
     )
     # Sequential would call them with one input; only the module surgery is tested here.
-    convert(model, LowRankConfig(rank=2, exclude_modules=["0"]))
+    convert(model, LowRankConfig(keep_last_dense=False, rank=2, exclude_modules=["0"]))
     assert type(model[0]) is nn.MultiheadAttention  # excluded: untouched, out_proj too
     assert type(model[0].out_proj) is not LowRankLinear
     assert set(low_rank_layers(model)) == {"1.in_proj", "1.out_proj"}
@@ -213,7 +222,7 @@ def test_targets_and_exclusions_by_attention_name():
 
 def test_unsupported_attention_is_left_alone():
     model = Wrap(nn.MultiheadAttention(E, H, add_bias_kv=True))
-    report = convert(model, LowRankConfig(rank=2))
+    report = convert(model, LowRankConfig(keep_last_dense=False, rank=2))
     assert not report.converted and type(model.attn) is nn.MultiheadAttention
     with pytest.raises(LorankError, match="add_bias_kv"):
         convert(model, LowRankConfig(rank=2, target_modules=["attn"]))
@@ -224,7 +233,7 @@ def test_transformer_encoder_layer_eval_takes_the_ordinary_path():
     layer = nn.TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True)
     ref = nn.TransformerEncoderLayer(E, H, 32, dropout=0.0, batch_first=True)
     ref.load_state_dict(layer.state_dict())
-    convert(layer, LowRankConfig(rank=1.0, skip_if_no_savings=False))
+    convert(layer, LowRankConfig(keep_last_dense=False, rank=1.0, skip_if_no_savings=False))
     layer.eval(), ref.eval()
     x = torch.randn(N, L, E)
     with torch.no_grad():
@@ -235,7 +244,7 @@ def test_transformer_encoder_layer_eval_takes_the_ordinary_path():
 def test_save_load_round_trip(tmp_path, qkv):
     torch.manual_seed(0)
     model = Wrap(nn.MultiheadAttention(E, H, batch_first=True))
-    convert(model, LowRankConfig(rank=3, core="full", attention_qkv=qkv))
+    convert(model, LowRankConfig(keep_last_dense=False, rank=3, core="full", attention_qkv=qkv))
     model.attn.out_proj.freeze_bases()
     lorank.save(model, tmp_path / "m")
     fresh = lorank.load(tmp_path / "m", Wrap(nn.MultiheadAttention(E, H, batch_first=True)))
@@ -277,7 +286,9 @@ def test_property_low_rank_attention_is_its_merged_attention(
     model = Wrap(nn.MultiheadAttention(e, heads, batch_first=batch_first))
     convert(
         model,
-        LowRankConfig(rank=rank, core=core, skip_if_no_savings=False, attention_qkv=qkv),
+        LowRankConfig(
+            keep_last_dense=False, rank=rank, core=core, skip_if_no_savings=False, attention_qkv=qkv
+        ),
     )
     layers = low_rank_layers(model)
     assert len(layers) == (2 if qkv == "packed" else 4)

@@ -182,8 +182,20 @@ def test_activation_spectra_of_a_conv_net_lower_the_output_error():
 
 
 def test_unknown_layer_cannot_be_calibrated():
-    with pytest.raises(LorankError, match="cannot calibrate"):
-        layer_input_rows(nn.Embedding(3, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(LorankError, match="cannot calibrate a ConvTranspose2d"):
+        layer_input_rows(nn.ConvTranspose2d(3, 4, 2), torch.zeros(1, 3, 4, 4))
+    with pytest.raises(LorankError, match="depthwise"):
+        layer_input_rows(nn.Conv2d(3, 3, 3, groups=3), torch.zeros(1, 3, 4, 4))
+
+
+def test_embedding_rows_are_one_hot():
+    # y = W x with W = Eᵀ and x the one-hot row of each id: XᵀX counts the tokens.
+    emb = nn.Embedding(5, 3)
+    ids = torch.tensor([[0, 2, 2], [4, 0, 0]])
+    rows = layer_input_rows(emb, ids)
+    assert rows.shape == (6, 5)
+    torch.testing.assert_close(rows @ emb.weight, emb(ids).reshape(6, 3))
+    torch.testing.assert_close(torch.diagonal(rows.T @ rows), torch.tensor([3.0, 0, 2, 0, 1]))
 
 
 # ---------------------------------------------------------------------- allocation

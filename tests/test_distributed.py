@@ -198,7 +198,7 @@ def test_parameter_signature_sees_swaps_and_freezes():
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
     before = parameter_signature(model)
-    convert(model, LowRankConfig(rank=2, skip_if_no_savings=False))
+    convert(model, LowRankConfig(keep_last_dense=False, rank=2, skip_if_no_savings=False))
     assert parameter_signature(model) != before
     after = parameter_signature(model)
     next(model.parameters()).requires_grad_(False)

@@ -13,8 +13,8 @@ import torch
 
 from lorank.cli import main
 from lorank.compress.calibration import activation_svd, collect_second_moments
+from lorank.compress.huggingface import forward_fn
 from lorank.compress.pipeline import (
-    _hf_forward,
     calibration_file_batches,
     compress,
     load_huggingface_compressed,
@@ -74,7 +74,7 @@ def test_conv1d_calibration_weights_the_transposed_weight(gpt2_dir):
     layer = model.transformer.h[0].mlp.c_fc
     captured = []
     handle = layer.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
-    moments = collect_second_moments(model, {"fc": layer}, batches, _hf_forward)
+    moments = collect_second_moments(model, {"fc": layer}, batches, forward_fn(model))
     handle.remove()
     x = captured[0].reshape(-1, 64).double()
     assert moments["fc"].rows == 6 * 64
@@ -121,7 +121,7 @@ def test_activation_svd_compress_save_reload(gpt2_dir, tmp_path):
 
     reloaded = load_huggingface_compressed(out)
     assert type(reloaded).__name__ == "GPT2LMHeadModel"
-    assert type(reloaded.transformer.h[0].attn.c_attn).__name__ == "LowRankLinear"
+    assert type(reloaded.transformer.h[0].attn.c_attn).__name__ == "LowRankHFConv1D"
     assert reloaded.lm_head.weight is reloaded.transformer.wte.weight  # still tied
     batches = calibration_file_batches(
         reloaded, TEXT, 16, None, gpt2_dir / "gpt2", gpt2_dir / "calib.txt"

@@ -19,7 +19,9 @@ def test_a_conversion_that_converts_nothing_warns():
 def test_the_logger_is_silent_by_default_and_reports_each_layer(caplog):
     assert any(isinstance(h, logging.NullHandler) for h in logging.getLogger("lorank").handlers)
     with caplog.at_level(logging.INFO, logger="lorank"):
-        lorank.convert(nn.Sequential(nn.Linear(64, 64)), lorank.LowRankConfig(rank=4))
+        lorank.convert(
+            nn.Sequential(nn.Linear(64, 64)), lorank.LowRankConfig(rank=4, keep_last_dense=False)
+        )
     assert "convert 0 (64, 64): converted" in caplog.text
 
 

@@ -120,7 +120,9 @@ def test_search_leaves_the_model_untouched_and_computes_each_svd_once(monkeypatc
 
 def test_search_on_low_rank_layers_keeps_shapes():
     model, batches = trained_mlp()
-    lorank.convert(model, lorank.LowRankConfig(rank=1.0, skip_if_no_savings=False))
+    lorank.convert(
+        model, lorank.LowRankConfig(keep_last_dense=False, rank=1.0, skip_if_no_savings=False)
+    )
     shapes = {n: p.shape for n, p in model.named_parameters()}
     result = loss_bounded_search(model, batches, task_loss, 0.05, 0.02)
     assert {n: p.shape for n, p in model.named_parameters()} == shapes

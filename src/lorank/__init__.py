@@ -4,7 +4,7 @@ The public API::
 
     import lorank
     report = lorank.convert(model, lorank.LowRankConfig(method="svd", rank=0.25))
-    lorank.merge(model)                       # back to plain nn.Linear / nn.Conv2d
+    lorank.merge(model)                       # back to the original dense layers
     lorank.save(model, "ckpt/model"); model = lorank.load("ckpt/model", model)
 
 The package, bottom to top; each part imports only the parts above it in this list
@@ -34,7 +34,13 @@ from lorank import models as _models  # noqa: F401  (registers the zoo with lora
 from lorank.core.attention import LowRankMultiheadAttention
 from lorank.core.convert import ConversionReport, LowRankConfig, convert, low_rank_layers, merge
 from lorank.core.io import load, save
-from lorank.core.layers import LowRankConv2d, LowRankLayer, LowRankLinear
+from lorank.core.layers import (
+    LowRankConv1d,
+    LowRankConv2d,
+    LowRankEmbedding,
+    LowRankLayer,
+    LowRankLinear,
+)
 from lorank.core.rank import RankRule
 from lorank.errors import LorankError
 
@@ -44,7 +50,9 @@ __all__ = [
     "ConversionReport",
     "LorankError",
     "LowRankConfig",
+    "LowRankConv1d",
     "LowRankConv2d",
+    "LowRankEmbedding",
     "LowRankLayer",
     "LowRankLinear",
     "LowRankMultiheadAttention",

@@ -35,10 +35,12 @@ the calibration data never excites.
 **Collecting C.** :func:`collect_second_moments` registers forward pre-hooks on the target
 layers, runs the calibration batches once (eval mode, no gradient) and accumulates
 :math:`X^\top X` in float64, chunk by chunk (at most ``chunk_rows`` rows are cast to float64 at
-a time, so memory is O(n² + chunk·n) whatever N is). A Linear (and Hugging Face ``Conv1D``)
+a time, so memory is O(n² + chunk·n) whatever N is). Each layer's adapter
+(:mod:`lorank.core.adapters`) says what its rows are: a Linear (and Hugging Face ``Conv1D``)
 sees the rows of its input flattened over every leading dimension (tokens count as rows);
-a Conv2d sees its unfolded patches (``F.unfold`` orders them as C_in × kh × kw, the same order
-as ``weight.flatten(1)``). The hooks are removed afterwards, even on error.
+a convolution sees its unfolded patches (``F.unfold`` orders them as C_in × kh × kw, the same
+order as ``weight.flatten(1)``); an embedding sees one-hot rows.
+The hooks are removed afterwards, even on error.
 
 **Calibration files.** :func:`read_calibration_file` reads what ``--calibration-file`` names:
 a tensor of model inputs (``.pt``/``.pth``/``.bin`` via ``torch.load(weights_only=True)``,
@@ -55,10 +57,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorank.core.layers import LowRankConv2d, LowRankLayer, LowRankLinear
+from lorank.core.adapters import input_rows
+from lorank.core.layers import LowRankLayer
 from lorank.core.search import LayerSpectrum, dense_weight_matrix
 from lorank.errors import LorankError
 
@@ -97,37 +99,10 @@ class SecondMoment:
         self.rows += x.shape[0]
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], Any, Any, Any]:
-    return module.kernel_size, module.stride, module.padding, module.dilation  # type: ignore[return-value]
-
-
 def layer_input_rows(module: nn.Module, x: Tensor) -> Tensor:
-    """The rows X (N×n) that ``module`` multiplies by its weight matrix (m×n) for input ``x``."""
-    if isinstance(module, nn.Conv2d | LowRankConv2d):
-        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
-            raise LorankError(
-                f"calibration supports Conv2d with groups=1 and zero padding only, got "
-                f"groups={module.groups}, padding_mode={module.padding_mode!r}"
-            )
-        kernel, stride, padding, dilation = _conv_geometry(module)
-        kernel, dilation = tuple(kernel), tuple(dilation)
-        if isinstance(padding, str):
-            if padding == "same":  # PyTorch puts the odd pixel of "same" padding on the right
-                pads = []
-                for k, d in zip(reversed(kernel), reversed(dilation), strict=True):
-                    total = d * (k - 1)
-                    pads += [total // 2, total - total // 2]
-                x = F.pad(x, pads)
-            padding = 0
-        patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-    if isinstance(module, nn.Linear | LowRankLinear) or _is_hf_conv1d(module):
-        return x.reshape(-1, x.shape[-1])
-    raise LorankError(f"cannot calibrate a {type(module).__name__}")
+    """The rows X (N×n) that ``module`` multiplies by its weight matrix (m×n) for input ``x``
+    (the layer's adapter: :func:`lorank.core.adapters.input_rows`)."""
+    return input_rows(module, x)
 
 
 @torch.no_grad()

@@ -36,12 +36,13 @@ evaluated on a test set, since lorank has no data pipeline for it).
 text encoded with the model's characters or the Hugging Face directory's tokenizer, or a
 tensor of inputs). A Hugging Face model is calibrated through its own forward
 (``model(input_ids=...)``, hooks on its GPT-2 ``Conv1D`` layers see the rows x of
-``x @ weight``, the same X as for the Linear ``W = weightᵀ``), and when it has a
-language-model head its loss on the calibration windows stands in for the training loss
-(``calibration_loss_before/after``, ``svd_comparison``, loss tolerances). An output layer
-whose weight is tied to the input embedding stays dense (``tied_layers_kept``): factorizing
-it would add parameters. :func:`load_huggingface_compressed` rebuilds a compressed Hugging
-Face model from its run directory.
+``x @ weight``, the same X as for the Linear ``W = weightᵀ``); a causal LM's own loss on the
+calibration windows, or for any other model the relative error of its output against the
+uncompressed model, stands in for the training loss (``calibration_loss_before/after``,
+``calibration_loss_kind``, ``svd_comparison``, loss tolerances). An output layer whose weight
+is tied to the input embedding stays dense (``tied_layers_kept``): factorizing it would add
+parameters. Loading as the class ``config.json`` names, the output folder's layout and
+:func:`load_huggingface_compressed` are in :mod:`lorank.compress.huggingface`.
 
 **Ranks.** ``--budget B`` allocates a global budget (:mod:`lorank.compress.allocation`);
 ``--loss-tolerance ε`` searches the smallest budget whose allocation keeps the loss change
@@ -65,6 +66,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lorank.compress import huggingface
 from lorank.compress.allocation import ALLOCATIONS, allocate, budget_search
 from lorank.compress.calibration import (
     DEFAULT_DAMPING,
@@ -72,7 +74,9 @@ from lorank.compress.calibration import (
     collect_second_moments,
     read_calibration_file,
 )
-from lorank.core.convert import low_rank_from, replace_module
+from lorank.compress.huggingface import load_huggingface_compressed
+from lorank.core.adapters import low_rank_from
+from lorank.core.convert import LayerSelection, candidate_layers, replace_module, shared_parameters
 from lorank.core.io import load, read_metadata, save
 from lorank.core.layers import LowRankLayer
 from lorank.core.metrics import parameter_counts, ranks
@@ -139,6 +143,8 @@ class Source:
     kind: str  # "lorank" | "state_dict" | "huggingface"
     config: RunConfig | None
     data: Dataset | None = None
+    path: Path | None = None  # a Hugging Face folder: where its tokenizer files are
+    sentence_transformer: Path | None = None  # the sentence-transformers folder it came from
 
 
 def compress(
@@ -227,17 +233,15 @@ def compress(
     file_batches = None
     if file_content is not None:
         assert calibration_file is not None
-        file_batches = calibration_file_batches(
-            model, file_content, calibration, data, Path(source), calibration_file
+        file_batches = calibration_file_batches(  # src.path: where a HF tokenizer is
+            model, file_content, calibration, data, src.path or Path(source), calibration_file
         )
-    forward, loss_fn = (_hf_forward, _hf_loss) if hf else (None, task_loss)
-    if hf and file_batches is not None and not _hf_has_loss(model, file_batches):
-        if needs_loss:
-            raise LorankError(
-                f"{source} has no language-model head (its forward returns no loss), so a "
-                "loss tolerance cannot be measured; use --budget or --rule"
-            )
-        loss_fn = None
+    forward, loss_fn, loss_kind = None, task_loss, None
+    if hf:
+        # The model's own LM loss, or the output-preservation loss (compress/huggingface.py).
+        forward, loss_fn = huggingface.forward_fn(model), None
+        if file_batches is not None:
+            loss_fn, loss_kind = huggingface.calibration_loss(model, file_batches)
 
     summary: dict[str, Any] = {
         "status": "completed",
@@ -246,6 +250,8 @@ def compress(
         "rule": str(rule),
         "svd": svd,
     }
+    if loss_kind is not None:
+        summary["calibration_loss_kind"] = loss_kind
     if budget is not None:
         summary["rule"] = f"budget={budget} ({allocation})"
     elif loss_tolerance is not None:
@@ -411,9 +417,16 @@ def load_source(
             f"{path} not found; pass a lorank run directory, a checkpoint, a "
             "PyTorch state_dict file or a Hugging Face model directory"
         )
+    st = huggingface.sentence_transformer_module(path) if path.is_dir() else None
+    if st is not None:  # a sentence-transformers folder: compress its transformer
+        model = huggingface.load_sentence_transformer_model(st[0])
+        return Source(model, "huggingface", None, path=st[0], sentence_transformer=path)
+    if huggingface.compressed_stem(path) is not None:  # what lorank compress wrote for HF
+        hf_folder = path if path.is_dir() else path.parent
+        return Source(load_huggingface_compressed(path), "huggingface", None, path=hf_folder)
     if path.is_dir() and not (path / "model.json").is_file():
         if _is_hf_directory(path):
-            return Source(_load_huggingface(path), "huggingface", None)
+            return Source(huggingface.load_pretrained(path), "huggingface", None, path=path)
         raise LorankError(
             f"{path} holds no model.json/model.safetensors; is it a finished lorank run directory?"
         )
@@ -499,23 +512,6 @@ def _is_hf_directory(path: Path) -> bool:
         return "model_type" in json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-
-
-def _load_huggingface(
-    path: Path,
-) -> nn.Module:  # transformers is optional (the dev extra installs it)
-    try:
-        import transformers
-    except ImportError:
-        raise LorankError(
-            f"{path} is a Hugging Face model directory; install the optional "
-            "extra (pip install 'lorank[hf]') to compress it"
-        ) from None
-    with _quiet_transformers(transformers):
-        try:
-            return transformers.AutoModelForCausalLM.from_pretrained(path)
-        except (OSError, ValueError):
-            return transformers.AutoModel.from_pretrained(path)
 
 
 @contextlib.contextmanager
@@ -650,6 +646,8 @@ def _windows(ids: Tensor, block: int, context: int, path: Any) -> Tensor:
 
 
 def _hf_inputs(model: nn.Module, content: str | Tensor, source: Path, path: Any) -> Tensor:
+    if not huggingface.takes_tokens(model):  # a vision model: pixel values
+        return huggingface.float_inputs(model, content, path)
     config = getattr(model, "config", None)
     vocab_size = getattr(config, "vocab_size", None)
     context = (
@@ -691,59 +689,6 @@ def _hf_tokenizer(source: Path) -> Any:
     # Calibration text is cut into windows afterwards: a long text is not an error.
     tokenizer.model_max_length = int(1e30)
     return tokenizer
-
-
-def _hf_forward(model: nn.Module, batch: tuple[Tensor, ...]) -> Any:
-    return model(input_ids=batch[0])
-
-
-def _hf_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
-    """The causal language-model loss (transformers shifts the labels itself)."""
-    import transformers
-
-    with _quiet_transformers(transformers):
-        return model(input_ids=batch[0], labels=batch[0]).loss
-
-
-@torch.no_grad()
-def _hf_has_loss(model: nn.Module, batches: list[tuple[Tensor]]) -> bool:
-    was_training = model.training
-    model.eval()
-    try:
-        out = _hf_loss(model, (batches[0][0][:1],))
-        return isinstance(out, Tensor)
-    except (TypeError, ValueError, AttributeError):
-        return False
-    finally:
-        model.train(was_training)
-
-
-def load_huggingface_compressed(path: str | Path) -> nn.Module:
-    """Reload a Hugging Face model compressed by ``lorank compress`` (its run directory).
-
-    The transformers class and config are stored in ``model.json``; the low-rank layers are
-    rebuilt by :func:`lorank.core.io.load`.
-    """
-    stem = _lorank_stem(Path(path))
-    if stem is None:
-        raise LorankError(
-            f"{path} holds no model.json; pass the run directory lorank compress wrote"
-        )
-    meta = read_metadata(stem)
-    hf = meta.get("huggingface")
-    if not isinstance(hf, dict):
-        raise LorankError(f"{path} is not a compressed Hugging Face model; use lorank.load")
-    import transformers
-
-    cls = getattr(transformers, hf["class"], None)
-    if cls is None:
-        raise LorankError(
-            f"transformers {transformers.__version__} has no class {hf['class']!r}; "
-            "install the version that wrote the model"
-        )
-    with _quiet_transformers(transformers):
-        model = cls(cls.config_class.from_dict(hf["config"]))
-    return load(stem, model).eval()
 
 
 # ---------------------------------------------------------------------- surgery
@@ -832,23 +777,15 @@ def _compare_svd(
 def _drop_tied(
     model: nn.Module, spectra: list[LayerSpectrum]
 ) -> tuple[list[LayerSpectrum], list[str]]:
-    """``spectra`` without layers whose weight another module shares (a tied output head).
+    """``spectra`` without layers that share a Parameter with another module (a tied output
+    head), and the names of the tied layers :func:`~lorank.core.convert.plan` keeps dense.
 
     Factorizing a tied head saves nothing (the embedding still holds the matrix) and adds
     the factors, so such a layer stays dense.
     """
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    kept, tied = [], []
-    for spec in spectra:
-        weight = getattr(spec.module, "weight", None)
-        if isinstance(weight, Tensor) and owners.get(id(weight), 0) > 1:
-            tied.append(spec.name)
-        else:
-            kept.append(spec)
-    return kept, tied
+    shared = shared_parameters(model)
+    tied = [name for name, _ in candidate_layers(model, LayerSelection(keep_last_dense=False))]
+    return [s for s in spectra if s.name not in shared], [n for n in tied if n in shared]
 
 
 def _measure(model: nn.Module, data: Dataset | None) -> dict[str, Any]:
@@ -903,8 +840,13 @@ def _write_untrained(model: nn.Module, src: Source, data: Dataset | None, tmp: P
         meta |= {"model": config.model.model_dump(mode="json"), "data_info": asdict(data.info)}
         run.log({"epoch": 0, **_measure(model, data), "time_s": 0.0})
     if src.kind == "huggingface" and hasattr(model, "config"):
-        # What load_huggingface_compressed rebuilds the dense architecture from.
-        meta["huggingface"] = {"class": type(model).__name__, "config": model.config.to_dict()}
+        # The Hugging Face folder layout: config.json, tokenizer files, lorank.safetensors/json.
+        assert src.path is not None
+        if src.sentence_transformer is not None:
+            huggingface.write_sentence_transformer(model, src.sentence_transformer, tmp, meta)
+        else:
+            huggingface.write_folder(model, src.path, tmp, meta)
+        return
     save(model, tmp / MODEL, meta)
 
 

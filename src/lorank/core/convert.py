@@ -2,8 +2,25 @@
 
 Targets are matched peft-style on module names from ``model.named_modules()``: a string is a
 regular expression that must match the whole name; a list matches a name equal to an entry
-or ending in ``"." + entry``. Hugging Face GPT-2 ``Conv1D`` layers (which store Wᵀ) are
-treated as Linear layers.
+or ending in ``"." + entry``. ``LowRankConfig.filter_fn(module, name) -> bool`` (Python API,
+like torchao's ``quantize_``) narrows the selection further. Which modules are layers, and how
+each kind is factorized, is the layer-adapter registry's business
+(:mod:`lorank.core.adapters`: Linear, Conv2d, Conv1d, Hugging Face Conv1D, Embedding).
+
+:func:`plan` lists every layer the selection reaches, with the reason when it stays dense:
+
+* the model's output layer: ``keep_last_dense`` is **on by default**, in ``convert`` and in
+  every method (the classifier or LM head is small, and low rank there costs accuracy for
+  little saving); it and ``keep_first_dense`` apply to the default selection only; layers
+  named in ``target_modules`` are converted as named;
+* a Parameter (or a whole module) shared with another module: a tied LM head and its input
+  embedding, T5's shared embedding. Factorizing one side would silently untie them (and grow
+  the model), so both stay dense and the report names the other side;
+* the adapter's reason (grouped/depthwise convolution, ...), a module with a weight matrix and
+  no adapter (``nn.ConvTranspose2d``, ...), an embedding not named in ``target_modules``, a
+  layer the model asks to keep dense (``lorank_dense_modules``).
+
+Naming a layer in a ``target_modules`` list that cannot be converted is an error that says why.
 
 ``nn.MultiheadAttention`` keeps its q/k/v projection in a packed parameter, not a layer: the
 candidate search first re-expresses each targeted one as a
@@ -19,14 +36,21 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from lorank.core.adapters import (
+    adapter_for,
+    low_rank_from,
+    matrix_shape,
+    unsupported_reason,
+)
 from lorank.core.attention import LowRankMultiheadAttention, expand_attention
-from lorank.core.layers import CoreKind, LowRankConv2d, LowRankLayer, LowRankLinear
+from lorank.core.layers import CoreKind, LowRankLayer
 from lorank.core.rank import RankSpec, resolve_rank
 from lorank.core.reference import document_fields
 from lorank.errors import LorankError, LowRankWarning, logger
@@ -53,11 +77,18 @@ class LayerSelection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     target_modules: list[str] | str | None = Field(
-        None, description="names (suffix list) or a regex; default: every Linear/Conv2d"
+        None,
+        description="names (suffix list) or a regex; default: every Linear/Conv/HF Conv1D "
+        "layer (embeddings only when named)",
     )
     exclude_modules: list[str] | str | None = Field(None, description="names never converted")
-    keep_first_dense: bool = Field(False, description="leave the first candidate layer dense")
-    keep_last_dense: bool = Field(False, description="leave the last candidate (e.g. output) dense")
+    keep_first_dense: bool = Field(
+        False, description="leave the first candidate layer dense (default selection only)"
+    )
+    keep_last_dense: bool = Field(
+        True,
+        description="leave the last candidate (the output layer) dense; default selection only",
+    )
     attention_qkv: Literal["packed", "separate"] = Field(
         "packed",
         description="nn.MultiheadAttention's q/k/v projection: one packed 3E×E layer (shared "
@@ -102,6 +133,11 @@ class LowRankConfig(ConversionFields):
     latency_mode: Literal["forward", "train"] = Field(
         "forward", description="latency objective: time inference (forward) or forward+backward"
     )
+    filter_fn: Callable[[nn.Module, str], bool] | None = Field(
+        None,
+        exclude=True,
+        description="Python API only: filter_fn(module, name) -> False leaves a layer out",
+    )
 
     @field_validator("method")
     @classmethod
@@ -137,13 +173,25 @@ class LayerConversion:
 
 @dataclass
 class ConversionReport:
-    """What :func:`convert` did to each candidate layer."""
+    """What :func:`convert` did to each candidate layer.
+
+    ``params_before``/``params_after`` sum the listed layers; ``model_params_before`` and
+    ``model_params_after`` count the whole model's unique Parameters (a shared Parameter once,
+    a low-rank layer by its ``params_eval``), so they are what the model really holds.
+    """
 
     layers: list[LayerConversion] = field(default_factory=list)
+    model_params_before: int | None = None
+    model_params_after: int | None = None
 
     @property
     def converted(self) -> list[LayerConversion]:
         return [e for e in self.layers if e.status == "converted"]
+
+    @property
+    def skipped(self) -> list[LayerConversion]:
+        """Layers left dense, each with its reason."""
+        return [e for e in self.layers if e.status != "converted"]
 
     @property
     def params_before(self) -> int:
@@ -154,11 +202,15 @@ class ConversionReport:
         return sum(e.params_after for e in self.layers)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "layers": [e.__dict__ | {"shape": list(e.shape)} for e in self.layers],
             "params_before": self.params_before,
             "params_after": self.params_after,
         }
+        if self.model_params_before is not None:
+            out["model_params_before"] = self.model_params_before
+            out["model_params_after"] = self.model_params_after
+        return out
 
     def __str__(self) -> str:
         rows = [f"{'layer':<32} {'shape':>13} {'rank':>6} {'params':>19}  status"]
@@ -168,6 +220,11 @@ class ConversionReport:
             params = f"{e.params_before}->{e.params_after}"
             note = e.status + (f" ({e.reason})" if e.reason else "")
             rows.append(f"{e.name:<32} {shape:>13} {rank:>6} {params:>19}  {note}")
+        if self.model_params_before is not None:
+            rows.append(
+                f"model: {self.model_params_before} -> {self.model_params_after} parameters "
+                "(unique Parameters)"
+            )
         return "\n".join(rows)
 
 
@@ -180,26 +237,50 @@ def matches(name: str, patterns: list[str] | str | None) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def is_convertible(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear | nn.Conv2d) or _is_hf_conv1d(module)
+KEPT_BY_OPTION = "kept dense by keep_first_dense/keep_last_dense"
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    # transformers.pytorch_utils.Conv1D, matched by name so transformers stays optional.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+@dataclass
+class PlannedLayer:
+    """One layer the selection reaches and its fate: eligible for low rank, or kept dense
+    and why."""
+
+    name: str
+    module: nn.Module
+    shape: tuple[int, int]
+    reason: str = ""
+    #: named in a target_modules list: a reason to keep it dense is an error in convert
+    named: bool = False
+    #: a layer of a registered kind the selection targets (what keep_first/last count)
+    candidate: bool = False
+
+    @property
+    def eligible(self) -> bool:
+        return not self.reason
 
 
-def candidate_layers(model: nn.Module, config: LowRankConfig) -> list[tuple[str, nn.Module]]:
-    """Layers the config targets, in ``named_modules`` order (before keep-first/last).
+def plan(model: nn.Module, selection: LayerSelection) -> list[PlannedLayer]:
+    """Every layer ``selection`` reaches, in module order, with the reason it must stay dense
+    if it must (module docstring).
 
-    Targeted ``nn.MultiheadAttention`` modules are re-expressed in place first (module
-    docstring), so their projections are among the returned layers.
+    The one place that decides layer eligibility: :func:`convert`, compression and the methods
+    that factorize later (OIALR's switch, hybrid's) all plan with it. Targeted
+    ``nn.MultiheadAttention`` modules are re-expressed in place first, so their projections
+    are among the layers.
     """
-    _expand_targeted_attention(model, config)
+    _expand_targeted_attention(model, selection)
     dense_default = _dense_by_default(model)
-    out = []
+    shared = shared_parameters(model)
+    filter_fn = getattr(selection, "filter_fn", None)
+    targets = selection.target_modules
+    out: list[PlannedLayer] = []
+    ends: list[int] = []  # indices of the candidates keep_first/last_dense count
     for name, module in model.named_modules():
-        if not is_convertible(module):
+        if isinstance(module, LowRankLayer):
+            continue
+        adapter = adapter_for(module)
+        reason = unsupported_reason(module)
+        if adapter is None and not reason:
             continue
         parent_name = name.rpartition(".")[0]
         parent = model.get_submodule(parent_name) if parent_name else None
@@ -208,57 +289,78 @@ def candidate_layers(model: nn.Module, config: LowRankConfig) -> list[tuple[str,
         names = [name]
         if isinstance(parent, LowRankMultiheadAttention):
             names.append(parent_name)
-        if config.target_modules is not None and not any(
-            matches(n, config.target_modules) for n in names
-        ):
+        targeted = targets is not None and any(matches(n, targets) for n in names)
+        if targets is not None and not targeted:
             continue
-        if any(matches(n, config.exclude_modules) for n in names):
+        if any(matches(n, selection.exclude_modules) for n in names):
             continue
-        if config.target_modules is None and name in dense_default:
+        if filter_fn is not None and not filter_fn(module, name):
             continue
-        out.append((name, module))
-    return out
-
-
-@dataclass
-class PlannedLayer:
-    """One candidate layer and its fate: eligible for low rank, or kept dense and why."""
-
-    name: str
-    module: nn.Module
-    shape: tuple[int, int]
-    reason: str = ""
-
-    @property
-    def eligible(self) -> bool:
-        return not self.reason
-
-
-def plan(model: nn.Module, selection: LayerSelection) -> list[PlannedLayer]:
-    """Every layer ``selection`` targets, in module order, with the reason it must stay dense
-    if it must (keep-first/last, a convolution that cannot be factorized over channels).
-
-    The one place that decides layer eligibility: :func:`convert`, and the methods that
-    factorize later (OIALR's switch, hybrid's), all plan with it.
-    """
-    candidates = candidate_layers(model, selection)
-    last = len(candidates) - 1
-    out = []
-    for i, (name, module) in enumerate(candidates):
-        reason = ""
-        if (selection.keep_first_dense and i == 0) or (selection.keep_last_dense and i == last):
-            reason = "kept dense by keep_first_dense/keep_last_dense"
-        elif isinstance(module, nn.Conv2d) and (
-            module.groups != 1 or module.padding_mode != "zeros"
-        ):
-            reason = "grouped or non-zero-padded conv"
-        out.append(PlannedLayer(name, module, _matrix_shape(module), reason))
+        shape, candidate = (0, 0), False
+        if adapter is not None:
+            shape = adapter.matrix_shape(module)
+            reason = adapter.skip_reason(module)
+            if not reason and adapter.targeted_only and not targeted:
+                reason = f"{type(module).__name__}: converted only when named in target_modules"
+            elif targets is None and name in dense_default:
+                reason = "kept dense by the model (lorank_dense_modules)"
+            else:
+                candidate = True
+                ends.append(len(out))
+            if not reason and name in shared:
+                reason = shared[name]
+        named = targeted and isinstance(targets, list)
+        out.append(PlannedLayer(name, module, shape, reason, named, candidate))
+    if targets is None and ends:
+        keep = {ends[0]} if selection.keep_first_dense else set()
+        keep |= {ends[-1]} if selection.keep_last_dense else set()
+        for i in keep:
+            if not out[i].reason:
+                out[i].reason = KEPT_BY_OPTION
     return out
 
 
 def eligible_layers(model: nn.Module, selection: LayerSelection) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of the layers :func:`plan` finds eligible."""
     return [(p.name, p.module) for p in plan(model, selection) if p.eligible]
+
+
+def candidate_layers(model: nn.Module, selection: LayerSelection) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every dense layer of a registered kind the selection targets,
+    eligible or not (kept by keep-first/last, tied, or refused by its adapter: :func:`plan`
+    says why)."""
+    return [(p.name, p.module) for p in plan(model, selection) if p.candidate]
+
+
+def shared_parameters(model: nn.Module) -> dict[str, str]:
+    """``{module name: reason}`` for every module that shares a Parameter with another module
+    (a tied head and its embedding), or that the model holds at more than one place."""
+    owners: dict[int, list[tuple[str, str]]] = {}
+    places: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        places.setdefault(id(module), []).append(name)
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((name, pname))
+    out: dict[str, str] = {}
+    for holders in owners.values():
+        for name, pname in holders if len(holders) > 1 else ():
+            others = ", ".join(f"{n or '<root>'}.{p}" for n, p in holders if n != name)
+            out[name] = f"tied: its {pname} is {others}; kept dense so the tie holds"
+    for names in places.values():
+        for name in names[:1] if len(names) > 1 else ():
+            # named_modules() yields a shared module once, under its first name.
+            out[name] = f"module shared with {', '.join(names[1:])}; kept dense"
+    return out
+
+
+def unique_parameter_count(model: nn.Module) -> int:
+    """Parameters the model holds, each shared Parameter once, a low-rank layer by its
+    ``params_eval`` (what inference needs)."""
+    low_rank = [m for m in model.modules() if isinstance(m, LowRankLayer)]
+    inside = {id(p) for layer in low_rank for p in layer.parameters()}
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    return rest + sum(layer.params_eval for layer in low_rank)
 
 
 def _expand_targeted_attention(model: nn.Module, config: LowRankConfig) -> None:
@@ -285,42 +387,11 @@ def _dense_by_default(model: nn.Module) -> set[str]:
     return out
 
 
-def _matrix_shape(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return module.out_channels, module.in_channels * kh * kw // module.groups
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    return module.nf, module.weight.shape[0]  # HF Conv1D: weight is (in, out)
-
-
 def _rank_for(name: str, config: LowRankConfig) -> int | float:
     for key, rank in config.rank_pattern.items():
         if name == key or name.endswith("." + key):
             return rank
     return config.rank
-
-
-def low_rank_from(
-    module: nn.Module, rank: int | float, core: CoreKind = "diag", init: str = "svd"
-) -> LowRankLayer:
-    """The low-rank version of one Linear / Conv2d / HF Conv1D module."""
-    if isinstance(module, nn.Conv2d):
-        layer: LowRankLayer = LowRankConv2d.from_conv(module, rank, core)
-    elif isinstance(module, nn.Linear):
-        layer = LowRankLinear.from_linear(module, rank, core)
-    elif _is_hf_conv1d(module):
-        linear = nn.Linear(module.weight.shape[0], module.nf, bias=module.bias is not None)
-        linear.to(module.weight)
-        linear.weight.data.copy_(module.weight.data.T)
-        if module.bias is not None:
-            linear.bias.data.copy_(module.bias.data)
-        layer = LowRankLinear.from_linear(linear, rank, core)
-    else:
-        raise LorankError(f"cannot factorize a {type(module).__name__}")
-    if init == "random":
-        layer.reset_parameters()
-    return layer
 
 
 def convert(
@@ -330,17 +401,16 @@ def convert(
     example_input: Any = None,
     cost_model: Any = None,
 ) -> ConversionReport:
-    """Replace the targeted Linear/Conv2d layers of ``model`` in place by low-rank layers.
+    """Replace the targeted layers of ``model`` in place by low-rank layers.
 
-    With ``config.objective = "latency"``, ``example_input`` (a batch as the model takes it)
-    gives every layer's real input shape, and a layer is converted only where its low-rank
-    form measures faster (:class:`lorank.core.cost.CostModel`, or ``cost_model``).
+    Every layer the selection reaches is in the report: converted, or kept dense with its
+    reason (module docstring). With ``config.objective = "latency"``, ``example_input`` (a
+    batch as the model takes it) gives every layer's real input shape, and a layer is
+    converted only where its low-rank form measures faster
+    (:class:`lorank.core.cost.CostModel`, or ``cost_model``). Example::
 
-    Example::
-
-        report = lorank.convert(model, lorank.LowRankConfig(method="svd", rank=0.25,
-                                                            keep_last_dense=True))
-        print(report)
+        report = lorank.convert(model, lorank.LowRankConfig(method="svd", rank=0.25))
+        print(report)   # one row per layer, and the model's unique parameter count
     """
     config = config or LowRankConfig()
     core = config.core_kind()
@@ -354,34 +424,33 @@ def convert(
         from lorank.core.cost import CostModel, layer_input_shapes
 
         latency = (cost_model or CostModel(core=core), layer_input_shapes(model, example_input))
+    report = ConversionReport(model_params_before=unique_parameter_count(model))
     planned = plan(model, config)
     if config.target_modules is not None and not planned:
         raise LorankError(
-            f"target_modules {config.target_modules!r} matched no Linear/Conv2d "
-            "layer; check the names with `print(model)`"
+            f"target_modules {config.target_modules!r} matched no layer lorank can convert; "
+            "check the names with `print(model)`"
         )
-    report = ConversionReport()
     for layer_plan in planned:
         name, module, (m, n) = layer_plan.name, layer_plan.module, layer_plan.shape
         before = sum(p.numel() for p in module.parameters())
         entry = LayerConversion(
-            name, type(module).__name__, (m, n), None, "kept", layer_plan.reason, before, before
+            name, type(module).__name__, (m, n), None, "skipped", layer_plan.reason, before, before
         )
         report.layers.append(entry)
-        if isinstance(module, nn.Conv2d) and not layer_plan.eligible:
-            if config.target_modules is not None:
-                low_rank_from(module, 1, core)  # raises the explanatory LorankError
-            entry.status = "skipped"
-            continue
         if not layer_plan.eligible:
+            if layer_plan.named:
+                raise LorankError(f"cannot convert {name!r}: {layer_plan.reason}")
+            if layer_plan.reason == KEPT_BY_OPTION:
+                entry.status = "kept"
             continue
         rank = resolve_rank(_rank_for(name, config), min(m, n))
         cost = rank * (m + n) + (rank * rank if core == "full" else 0)
         if config.skip_if_no_savings and cost >= m * n:
-            entry.rank, entry.status = rank, "skipped"
+            entry.rank = rank
             entry.reason = f"rank {rank} saves no parameters"
             continue
-        if latency is not None and name in latency[1]:
+        if latency is not None and name in latency[1] and isinstance(module, nn.Linear | nn.Conv2d):
             costs, shapes = latency
             rank = costs.fastest_rank_near(module, shapes[name], rank, config.latency_mode)
             entry.dense_ms = 1e3 * costs.time(module, shapes[name], None, config.latency_mode)
@@ -406,6 +475,7 @@ def convert(
             LowRankWarning,
             stacklevel=2,
         )
+    report.model_params_after = unique_parameter_count(model)
     return report
 
 
@@ -416,7 +486,7 @@ def planned_report(
     with the planned rank (full, or unknown until the switch)."""
     report = ConversionReport()
     for name, module in layers:
-        shape = _matrix_shape(module)
+        shape = matrix_shape(module)
         size = sum(p.numel() for p in module.parameters())
         planned = min(shape) if at_full_rank else None
         report.layers.append(
@@ -426,7 +496,8 @@ def planned_report(
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Turn every low-rank layer of ``model`` back into a plain ``nn.Linear``/``nn.Conv2d``,
+    """Turn every low-rank layer of ``model`` back into the dense layer it replaced
+    (``nn.Linear``, ``nn.Conv2d``, ``nn.Conv1d``, Hugging Face ``Conv1D``, ``nn.Embedding``),
     and every :class:`~lorank.core.attention.LowRankMultiheadAttention` into an
     ``nn.MultiheadAttention``."""
     merge_layers(model)

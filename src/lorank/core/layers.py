@@ -1,4 +1,5 @@
-r"""Factorized layers: ``LowRankLinear`` and ``LowRankConv2d``.
+r"""Factorized layers: ``LowRankLinear``, ``LowRankConv2d``, ``LowRankConv1d``,
+``LowRankEmbedding`` (and ``LowRankHFConv1D`` for Hugging Face's transposed ``Conv1D``).
 
 A dense layer with weight :math:`W \in \mathbb{R}^{m \times n}` (m outputs, n inputs) is stored
 as
@@ -16,6 +17,16 @@ about ``2b·r(m+n)`` multiply-adds instead of ``2b·mn``. A Conv2d with a k×k k
 factorized over channels: ``Vᵀ`` is a k×k convolution from ``C_in`` to r channels (keeping
 stride, padding and dilation), the core and ``U`` act as one 1×1 convolution from r to
 ``C_out``. For every SVD the conv weight is viewed as the matrix ``C_out × (C_in·k·k)``.
+
+An embedding table ``E`` (vocabulary × dim) is the matrix of a Linear map applied to one-hot
+rows, so its matrix view is ``W = Eᵀ`` (dim × vocabulary): a lookup is ``V[ids] (U S)ᵀ``, which
+never forms E.
+
+Every low-rank layer has a read-only ``weight`` property: ``U S Vᵀ`` in the layout of the dense
+layer it replaces (``(out, in)``, ``(C_out, C_in, kh, kw)``, the embedding's ``(vocab, dim)``,
+Conv1D's ``(in, out)``), with the factors' dtype and device, so code that reads
+``module.weight`` keeps working. It is computed on each read (no stored copy); assigning to it
+is an error, since the factors are the parameters.
 
 The active rank is the number of columns of ``U``; methods change it with
 :meth:`LowRankLayer.set_factors`, which returns the ``{old: new}`` parameter mapping that
@@ -36,6 +47,9 @@ from lorank.errors import LorankError
 
 CoreKind = Literal["full", "diag", "none"]
 CORE_KINDS: tuple[str, ...] = ("full", "diag", "none")
+
+# ``spec["type"]`` → low-rank layer class; each class registers itself (``spec_type``).
+LAYER_TYPES: dict[str, type[LowRankLayer]] = {}
 
 
 def orthonormal_(n_rows: int, n_cols: int, generator: torch.Generator | None = None) -> Tensor:
@@ -62,6 +76,12 @@ class LowRankLayer(nn.Module):
     """When true (set by DLRT around its passes; full core only), the backward writes
     ``∇_K = ∇W V``, ``∇_S = Uᵀ ∇W V`` and ``∇_L = ∇Wᵀ U`` into the ``U``, ``S`` and ``V``
     gradients instead of the factors' own gradients (see :class:`_KLSLinear`)."""
+    spec_type: str = ""  # the "type" of :meth:`spec`; set by each concrete class
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("spec_type"):
+            LAYER_TYPES[cls.spec_type] = cls
 
     def __init__(self, out_dim: int, in_dim: int, rank: int, core: CoreKind, bias: bool) -> None:
         super().__init__()
@@ -149,6 +169,41 @@ class LowRankLayer(nn.Module):
     def weight_matrix(self) -> Tensor:
         """The dense m×n matrix U S Vᵀ (for diagnostics and merging; not used in forward)."""
         return self.output_factor() @ self.V.T
+
+    @property
+    def weight(self) -> Tensor:
+        """U S Vᵀ in the dense layer's weight layout (read-only; formed on each read)."""
+        return self.dense_weight(self.weight_matrix())
+
+    @weight.setter
+    def weight(self, value: object) -> None:
+        raise LorankError(self._weight_is_read_only())
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # nn.Module.__setattr__ registers a Parameter before any property setter runs.
+        if name == "weight":
+            raise LorankError(self._weight_is_read_only())
+        super().__setattr__(name, value)
+
+    def _weight_is_read_only(self) -> str:
+        return (
+            f"{type(self).__name__}.weight is U S Vᵀ, computed from the factors; set the "
+            "factors (load_svd_/set_factors) or lorank.merge the model to edit a dense weight"
+        )
+
+    def dense_weight(self, matrix: Tensor) -> Tensor:
+        """The m×n matrix view ``matrix`` in the layout of the dense layer's ``weight``."""
+        return matrix
+
+    @torch.no_grad()
+    def init_from_matrix_(self, matrix: Tensor, bias: Tensor | None = None) -> None:
+        """Set the factors to the best rank-``rank`` approximation of the m×n ``matrix``
+        (truncated SVD in float64) and copy ``bias``."""
+        u, sigma, vh = torch.linalg.svd(matrix.detach().double(), full_matrices=False)
+        r, like = self.rank, self.U
+        self.load_svd_(u[:, :r].to(like), sigma[:r].to(like), vh[:r].T.to(like))
+        if bias is not None and self.bias is not None:
+            self.bias.copy_(bias)
 
     @torch.no_grad()
     def svd(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -264,6 +319,8 @@ class LowRankLinear(LowRankLayer):
         dense = layer.to_dense()       # nn.Linear with W = U S Vᵀ
     """
 
+    spec_type = "linear"
+
     def __init__(
         self,
         in_features: int,
@@ -289,11 +346,7 @@ class LowRankLinear(LowRankLayer):
         weight = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None, core)
         layer.to(device=weight.device, dtype=weight.dtype)
-        u, sigma, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-        r = layer.rank
-        layer.load_svd_(u[:, :r].to(weight), sigma[:r].to(weight), vh[:r].T.to(weight))
-        if linear.bias is not None:
-            layer.bias.copy_(linear.bias)
+        layer.init_from_matrix_(weight, linear.bias)
         return layer
 
     @torch.no_grad()
@@ -308,7 +361,7 @@ class LowRankLinear(LowRankLayer):
 
     def spec(self) -> dict:
         return {
-            "type": "linear",
+            "type": self.spec_type,
             "in_features": self.in_features,
             "out_features": self.out_features,
             "rank": self.rank,
@@ -317,6 +370,37 @@ class LowRankLinear(LowRankLayer):
             "frozen": _frozen_names(self),
         }
 
+    @classmethod
+    def from_spec(cls, spec: dict) -> LowRankLinear:
+        return cls(
+            spec["in_features"], spec["out_features"], spec["rank"], spec["bias"], spec["core"]
+        )
+
+
+class LowRankHFConv1D(LowRankLinear):
+    """A Hugging Face ``Conv1D`` (GPT-2's projections: ``y = x @ weight + bias`` with
+    ``weight`` of shape (in, out), i.e. Wᵀ) as a low-rank Linear; ``weight`` and
+    :meth:`to_dense` give back Conv1D's transposed layout."""
+
+    spec_type = "hf_conv1d"
+
+    def dense_weight(self, matrix: Tensor) -> Tensor:
+        return matrix.T
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Module:
+        """A ``transformers.pytorch_utils.Conv1D`` with ``weight = (U S Vᵀ)ᵀ``."""
+        from transformers.pytorch_utils import Conv1D  # only reached for a transformers model
+
+        dense = Conv1D(self.out_features, self.in_features)
+        dense.to(device=self.U.device, dtype=self.U.dtype)
+        dense.weight.copy_(self.weight_matrix().T)
+        if self.bias is None:
+            dense.bias = None
+        else:
+            dense.bias.copy_(self.bias)
+        return dense
+
 
 class LowRankConv2d(LowRankLayer):
     """A Conv2d factorized over channels: k×k conv C_in→r (Vᵀ), then 1×1 conv r→C_out (U S).
@@ -324,6 +408,8 @@ class LowRankConv2d(LowRankLayer):
     The matrix view is ``W ∈ ℝ^{C_out × (C_in·kh·kw)}``, i.e. ``conv.weight.flatten(1)``.
     Only ``groups=1`` and ``padding_mode="zeros"`` are supported.
     """
+
+    spec_type = "conv2d"
 
     def __init__(
         self,
@@ -384,12 +470,11 @@ class LowRankConv2d(LowRankLayer):
         )
         weight = conv.weight.detach()
         layer.to(device=weight.device, dtype=weight.dtype)
-        u, sigma, vh = torch.linalg.svd(weight.flatten(1).double(), full_matrices=False)
-        r = layer.rank
-        layer.load_svd_(u[:, :r].to(weight), sigma[:r].to(weight), vh[:r].T.to(weight))
-        if conv.bias is not None:
-            layer.bias.copy_(conv.bias)
+        layer.init_from_matrix_(weight.flatten(1), conv.bias)
         return layer
+
+    def dense_weight(self, matrix: Tensor) -> Tensor:
+        return matrix.reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Conv2d:
@@ -411,7 +496,7 @@ class LowRankConv2d(LowRankLayer):
 
     def spec(self) -> dict:
         return {
-            "type": "conv2d",
+            "type": self.spec_type,
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
             "kernel_size": list(self.kernel_size),
@@ -424,24 +509,10 @@ class LowRankConv2d(LowRankLayer):
             "frozen": _frozen_names(self),
         }
 
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, padding={self.padding}, rank={self.rank}, "
-            f"core={self.core}"
-        )
-
-
-def layer_from_spec(spec: dict) -> LowRankLayer:
-    """Rebuild an (uninitialised) low-rank layer from :meth:`LowRankLayer.spec`."""
-    kind = spec.get("type")
-    if kind == "linear":
-        layer: LowRankLayer = LowRankLinear(
-            spec["in_features"], spec["out_features"], spec["rank"], spec["bias"], spec["core"]
-        )
-    elif kind == "conv2d":
+    @classmethod
+    def from_spec(cls, spec: dict) -> LowRankConv2d:
         padding = spec["padding"]
-        layer = LowRankConv2d(
+        return cls(
             spec["in_channels"],
             spec["out_channels"],
             tuple(spec["kernel_size"]),
@@ -452,8 +523,230 @@ def layer_from_spec(spec: dict) -> LowRankLayer:
             spec["bias"],
             spec["core"],
         )
-    else:
-        raise LorankError(f"unknown low-rank layer type {kind!r} in checkpoint metadata")
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, rank={self.rank}, "
+            f"core={self.core}"
+        )
+
+
+class LowRankConv1d(LowRankLayer):
+    """A Conv1d factorized over channels, like :class:`LowRankConv2d`: a size-k conv
+    C_in→r (Vᵀ), then a size-1 conv r→C_out (U S). Matrix view ``C_out × (C_in·k)``."""
+
+    spec_type = "conv1d"
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int],
+        rank: int | float,
+        stride: int | tuple[int] = 1,
+        padding: int | tuple[int] | str = 0,
+        dilation: int | tuple[int] = 1,
+        bias: bool = True,
+        core: CoreKind = "diag",
+    ) -> None:
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = (_single(kernel_size),)
+        self.stride = (_single(stride),)
+        self.padding = padding if isinstance(padding, str) else (_single(padding),)
+        self.dilation = (_single(dilation),)
+        super().__init__(out_channels, in_channels * self.kernel_size[0], rank, core, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = self.rank
+        spatial = self.V.T.reshape(r, self.in_channels, *self.kernel_size)
+        h = F.conv1d(x, spatial, None, self.stride, self.padding, self.dilation)
+        return F.conv1d(h, self.output_factor().reshape(self.out_channels, r, 1), self.bias)
+
+    @classmethod
+    @torch.no_grad()
+    def from_conv(
+        cls, conv: nn.Conv1d, rank: int | float, core: CoreKind = "diag"
+    ) -> LowRankConv1d:
+        """Best rank-``rank`` channel factorization of ``conv`` (groups 1, zero padding)."""
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise LorankError(
+                f"Conv1d with groups={conv.groups}, padding_mode={conv.padding_mode!r} cannot "
+                "be factorized over channels; exclude it (exclude_modules)"
+            )
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            rank,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.bias is not None,
+            core,
+        )
+        weight = conv.weight.detach()
+        layer.to(device=weight.device, dtype=weight.dtype)
+        layer.init_from_matrix_(weight.flatten(1), conv.bias)
+        return layer
+
+    def dense_weight(self, matrix: Tensor) -> Tensor:
+        return matrix.reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Conv1d:
+        dense = nn.Conv1d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            bias=self.bias is not None,
+        )
+        dense.to(device=self.U.device, dtype=self.U.dtype)
+        dense.weight.copy_(self.weight)
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+        return dense
+
+    def spec(self) -> dict:
+        return {
+            "type": self.spec_type,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": self.kernel_size[0],
+            "stride": self.stride[0],
+            "padding": self.padding if isinstance(self.padding, str) else self.padding[0],
+            "dilation": self.dilation[0],
+            "rank": self.rank,
+            "core": self.core,
+            "bias": self.bias is not None,
+            "frozen": _frozen_names(self),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> LowRankConv1d:
+        return cls(
+            spec["in_channels"],
+            spec["out_channels"],
+            spec["kernel_size"],
+            spec["rank"],
+            spec["stride"],
+            spec["padding"],
+            spec["dilation"],
+            spec["bias"],
+            spec["core"],
+        )
+
+
+class LowRankEmbedding(LowRankLayer):
+    """An embedding table ``E`` (num_embeddings × embedding_dim) stored as ``Eᵀ = U S Vᵀ``.
+
+    ``U`` is dim×r and ``V`` vocabulary×r: a lookup gathers rows of V and maps them by
+    ``(U S)ᵀ``, so ``forward(ids) = V[ids] (U S)ᵀ`` costs r·(1 + dim) per token and never
+    forms E. ``padding_idx`` keeps its row of V out of the gradient (a zero row stays zero).
+    """
+
+    spec_type = "embedding"
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int | float,
+        padding_idx: int | None = None,
+        core: CoreKind = "diag",
+        scale_grad_by_freq: bool = False,
+    ) -> None:
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx, self.scale_grad_by_freq = padding_idx, scale_grad_by_freq
+        super().__init__(embedding_dim, num_embeddings, rank, core, bias=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = F.embedding(
+            ids, self.V, self.padding_idx, scale_grad_by_freq=self.scale_grad_by_freq
+        )
+        return F.linear(rows, self.output_factor())
+
+    @classmethod
+    @torch.no_grad()
+    def from_embedding(
+        cls, embedding: nn.Embedding, rank: int | float, core: CoreKind = "diag"
+    ) -> LowRankEmbedding:
+        """Best rank-``rank`` approximation of the table (max_norm and sparse unsupported)."""
+        if embedding.max_norm is not None or embedding.sparse:
+            raise LorankError(
+                "an Embedding with max_norm (renormalises rows in place) or sparse gradients "
+                "cannot be factorized; exclude it (exclude_modules)"
+            )
+        padding_idx = embedding.padding_idx
+        layer = cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            rank,
+            padding_idx,
+            core,
+            embedding.scale_grad_by_freq,
+        )
+        weight = embedding.weight.detach()
+        layer.to(device=weight.device, dtype=weight.dtype)
+        layer.init_from_matrix_(weight.T)
+        return layer
+
+    def dense_weight(self, matrix: Tensor) -> Tensor:
+        return matrix.T
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Embedding:
+        dense = nn.Embedding(
+            self.num_embeddings,
+            self.embedding_dim,
+            self.padding_idx,
+            scale_grad_by_freq=self.scale_grad_by_freq,
+        )
+        dense.to(device=self.U.device, dtype=self.U.dtype)
+        dense.weight.copy_(self.weight)
+        return dense
+
+    def spec(self) -> dict:
+        return {
+            "type": self.spec_type,
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "padding_idx": self.padding_idx,
+            "scale_grad_by_freq": self.scale_grad_by_freq,
+            "rank": self.rank,
+            "core": self.core,
+            "frozen": _frozen_names(self),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> LowRankEmbedding:
+        return cls(
+            spec["num_embeddings"],
+            spec["embedding_dim"],
+            spec["rank"],
+            spec["padding_idx"],
+            spec["core"],
+            spec.get("scale_grad_by_freq", False),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, core={self.core}"
+            + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
+        )
+
+
+def layer_from_spec(spec: dict) -> LowRankLayer:
+    """Rebuild an (uninitialised) low-rank layer from :meth:`LowRankLayer.spec`."""
+    cls = LAYER_TYPES.get(spec.get("type", ""))
+    if cls is None:
+        raise LorankError(
+            f"unknown low-rank layer type {spec.get('type')!r} in checkpoint metadata"
+        )
+    layer = cls.from_spec(spec)
     for name in spec.get("frozen", []):
         getattr(layer, name).requires_grad_(False)
     return layer
@@ -562,3 +855,7 @@ def _explicit_padding(
         return x, (totals[0] // 2, totals[1] // 2)
     (th, tw) = totals
     return F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2)), (0, 0)
+
+
+def _single(v: int | tuple[int, ...]) -> int:
+    return int(v) if isinstance(v, int) else int(v[0])

@@ -49,7 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorank.core.convert import LowRankConfig, candidate_layers, low_rank_layers
+from lorank.core.adapters import adapter_for, dense_matrix, set_dense_matrix
+from lorank.core.convert import LayerSelection, eligible_layers, low_rank_layers
 from lorank.core.layers import LowRankLayer
 from lorank.core.rank import RankRule, delta
 from lorank.errors import LorankError
@@ -94,23 +95,15 @@ class LayerSpectrum:
 
 
 def dense_weight_matrix(module: nn.Module) -> Tensor:
-    """The m×n matrix view of a dense Linear, Conv2d (C_out × C_in·kh·kw) or HF Conv1D."""
-    if isinstance(module, nn.Linear | nn.Conv2d):
-        return module.weight.detach().flatten(1)
-    if type(module).__name__ == "Conv1D":  # Hugging Face GPT-2 stores Wᵀ
-        return module.weight.detach().T
-    raise LorankError(f"cannot take the SVD of a {type(module).__name__}")
-
-
-def _set_dense_weight(module: nn.Module, matrix: Tensor) -> None:
-    if type(module).__name__ == "Conv1D":
-        matrix = matrix.T
-    module.weight.copy_(matrix.reshape(module.weight.shape))
+    """The m×n matrix view of a dense layer (:func:`lorank.core.adapters.dense_matrix`)."""
+    return dense_matrix(module)
 
 
 def default_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every low-rank layer and every convertible dense layer, in module order."""
-    dense = dict(candidate_layers(model, LowRankConfig()))
+    """Every low-rank layer and every dense layer :func:`~lorank.core.convert.plan` finds
+    eligible by default, output layer included (tied, grouped and unsupported layers are not),
+    in module order."""
+    dense = dict(eligible_layers(model, LayerSelection(keep_last_dense=False)))
     low_rank = low_rank_layers(model)
     return {n: m for n, m in model.named_modules() if n in dense or n in low_rank}
 
@@ -189,7 +182,7 @@ def _write_truncation(spec: LayerSpectrum, k: int) -> None:
         if module.V is not module.U:  # a tied (symmetric) layer has one factor
             module.V.copy_(v_new)
     else:
-        _set_dense_weight(module, (spec.u[:, :k] * kept[:k]) @ spec.v[:, :k].T)
+        set_dense_matrix(module, (spec.u[:, :k] * kept[:k]) @ spec.v[:, :k].T)
 
 
 @torch.no_grad()
@@ -385,9 +378,8 @@ def feedforward_chain(model: nn.Module) -> list[tuple[str, nn.Module, float]] | 
 
 
 def _is_linear(module: nn.Module) -> bool:
-    if isinstance(module, LowRankLayer):
-        return not isinstance(getattr(module, "kernel_size", None), tuple)
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    adapter = adapter_for(module)
+    return adapter is not None and adapter.acts_on_features
 
 
 def theorem1_bound(

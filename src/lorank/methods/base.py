@@ -43,13 +43,12 @@ class MethodConfig(BaseModel):
 class MethodConversion(ConversionFields):
     """The conversion fields of a method that factorizes layers in :meth:`Method.prepare`:
     those of :class:`~lorank.core.convert.LowRankConfig` (one schema), with the defaults of
-    training from scratch: random orthonormal factors, and the classifier left dense (it is
-    small, and low rank there costs accuracy for almost no saving)."""
+    training from scratch: random orthonormal factors. The output layer stays dense
+    (``keep_last_dense``, the default of every conversion)."""
 
     init: Literal["svd", "random"] = Field(
         "random", description="random orthonormal factors, or the SVD of the dense init"
     )
-    keep_last_dense: bool = Field(True, description="leave the last candidate (classifier) dense")
 
 
 class Method:

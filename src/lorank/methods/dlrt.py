@@ -100,6 +100,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from lorank.core.adapters import matrix_shape
 from lorank.core.convert import ConversionReport, LowRankConfig, candidate_layers, convert
 from lorank.core.convert import low_rank_layers as find_low_rank_layers
 from lorank.core.layers import LowRankLayer
@@ -784,12 +785,7 @@ def _apply_map(maps: dict[str, Any], slot: str, value: Tensor, square: bool) -> 
 
 
 def _full_rank(module: nn.Module) -> int:
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return min(module.out_channels, module.in_channels * kh * kw // module.groups)
-    if isinstance(module, nn.Linear):
-        return min(module.out_features, module.in_features)
-    return min(module.weight.shape)
+    return min(matrix_shape(module))
 
 
 def _gram_residual(basis: Tensor, step: Tensor) -> tuple[Tensor, Tensor] | None:

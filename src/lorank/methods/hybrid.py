@@ -50,6 +50,7 @@ import torch
 from pydantic import Field, ValidationError, model_validator
 from torch import Tensor, nn
 
+from lorank.core.adapters import dense_matrix
 from lorank.core.convert import (
     ConversionReport,
     eligible_layers,
@@ -300,7 +301,7 @@ class Hybrid(Method):
         cfg = self.config
         ranks = {}
         for name, module in self._eligible(model):
-            sigma = torch.linalg.svdvals(_weight_matrix(module).double())
+            sigma = torch.linalg.svdvals(dense_matrix(module).double())
             p = sigma.numel()
             if cfg.rank_rule is not None:
                 ranks[name] = cfg.rank_rule.select(sigma, cfg.r_min, full_rank=p)
@@ -368,15 +369,6 @@ def stable_rank_of(module: nn.Module) -> float:
     if isinstance(module, LowRankLayer):
         sigma = module.singular_values().double()
     else:
-        sigma = torch.linalg.svdvals(_weight_matrix(module).double())
+        sigma = torch.linalg.svdvals(dense_matrix(module).double())
     top = float(sigma[0])
     return float((sigma * sigma).sum()) / (top * top) if top > 0 else 1.0
-
-
-def _weight_matrix(module: nn.Module) -> Tensor:
-    weight = module.weight.detach()
-    if isinstance(module, nn.Conv2d):
-        return weight.flatten(1)
-    if isinstance(module, nn.Linear):
-        return weight
-    return weight.T  # Hugging Face Conv1D stores Wᵀ

@@ -59,11 +59,11 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from lorank.core.adapters import adapter_for, low_rank_from
 from lorank.core.convert import (
     ConversionReport,
     LayerSelection,
     eligible_layers,
-    low_rank_from,
     planned_report,
     replace_module,
 )
@@ -314,11 +314,9 @@ def basis_stability(previous: Tensor, current: Tensor) -> float:
 
 def _matrix_view(module: nn.Module) -> Callable[[Tensor], Tensor]:
     """How a state tensor shaped like ``module.weight`` reads as the m×n matrix of its SVD."""
-    if isinstance(module, nn.Conv2d):
-        return lambda t: t.flatten(1)
-    if isinstance(module, nn.Linear):
-        return lambda t: t
-    return lambda t: t.T  # Hugging Face Conv1D stores Wᵀ
+    adapter = adapter_for(module)
+    assert adapter is not None  # the switch only factorizes layers plan() found eligible
+    return lambda t: adapter.matrix_view(module, t)
 
 
 def _switched_layers(model: nn.Module) -> dict[str, LowRankLayer]:

@@ -367,10 +367,11 @@ def fig_ranks(groups: Sequence[Group]) -> Any | None:
 
 
 def final_spectra(run: RunData) -> dict[str, list[float]]:
-    """``{layer: singular values}`` of every Linear/Conv2d/low-rank layer of the checkpoint."""
+    """``{layer: singular values}`` of every dense layer lorank converts by default (Linear,
+    convolutions, HF Conv1D; not embeddings) and every low-rank layer of the checkpoint."""
     import torch
-    from torch import nn
 
+    from lorank.core.adapters import adapter_for, dense_matrix
     from lorank.core.io import load
     from lorank.core.layers import LowRankLayer
 
@@ -385,8 +386,8 @@ def final_spectra(run: RunData) -> dict[str, list[float]]:
         for name, module in model.named_modules():
             if isinstance(module, LowRankLayer):
                 sigma = module.singular_values()
-            elif isinstance(module, nn.Linear | nn.Conv2d):
-                sigma = torch.linalg.svdvals(module.weight.detach().flatten(1).double())
+            elif (adapter := adapter_for(module)) is not None and not adapter.targeted_only:
+                sigma = torch.linalg.svdvals(dense_matrix(module).double())
             else:
                 continue
             out[name] = [float(s) for s in sigma]
