@@ -27,7 +27,7 @@ def test_defaults_and_overrides(tmp_path):
     "text, overrides, message",
     [
         ("[optim]\nlrr = 1\n", [], "unknown key 'optim.lrr' (allowed: betas"),
-        ("[trian]\nepochs = 1\n", [], "unknown key 'trian' (allowed: data, method, model"),
+        ("[trian]\nepochs = 1\n", [], "unknown key 'trian' (allowed: data, log, method, model"),
         ("", ["model.widths=[3]"], "unknown key 'model.widths' (allowed: activation, dropout"),
         ("", ["optim.name=adamm"], "optim.name: Input should be 'sgd', 'adam' or 'adamw'"),
         ("", ["optim.lr=-1"], "optim.lr: Input should be greater than 0 (got -1)"),
