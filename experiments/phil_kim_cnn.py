@@ -6,7 +6,7 @@ accuracy, parameters and training time (mean ± sample std over the seeds).
     python experiments/phil_kim_cnn.py --out runs/exp-d --table experiments/phil_kim_cnn.md
     python experiments/phil_kim_cnn.py --out runs/exp-d --report-only   # tabulate what ran
 
-Each run is ``lorank train configs/phil-kim-cnn-<dataset>-<method>.toml`` in its own
+Each run is ``lorank train phil-kim-cnn-<dataset>-<method>`` in its own
 directory ``OUT/<dataset>/<method>/seed=<s>``; a run whose ``summary.json`` says
 ``completed`` is not run again, so an interrupted experiment resumes. The seed sets
 ``train.seed`` and, for the closed-form methods, ``method.seed`` (their random units), so the
@@ -59,7 +59,7 @@ def run_one(out: Path, dataset: str, method: tuple, seed: int, args: argparse.Na
         sets.append(f"train.epochs={args.epochs}")
     else:
         sets.append(f"method.seed={seed}")
-    config = ROOT / "configs" / f"phil-kim-cnn-{dataset}-{suffix}.toml"
+    config = ROOT / "src" / "lorank" / "configs" / f"phil-kim-cnn-{dataset}-{suffix}.toml"
     cmd = [sys.executable, "-m", "lorank", "train", str(config), "--out", str(run_dir)]
     cmd += ["--overwrite", "--quiet"] + [a for s in sets for a in ("--set", s)]
     if args.data_dir:
