@@ -2,14 +2,20 @@
 and ``compare``.
 
 Every user error (bad config key or value, missing or corrupt file, incompatible checkpoint)
-is printed as one line, ``lorank: error: ...``, with exit status 2 and no traceback.
+is printed as one line, ``lorank: error: ...``, with exit status 2 and no traceback; a run
+that diverged exits 1; anything unexpected (a bug) exits 3 with one line naming the
+exception and the file its traceback was written to. A closed stdout (``| head``) is silent.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
+import tempfile
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -429,18 +435,81 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    func: Callable[[argparse.Namespace], int] = args.func
+    """Run the ``lorank`` command; returns the exit status (0 ok, 1 diverged, 2 bad input,
+    3 an internal error, i.e. a bug in lorank, whose traceback goes to a file)."""
     try:
-        return func(args)
+        parser = _parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # argparse: --help/--version (0) or a usage error (2)
+            return e.code if isinstance(e.code, int) else 2
+        args.argv = list(sys.argv[1:] if argv is None else argv)
+        func: Callable[[argparse.Namespace], int] = args.func
+        code = func(args)
+        sys.stdout.flush()  # a full or closed stdout fails here, inside the boundary
+        return code
     except LorankError as e:
-        print(f"lorank: error: {e}", file=sys.stderr)
+        _error_line(str(e))
         return e.exit_code
     except KeyboardInterrupt:
         print("lorank: interrupted; finished epochs are kept in the run directory", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `lorank ... | head`: the reader left; that is its choice, not an error to report.
+        # Point stdout at /dev/null so the interpreter's final flush does not complain.
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+            where = f" ({e.filename})" if e.filename else " (standard output)"
+            _error_line(
+                f"cannot write{where}: {e.strerror}; free some space or choose another place"
+            )
+            if e.filename is None:
+                _silence_stdout()
+            return 2
+        return _internal_error(e)
+    except Exception as e:  # noqa: BLE001 - the boundary: a bug must not look like bad input
+        return _internal_error(e)
+
+
+def _error_line(message: str) -> None:
+    # One line even when the message quotes a multi-line value.
+    text = " ".join(message.split("\n"))
+    try:
+        print(f"lorank: error: {text}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # stderr itself is gone: nothing more can be said
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is not a real file (e.g. captured by a test): nothing to silence
+
+
+def _internal_error(error: BaseException) -> int:
+    """Write the traceback to a file and say in one line what happened and where it is."""
+    if os.environ.get("LORANK_TRACEBACK"):
+        raise error  # developers: the traceback on the terminal instead
+    text = "".join(traceback.format_exception(error))
+    try:
+        fd, path = tempfile.mkstemp(prefix="lorank-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{_version()}: lorank {' '.join(sys.argv[1:])}\n{text}")
+        where = f"the traceback is in {path}"
+    except OSError as e:
+        where = f"the traceback could not be written ({e.strerror})"
+    name = type(error).__name__
+    first = " ".join(str(error).split())[:200]
+    _error_line(
+        f"internal error {name}: {first}; this is a bug in lorank, not in your input; "
+        f"{where} (please include it in a bug report)"
+    )
+    return 3
 
 
 if __name__ == "__main__":

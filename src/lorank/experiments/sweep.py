@@ -48,7 +48,7 @@ from tqdm import tqdm
 from lorank.core.io import atomic_write_json
 from lorank.errors import LorankError
 from lorank.training.config import apply_override, read_config_file, validate_config
-from lorank.training.rundir import FINISHED, run_status, run_summary
+from lorank.training.rundir import FINISHED, ensure_dir, run_status, run_summary
 
 # Keys that describe where/how a run executes, not what it computes.
 EXECUTION_KEYS = ("train.seed", "train.threads", "train.device", "data.dir")
@@ -321,8 +321,7 @@ def run_specs(
     ``index(entries)`` (optional) builds the JSON written to ``out/sweep.json`` after every
     finished run, so an interrupted sweep leaves an up-to-date index behind.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(Path(out), "sweep directory")
     entries: list[dict[str, Any]] = []
     todo: list[tuple[int, RunSpec, bool]] = []
     for i, spec in enumerate(specs):

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
+import tempfile
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -46,27 +49,217 @@ def default_run_dir(config_name: str) -> Path:
     return Path("runs") / f"{config_name}-{stamp}"
 
 
-def check_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty run directory unless ``overwrite``."""
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+# Everything lorank writes into a run directory. ``--overwrite`` replaces a directory only
+# when it is empty or holds nothing but these (and lorank's hidden temporary files), so that
+# a folder of the user's own files can never be deleted by a mistyped --out.
+RUN_ENTRIES = frozenset(
+    {
+        CONFIG,
+        ENV,
+        METRICS,
+        SUMMARY,
+        CONVERSION,
+        COMPRESS,
+        f"{MODEL}.safetensors",
+        f"{MODEL}.json",
+        "checkpoints",
+    }
+)
+# Files that make a directory recognisably a lorank run (one of them must be present).
+RUN_MARKERS = (SUMMARY, CONFIG, COMPRESS)
+
+
+def _is_lorank_temp(name: str) -> bool:
+    # atomic_write_* temp files (".summary.json.abc.tmp"), checkpoint temp folders
+    # (".tmp-epoch-0003") and compress's assembly folder (".out.abc.tmp").
+    return name.startswith(".") and (name.endswith(".tmp") or name.startswith(".tmp-epoch-"))
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """The entries of ``path`` (and of its ``checkpoints/``) that lorank did not write."""
+    foreign = []
+    for entry in sorted(path.iterdir()):
+        name = entry.name
+        if _is_lorank_temp(name):
+            continue
+        if name not in RUN_ENTRIES:
+            foreign.append(name)
+        elif name == "checkpoints":
+            if not entry.is_dir() or entry.is_symlink():
+                foreign.append(name)
+                continue
+            for sub in sorted(entry.iterdir()):
+                if not (_is_lorank_temp(sub.name) or re.fullmatch(r"epoch-\d{4,}", sub.name)):
+                    foreign.append(f"checkpoints/{sub.name}")
+        elif entry.is_dir() or entry.is_symlink():
+            foreign.append(f"{name}/")  # a lorank file name, but a folder or a link
+    return foreign
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a lorank run directory: a JSON object in one of its marker files
+    and no entry lorank does not write."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    markers = [read_json(path / name) for name in RUN_MARKERS]
+    return any(isinstance(m, dict) for m in markers) and not foreign_entries(path)
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def check_output_dir(
+    out: Path,
+    overwrite: bool,
+    *,
+    protect: Sequence[str | Path] = (),
+    what: str = "run directory",
+    option: str = "--out",
+) -> None:
+    """Fail, with one line and before anything slow, when ``out`` cannot become a fresh
+    run directory: it exists and ``overwrite`` is off; ``overwrite`` is on but ``out`` is
+    neither empty nor a lorank run directory; it is, holds or lies inside one of the
+    protected inputs (``protect``: the model being compressed, a config, a dataset); it or a
+    parent is a file; its nearest existing parent is read-only."""
+    out = Path(out)
+    resolved = out.resolve()
+    for item in protect:
+        source = Path(item).resolve()
+        if _within(source, resolved):
+            raise LorankError(
+                f"{option} {out} is or contains the input {item}; writing there would "
+                f"replace it: choose another {option}"
+            )
+        if source.is_dir() and _within(resolved, source):
+            raise LorankError(
+                f"{option} {out} is inside the input {item}; choose an {option} outside it"
+            )
+    if out.is_symlink():
+        raise LorankError(f"{option} {out} is a symbolic link; pass the directory it points to")
+    if out.exists():
+        if not out.is_dir():
+            raise LorankError(
+                f"cannot create {what} {out}: it is a file, not a directory; choose another "
+                f"{option}"
+            )
+        try:
+            empty = not any(out.iterdir())
+        except OSError as e:
+            raise LorankError(
+                f"cannot read {what} {out} ({e.strerror}); choose another {option}"
+            ) from None
+        if not empty:
+            if not overwrite:
+                raise LorankError(
+                    f"{what} {out} already exists; choose another {option} or "
+                    "pass --overwrite to replace it"
+                )
+            if not is_run_dir(out):
+                foreign = foreign_entries(out)
+                held = (
+                    f"it holds {foreign[0]!r}, which lorank did not write"
+                    if foreign
+                    else ("it has no readable summary.json or config.json")
+                )
+                raise LorankError(
+                    f"--overwrite replaces only an empty directory or a lorank run directory, "
+                    f"and {out} is not one ({held}); choose another {option} or empty it yourself"
+                )
+        writable = out.parent if not empty else out
+    else:
+        writable = resolved.parent
+        while not writable.exists():
+            writable = writable.parent
+        if not writable.is_dir():
+            raise LorankError(
+                f"cannot create {what} {out}: {writable} is a file, not a directory; "
+                f"choose another {option}"
+            )
+    if not os.access(writable, os.W_OK | os.X_OK):
         raise LorankError(
-            f"run directory {out} already exists; choose another --out or "
-            "pass --overwrite to replace it"
+            f"cannot create {what} {out}: {writable} is not writable; choose another {option}"
         )
 
 
-def prepare_run_dir(out: Path, overwrite: bool) -> Path:
-    """Create ``out``, replacing an existing one only when ``overwrite``."""
-    check_run_dir(out, overwrite)
-    if out.is_dir() and any(out.iterdir()):
-        shutil.rmtree(out)
+# Kept for callers of the earlier name: the same checks.
+check_run_dir = check_output_dir
+
+
+def _os_error(what: str, out: Path, error: OSError, option: str = "--out") -> LorankError:
+    return LorankError(
+        f"cannot create {what} {out} ({error.strerror or error}); choose a writable {option}"
+    )
+
+
+def prepare_run_dir(out: Path, overwrite: bool, *, protect: Sequence[str | Path] = ()) -> Path:
+    """Create ``out``, replacing an existing one only when ``overwrite`` and it is a run
+    directory (see :func:`check_output_dir`)."""
+    check_output_dir(out, overwrite, protect=protect)
+    try:
+        if out.is_dir() and any(out.iterdir()):
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _os_error("run directory", out, e) from None
+    return out
+
+
+def ensure_dir(out: Path, what: str, option: str = "--out") -> Path:
+    """Create ``out`` (a sweep or report directory, whose own files lorank updates in place)
+    or reuse it; a file in the way, a read-only parent or any other OS refusal is one line."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LorankError(
+            f"cannot create {what} {out}: it is a file, not a directory; choose another {option}"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise LorankError(
-            f"cannot create run directory {out} ({e.strerror}); choose a writable --out"
-        ) from None
+        raise _os_error(what, out, e, option) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise LorankError(f"cannot write {what} {out}: it is read-only; choose another {option}")
     return out
+
+
+def temp_dir_beside(out: Path, what: str = "run directory") -> Path:
+    """A fresh hidden directory in ``out``'s parent (created if missing), so that the final
+    rename into ``out`` never crosses file systems; mode as ``mkdir`` would give it."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700 folders; runs are meant to be shared
+    except OSError as e:
+        raise _os_error(what, out, e) from None
+    return tmp
+
+
+def replace_dir(
+    tmp: Path,
+    out: Path,
+    overwrite: bool,
+    *,
+    protect: Sequence[str | Path] = (),
+    what: str = "run directory",
+) -> None:
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` (checked again: it may have
+    appeared meanwhile) is first moved aside, so a failure leaves one of the two whole."""
+    check_output_dir(out, overwrite, protect=protect, what=what)
+    old = None
+    try:
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old.", suffix=".tmp"))
+            os.replace(out, old / "run")
+        os.replace(tmp, out)
+    except OSError as e:
+        if old is not None and (old / "run").exists() and not out.exists():
+            os.replace(old / "run", out)  # put the previous run back
+        raise _os_error(what, out, e) from None
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 class Run:
