@@ -13,9 +13,9 @@ change ranks replace parameters and so change the optimizer's parameter order.
 
 from __future__ import annotations
 
-import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lorank.core.convert import merge
-from lorank.core.io import atomic_write_json, load, save
+from lorank.core.io import atomic_write_json, load, read_json_file, read_metadata, save
 from lorank.errors import LorankError
 from lorank.training.rundir import MODEL
+from lorank.training.schemas import TrainingState, validate_file
 
 CHECKPOINTS = "checkpoints"
 
@@ -56,19 +57,30 @@ def split_tensors(obj: Any, tensors: dict[str, Tensor], prefix: str) -> Any:
 
 
 def join_tensors(obj: Any, tensors: dict[str, Tensor]) -> Any:
-    """Inverse of :func:`split_tensors`."""
+    """Inverse of :func:`split_tensors`; a malformed skeleton raises ``ValueError``."""
+    try:
+        return _join(obj, tensors)
+    except KeyError as e:
+        raise ValueError(f"it refers to tensor {e} that state.safetensors lacks") from None
+    except (TypeError, ValueError, AttributeError, RecursionError) as e:
+        raise ValueError(f"its structure is malformed ({type(e).__name__}: {e})") from None
+
+
+def _join(obj: Any, tensors: dict[str, Tensor]) -> Any:
     if isinstance(obj, dict):
         if "__tensor__" in obj:
             return tensors[obj["__tensor__"]]
         if "__dict__" in obj:
-            return {join_tensors(k, tensors): join_tensors(v, tensors) for k, v in obj["__dict__"]}
+            return {_join(k, tensors): _join(v, tensors) for k, v in obj["__dict__"]}
         if "__tuple__" in obj:
-            return tuple(join_tensors(v, tensors) for v in obj["__tuple__"])
+            return tuple(_join(v, tensors) for v in obj["__tuple__"])
         if "__ndarray__" in obj:
+            if obj.get("dtype") not in ("uint32", "int64", "float64", "float32"):
+                raise ValueError(f"unexpected array dtype {obj.get('dtype')!r}")
             return np.array(obj["__ndarray__"], dtype=obj["dtype"])
-        return {k: join_tensors(v, tensors) for k, v in obj.items()}
+        return {k: _join(v, tensors) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [join_tensors(v, tensors) for v in obj]
+        return [_join(v, tensors) for v in obj]
     return obj
 
 
@@ -117,6 +129,18 @@ def load_optimizer_state(
                 "model lacks; the checkpoint does not match this config"
             ) from None
     for name, state in saved["state"].items():
+        if name not in params:
+            raise LorankError(
+                f"checkpoint optimizer state names parameter {name!r} that the rebuilt model "
+                "lacks; the checkpoint does not match this config"
+            )
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != params[name].shape:
+                raise LorankError(
+                    f"checkpoint optimizer state {name}.{key} has shape {tuple(value.shape)}, "
+                    f"not the parameter's {tuple(params[name].shape)}; the checkpoint is corrupt "
+                    "or from another config"
+                )
         # Own, freshly allocated copies: tensors read from a file can sit at any offset of
         # one buffer, and vectorized kernels may round differently on unaligned memory.
         optimizer.state[params[name]] = {
@@ -186,33 +210,118 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+CHECKPOINT_FILES = (f"{MODEL}.safetensors", f"{MODEL}.json", "state.safetensors", "state.json")
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Finished checkpoint folders, oldest first (temporary folders are ignored)."""
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("epoch-*") if (p / "state.json").is_file())
+    return sorted(
+        p for p in root.glob("epoch-*") if re.fullmatch(r"epoch-\d{4,}", p.name) and p.is_dir()
+    )
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
-    found = complete_checkpoints(run_dir)
-    if not found:
-        raise LorankError(
-            f"{run_dir} has no complete checkpoint to resume from "
-            f"(looked in {run_dir / CHECKPOINTS}); start the run again"
-        )
-    return found[-1]
+def checkpoint_epoch(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("epoch-"))
 
 
 def read_training_state(checkpoint: Path) -> dict[str, Any]:
+    """The training state of ``checkpoint``, validated (:class:`TrainingState`); any problem
+    is a :class:`LorankError` naming the file and what is wrong."""
+    fix = "it is corrupt: delete this checkpoint folder to resume from the one before"
+    path = checkpoint / "state.json"
+    skeleton = read_json_file(path, "checkpoint state", fix)
     try:
         tensors = load_file(checkpoint / "state.safetensors")
-        skeleton = json.loads((checkpoint / "state.json").read_text())
-    except (OSError, SafetensorError, json.JSONDecodeError) as e:
+    except (OSError, SafetensorError) as e:
         raise LorankError(
-            f"checkpoint {checkpoint} is unreadable ({e}); delete it to resume from the one before"
+            f"checkpoint tensors {checkpoint / 'state.safetensors'} are unreadable ({e}); {fix}"
         ) from None
-    return join_tensors(skeleton, tensors)
+    try:
+        state = join_tensors(skeleton, tensors)
+    except ValueError as e:
+        raise LorankError(f"checkpoint state {path} is invalid: {e}; {fix}") from None
+    validated = validate_file(TrainingState, state, path, fix)
+    if validated.epoch != checkpoint_epoch(checkpoint):
+        raise LorankError(
+            f"checkpoint state {path}: field epoch: {validated.epoch} does not match the folder "
+            f"name {checkpoint.name}; {fix}"
+        )
+    return state
+
+
+def check_checkpoint(checkpoint: Path) -> dict[str, Any]:
+    """Validate every file of ``checkpoint`` (present, schema, weights readable to the last
+    byte) and return its training state; raises :class:`LorankError` saying what is wrong."""
+    for name in CHECKPOINT_FILES:
+        if not (checkpoint / name).is_file():
+            raise LorankError(f"{name} is missing")
+    read_metadata(checkpoint / MODEL)
+    weights = checkpoint / f"{MODEL}.safetensors"
+    try:
+        load_file(weights)  # reads every tensor: a truncated file fails here, not mid-resume
+    except (OSError, SafetensorError) as e:
+        raise LorankError(f"{weights.name} is unreadable ({e})") from None
+    return read_training_state(checkpoint)
+
+
+def usable_checkpoint(
+    run_dir: Path, last_epoch: int | None = None
+) -> tuple[Path, dict[str, Any], list[str]]:
+    """The newest checkpoint of ``run_dir`` that validates completely (and, when
+    ``last_epoch`` is given, whose epoch ``metrics.jsonl`` still has), its training state,
+    and one line per newer checkpoint skipped, saying why."""
+    skipped: list[str] = []
+    for checkpoint in reversed(complete_checkpoints(run_dir)):
+        if last_epoch is not None and checkpoint_epoch(checkpoint) > last_epoch:
+            skipped.append(
+                f"{checkpoint.name} (metrics.jsonl has complete records only up to epoch "
+                f"{last_epoch})"
+            )
+            continue
+        try:
+            state = check_checkpoint(checkpoint)
+        except LorankError as e:
+            skipped.append(f"{checkpoint.name} ({e})")
+            continue
+        return checkpoint, state, skipped
+    why = f": {'; '.join(skipped)}" if skipped else ""
+    raise LorankError(
+        f"{run_dir} has no complete checkpoint to resume from (looked in "
+        f"{run_dir / CHECKPOINTS}{why}); start the run again"
+    )
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest checkpoint that validates completely."""
+    return usable_checkpoint(run_dir)[0]
+
+
+def apply_training_state(
+    checkpoint: Path,
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    method: Any,
+    model: nn.Module,
+    data_generator: torch.Generator,
+) -> None:
+    """Load a validated training state into the run's objects; a state that does not fit
+    them (another config, a hand-edited file) is a one-line error, not a traceback."""
+    try:
+        load_optimizer_state(optimizer, model, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        method.load_state_dict(state["method"])
+        set_rng_state(state["rng"], data_generator)
+    except LorankError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
+        raise LorankError(
+            f"checkpoint {checkpoint} does not fit this run ({type(e).__name__}: {e}); resume "
+            "with the config it was written with, or delete the checkpoint"
+        ) from None
 
 
 def restore_model(model: nn.Module, checkpoint: Path) -> None:

@@ -319,6 +319,100 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def read_complete_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl`` up to its last complete one: reading stops
+    at the first line that is torn, garbled, not a record, or not the next epoch, since what
+    follows it cannot be trusted (a resume rewrites the file from these)."""
+    from lorank.training.schemas import valid_record
+
+    records: list[dict[str, Any]] = []
+    try:
+        text = (path / METRICS).read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            break
+        if not valid_record(record) or record["epoch"] != len(records):
+            break
+        records.append(record)
+    return records
+
+
+# Settings a resumed run may change (recorded in config.json): how long and how it trains.
+# Anything else (data, model, method, seed) would make the resumed run a different run than
+# the one config.json describes, so it needs --allow-changes.
+RESUME_FREE = ("train.", "optim.")
+RESUME_GUARDED = ("train.seed",)
+
+
+def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
+    """``{dotted key: [old, new]}`` for every setting that differs."""
+    a, b = flat_config(old), flat_config(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def resume_entry(
+    run_dir: Path, config: Any, checkpoint: str, allow_changes: bool
+) -> dict[str, Any]:
+    """What a resume changes, as the entry :func:`write_resume` appends to ``config.json``'s
+    ``resumes``; a change of data, model, method or seed raises unless ``allow_changes``."""
+    from lorank.training.config import load_run_config
+
+    old = load_run_config(run_dir).model_dump(mode="json")
+    changes = config_changes(old, config.model_dump(mode="json"))
+    guarded = [k for k in changes if not k.startswith(RESUME_FREE) or k.startswith(RESUME_GUARDED)]
+    if guarded and not allow_changes:
+        was, now = changes[guarded[0]]
+        raise LorankError(
+            f"--resume with {guarded[0]} = {now!r} (the run was made with {was!r}) would make "
+            "it a different run than its config.json describes; resume without that --set, "
+            "start a new run, or pass --allow-changes to record the change and go on"
+        )
+    return {
+        "time": datetime.now().isoformat(timespec="seconds"),
+        "checkpoint": checkpoint,
+        "changes": changes,
+    }
+
+
+def write_resume(run_dir: Path, config: Any, entry: dict[str, Any]) -> None:
+    """Rewrite ``config.json`` as the config the run now continues with, keeping the list of
+    resumes (each with its time, checkpoint and changes)."""
+    raw = read_json(run_dir / CONFIG)
+    resumes = raw.get("resumes", []) if isinstance(raw, dict) else []
+    resumes = resumes if isinstance(resumes, list) else []
+    atomic_write_json(
+        run_dir / CONFIG, config.model_dump(mode="json") | {"resumes": [*resumes, entry]}
+    )
+
+
+def remove_temp_files(run_dir: Path) -> None:
+    """Delete what a killed run's unfinished atomic writes left behind (hidden ``*.tmp``
+    files and ``.tmp-epoch-*`` checkpoint folders); nothing else is touched."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if _is_lorank_temp(entry.name) and not entry.is_symlink():
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+
 def num_classes(path: Path) -> int:
     try:
         meta = json.loads((path / "model.json").read_text())
