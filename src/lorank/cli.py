@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import sys
 import tempfile
@@ -79,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue an interrupted run from its newest checkpoint (its config.json is used; "
         "--set may change e.g. train.epochs)",
+    )
+    p.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: let --set change the data, model, method or seed (recorded in "
+        "config.json's resumes); without it only train.* and optim.* may change",
     )
     _add_set_option(p, "override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
     p.add_argument("--out", help="run directory (default: runs/<config-stem>-<timestamp>)")
@@ -294,8 +301,8 @@ def _launch_torchrun(nproc: int, argv: Sequence[str]) -> int:
     """Re-run ``lorank train`` (without ``--nproc``) under torchrun with ``nproc`` processes."""
     import subprocess
 
-    if nproc < 1:
-        raise LorankError(f"--nproc must be at least 1, not {nproc}")
+    if not 1 <= nproc <= 256:
+        raise LorankError(f"--nproc must be between 1 and 256, not {nproc}")
     rest, skip = [], False
     for a in argv:
         if skip:
@@ -337,18 +344,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         quiet=args.quiet,
         resume=bool(args.resume),
+        allow_changes=args.allow_changes,
     )
     if is_main_process():
         summary = json.loads((path / SUMMARY).read_text())
-        print(json.dumps({"run_dir": str(path), **summary}, indent=2))
+        _print_json({"run_dir": str(path), **summary})
     return 0
+
+
+def _print_json(obj: Any, indent: int | None = 2) -> None:
+    """Print ``obj`` as strict JSON: NaN/inf (a diverged loss) become null, since ``NaN``
+    is not JSON and would break whatever reads lorank's output."""
+    print(json.dumps(_finite(obj), indent=indent, allow_nan=False))
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from lorank.training.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.path, data_dir=args.data_dir, config_path=args.config)
-    print(json.dumps(result, indent=2))
+    _print_json(result)
     return 0
 
 
@@ -390,7 +414,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     for key in ("calibration_loss_before", "calibration_loss_after"):
         if key in summary:
             shown[key] = summary[key]
-    print(json.dumps({"run_dir": str(path)} | shown, indent=2))
+    _print_json({"run_dir": str(path)} | shown)
     return 0
 
 
@@ -400,7 +424,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.config, args.grid, args.seeds, args.overrides)
     out = run_sweep(sweep, args.out, workers=args.workers, data_dir=args.data_dir, quiet=args.quiet)
     index = json.loads((out / "sweep.json").read_text())
-    print(json.dumps({"sweep_dir": str(out), **index["counts"]}, indent=2))
+    _print_json({"sweep_dir": str(out), **index["counts"]})
     return 0 if index["counts"]["failed"] == 0 else 1
 
 
@@ -408,7 +432,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from lorank.experiments.report import report
 
     out = report(args.paths, args.out, title=args.title)
-    print(json.dumps({"report": str(out / "report.html"), "summary": str(out / "summary.md")}))
+    _print_json({"report": str(out / "report.html"), "summary": str(out / "summary.md")}, None)
     return 0
 
 

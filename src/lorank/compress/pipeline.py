@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -88,7 +89,13 @@ from lorank.core.search import (
 )
 from lorank.data import Dataset, load_dataset
 from lorank.errors import LorankError, TrainingDiverged
-from lorank.training.config import RunConfig, apply_override, load_config, validate_config
+from lorank.training.config import (
+    MAX_EPOCHS,
+    RunConfig,
+    apply_override,
+    load_config,
+    validate_config,
+)
 from lorank.training.environment import environment, resolve_device
 from lorank.training.evaluate import evaluate, task_loss
 from lorank.training.rundir import (
@@ -149,6 +156,10 @@ class Source:
     data: Dataset | None = None
 
 
+# Samples a compression may ask to run through the model (--samples, --calibration).
+MAX_SAMPLES = 2**24
+
+
 def compress(
     source: str | Path,
     rule: str | CompressionRule,
@@ -178,10 +189,14 @@ def compress(
     """
     rule = rule if isinstance(rule, CompressionRule) else CompressionRule.parse(rule)
     out = Path(out)
-    if finetune_epochs < 0:
-        raise LorankError(f"--finetune-epochs {finetune_epochs} must be >= 0")
-    if samples < 1:
-        raise LorankError(f"--samples {samples} must be >= 1")
+    if not 0 <= finetune_epochs <= MAX_EPOCHS:
+        raise LorankError(f"--finetune-epochs {finetune_epochs} must be in [0, {MAX_EPOCHS}]")
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise LorankError(f"--samples {samples} must be in [1, {MAX_SAMPLES}]")
+    if calibration is not None and calibration > MAX_SAMPLES:
+        raise LorankError(f"--calibration {calibration} must be at most {MAX_SAMPLES}")
+    if not math.isfinite(precision):
+        raise LorankError(f"--precision {precision} must be a number in (0, 1), e.g. 0.01")
     if svd not in SVD_KINDS:
         raise LorankError(f"--svd {svd!r}: choose one of {', '.join(SVD_KINDS)}")
     if calibration is not None and calibration < 1:
@@ -199,8 +214,8 @@ def compress(
             raise LorankError(f"--precision {precision} must be in (0, 1), e.g. 0.01")
     if allocation not in ALLOCATIONS:
         raise LorankError(f"--allocation {allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
-    if damping < 0:
-        raise LorankError(f"--damping {damping} must be >= 0")
+    if not (math.isfinite(damping) and damping >= 0):
+        raise LorankError(f"--damping {damping} must be a finite number >= 0, e.g. 1e-4")
     # --out may never be, hold or sit inside what compress reads (see check_output_dir).
     inputs = [p for p in (source, model_config, calibration_file) if p is not None]
     check_output_dir(out, overwrite, protect=inputs)
@@ -484,9 +499,10 @@ def _load_state_dict(
 
 def _is_hf_directory(path: Path) -> bool:
     try:
-        return "model_type" in json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        config = json.loads((path / "config.json").read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
+    return isinstance(config, dict) and "model_type" in config
 
 
 def _load_huggingface(
@@ -501,9 +517,18 @@ def _load_huggingface(
         ) from None
     with _quiet_transformers(transformers):
         try:
-            return transformers.AutoModelForCausalLM.from_pretrained(path)
-        except (OSError, ValueError):
-            return transformers.AutoModel.from_pretrained(path)
+            try:
+                return transformers.AutoModelForCausalLM.from_pretrained(path)
+            except (OSError, ValueError):
+                return transformers.AutoModel.from_pretrained(path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as e:
+            # An unknown model_type, a field of the wrong type, missing weights: one line
+            # naming what transformers refused, not its traceback.
+            first = " ".join(str(e).split())[:200]
+            raise LorankError(
+                f"{path / 'config.json'}: transformers cannot build this model "
+                f"({type(e).__name__}: {first}); check model_type and the fields it names"
+            ) from None
 
 
 @contextlib.contextmanager

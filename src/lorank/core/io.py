@@ -218,6 +218,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def atomic_save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file atomically (temp file, fsync, rename), with the same mode as
+    every JSON file beside it: safetensors creates its files 0600 whatever the umask."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, _FILE_MODE)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
@@ -257,17 +276,7 @@ def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = N
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = stem.with_suffix(".safetensors")
-    fd, tmp = tempfile.mkstemp(dir=weights.parent, prefix=f".{weights.name}.", suffix=".tmp")
-    os.fchmod(fd, _FILE_MODE)
-    os.close(fd)
-    try:
-        save_file(_unshare(tensors), tmp, metadata={"format": FORMAT})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, weights)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_tensors(_unshare(tensors), weights, {"format": FORMAT})
     atomic_write_json(
         stem.with_suffix(".json"),
         {

@@ -23,11 +23,18 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lorank.core.convert import merge
-from lorank.core.io import atomic_write_json, load, read_json_file, read_metadata, save
+from lorank.core.io import (
+    atomic_save_tensors,
+    atomic_write_json,
+    load,
+    read_json_file,
+    read_metadata,
+    save,
+)
 from lorank.errors import LorankError
 from lorank.training.rundir import MODEL
 from lorank.training.schemas import TrainingState, validate_file
@@ -189,7 +196,7 @@ def write_checkpoint(
     save(model, tmp / MODEL, model_meta)
     tensors: dict[str, Tensor] = {}
     skeleton = split_tensors(training_state, tensors, "t")
-    save_file(tensors, tmp / "state.safetensors")
+    atomic_save_tensors(tensors, tmp / "state.safetensors")
     atomic_write_json(tmp / "state.json", skeleton)
     for f in tmp.iterdir():
         with open(f, "rb") as handle:

@@ -26,8 +26,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lorank.core.io import atomic_write_json, atomic_write_text
+from lorank.core.io import (
+    MAX_DEPTH,
+    atomic_write_json,
+    atomic_write_text,
+    nesting_depth,
+    read_json_file,
+)
 from lorank.errors import LorankError, TrainingDiverged
+from lorank.training.schemas import SUMMARY_FORMAT
 
 CONFIG = "config.json"
 ENV = "env.json"
@@ -270,6 +277,8 @@ class Run:
         self.records: list[dict[str, Any]] = []
 
     def write_json(self, name: str, obj: Any) -> None:
+        if name == SUMMARY:  # every summary.json carries its format version
+            obj = {"format": SUMMARY_FORMAT, **obj}
         atomic_write_json(self.path / name, obj)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -294,10 +303,32 @@ class SilentRun(Run):
 
 
 def read_json(path: Path) -> Any:
-    """The JSON in ``path``, or None when it is missing or unreadable."""
+    """The JSON in ``path``, or None when it is missing, unreadable or absurdly nested."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return value if nesting_depth(value) <= MAX_DEPTH else None
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """The validated ``summary.json`` of run directory ``path``; a missing or invalid one
+    is a one-line error naming the file and field."""
+    from lorank.training.schemas import SummaryFile, validate_file
+
+    file = path / SUMMARY
+    fix = "re-run it, or leave this run out"
+    value = read_json_file(file, "run summary", fix)
+    validate_file(SummaryFile, value, file, fix)
+    return value
+
+
+def valid_summary(path: Path) -> dict[str, Any] | None:
+    """``summary.json`` of ``path`` when it is present and valid, else None (a killed run,
+    or a directory that is not a run)."""
+    try:
+        return read_summary(path)
+    except LorankError:
         return None
 
 
@@ -306,16 +337,20 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     garbled line (a killed run) is skipped."""
     if path.is_dir():
         path = path / METRICS
+    from lorank.training.schemas import valid_record
+
     records = []
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
     except OSError:
         return []
     for line in lines:
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             continue  # a torn last line of a killed run
+        if valid_record(record):
+            records.append(record)
     return records
 
 
@@ -414,11 +449,11 @@ def remove_temp_files(run_dir: Path) -> None:
 
 
 def num_classes(path: Path) -> int:
-    try:
-        meta = json.loads((path / "model.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return 10
-    return int((meta.get("data_info") or {}).get("num_classes") or 10)
+    meta = read_json(path / f"{MODEL}.json")
+    info = meta.get("data_info") if isinstance(meta, dict) else None
+    classes = info.get("num_classes") if isinstance(info, dict) else None
+    ok = isinstance(classes, int) and not isinstance(classes, bool) and 1 <= classes <= 2**20
+    return classes if ok else 10
 
 
 def divergence_epoch(records: Sequence[dict[str, Any]], classes: int) -> int | None:
@@ -436,9 +471,8 @@ def divergence_epoch(records: Sequence[dict[str, Any]], classes: int) -> int | N
 def run_summary(path: Path) -> dict[str, Any]:
     """The index entry's figures; ``status`` is ``diverged`` (with ``diverged_epoch``) when
     the loss went non-finite or exploded, even if the trainer finished the run."""
-    try:
-        summary = json.loads((path / SUMMARY).read_text())
-    except (OSError, json.JSONDecodeError):
+    summary = valid_summary(path)
+    if summary is None:
         return {}
     keys = ("status", "test_acc", "test_loss", "params_eval", "params_train", "train_time_s")
     out = {k: summary.get(k) for k in keys if k in summary}
@@ -456,10 +490,8 @@ def run_status(path: Path) -> str:
     """``new`` (no directory), ``completed``/``diverged`` (finished), or ``broken``."""
     if not path.exists():
         return "new"
-    try:
-        status = json.loads((path / SUMMARY).read_text()).get("status")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return "broken"
+    summary = valid_summary(path)
+    status = summary.get("status") if summary is not None else None
     return status if status in FINISHED else "broken"
 
 
@@ -486,7 +518,13 @@ def summarize(records: list[dict[str, Any]], train_time: float, status: str) -> 
 
 
 def diverge(
-    run: Run, train_time: float, epoch: int, step: int, loss: float, what: str = "the loss"
+    run: Run,
+    train_time: float,
+    epoch: int,
+    step: int,
+    loss: float,
+    what: str = "the loss",
+    detail: str | None = None,
 ) -> NoReturn:
     """Stop a run whose loss or parameters are no longer finite: mark it ``diverged``
     (keeping the last good checkpoint and metrics) and raise the one-line error."""
@@ -495,8 +533,9 @@ def diverge(
         SUMMARY,
         summary | {"status": "diverged", "diverged_epoch": epoch, "diverged_step": step},
     )
+    happened = detail or f"{what} became {loss}"
     raise TrainingDiverged(
-        f"training diverged at epoch {epoch}, step {step}: {what} became {loss}; the learning "
+        f"training diverged at epoch {epoch}, step {step}: {happened}; the learning "
         "rate is likely too high (lower optim.lr or set optim.grad_clip); the last good "
         f"checkpoint and metrics are in {run.path}"
     )

@@ -87,12 +87,36 @@ class SweepEntry(_Lenient):
     seed: Count | None = None
 
 
+class Published(_Lenient):
+    """``[sweep.published]``: numbers from a paper, shown beside ours by ``lorank report``."""
+
+    title: str | None = None
+    source: str | None = None
+    metric: str | None = None
+    rows: list[dict[str, Any]] = []
+
+    @field_validator("rows")
+    @classmethod
+    def _metrics_are_numbers(cls, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # Dotted keys are settings (any value); "method" and "note" are text; the rest are
+        # published metrics, which the report formats as numbers.
+        for row in rows:
+            for key, value in row.items():
+                if "." in key or key in ("method", "note"):
+                    continue
+                if value is not None and (
+                    isinstance(value, bool) or not isinstance(value, int | float)
+                ):
+                    raise ValueError(f"published metric {key!r} must be a number or absent")
+        return rows
+
+
 class SweepFile(_Lenient):
     format: Literal["lorank-sweep/1"]
     base: dict[str, Any] = {}
     grid: dict[str, list[Any]] = {}
     seeds: list[Count] = []
-    published: dict[str, Any] | None = None
+    published: Published | None = None
     runs: list[SweepEntry] = []
 
 

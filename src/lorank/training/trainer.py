@@ -197,7 +197,7 @@ def train(
             except (FloatingPointError, torch.linalg.LinAlgError) as e:
                 # Any method's numerical failure (a NaN core, an SVD that cannot converge
                 # on non-finite weights) is the run diverging: the one divergence path.
-                diverge(run, train_time, epoch, steps + 1, float("nan"), what=_failure(e))
+                diverge(run, train_time, epoch, steps + 1, float("nan"), detail=_failure(e))
             steps += 1
             nonfinite = tc.nonfinite == "stop" and not torch.isfinite(stats["loss"])
             if ddp and tc.nonfinite == "stop":
@@ -216,7 +216,7 @@ def train(
         try:
             method.on_epoch_end(model, optimizer, epoch, train_stats)
         except (FloatingPointError, torch.linalg.LinAlgError) as e:
-            diverge(run, train_time, epoch, steps, float("nan"), what=_failure(e))
+            diverge(run, train_time, epoch, steps, float("nan"), detail=_failure(e))
         if ddp:
             ddp.sync_structure(model)  # an epoch hook may have swapped parameters
         if device.type == "cuda":
@@ -264,7 +264,8 @@ def train(
 
 
 def _failure(error: BaseException) -> str:
-    return f"a numerical step ({' '.join(str(error).split())[:120]}): the result"
+    text = " ".join(str(error).split())[:160] or type(error).__name__
+    return f"a numerical step failed ({text})"
 
 
 def fit_closed_form(
