@@ -498,8 +498,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error_line(message: str) -> None:
-    # One line even when the message quotes a multi-line value.
+    # One line even when the message quotes a multi-line value, and no control characters
+    # from a file's contents (a stray escape sequence could rewrite the terminal).
     text = " ".join(message.split("\n"))
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     try:
         print(f"lorank: error: {text}", file=sys.stderr, flush=True)
     except (OSError, ValueError):

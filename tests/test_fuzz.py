@@ -1,0 +1,617 @@
+"""Fuzzing the command line: "one line, never a traceback", for inputs nobody wrote by hand.
+
+Hypothesis mutates valid configs (as JSON, as TOML text and as ``--set`` values), a run's
+``model.json``, a checkpoint's ``state.json``, ``metrics.jsonl``, ``summary.json``,
+``sweep.json`` and whole argument lists, and runs each through the real ``lorank`` entry
+point in-process (:func:`lorank.cli.main`). Every example must:
+
+* exit 0, 1 or 2 (3 is lorank's own bug: the traceback file it names says where);
+* on 2, print exactly one ``lorank: error:`` line; never a ``Traceback``;
+* leave every file outside its own output directory unchanged: a finished reference run
+  (hashed before and after every example) and the example's own inputs.
+
+Mutated configs that still validate are clamped to a tiny run (at most 2 epochs of 256
+synthetic samples, layers of at most 64 units) so that an example takes a fraction of a
+second; out-of-range sizes are kept as they are, since they must be refused before anything
+is allocated.
+
+Examples per test: ``LORANK_FUZZ_EXAMPLES`` (default 15; the report test runs a quarter as many: a
+bounded CI run); e.g. ``LORANK_FUZZ_EXAMPLES=300 pytest tests/test_fuzz.py`` for a long run.
+With ``LORANK_FUZZ_LOG=FILE`` each test appends its count of examples and exit codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lorank.cli import main
+
+EXAMPLES = int(os.environ.get("LORANK_FUZZ_EXAMPLES", "15"))
+SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+OK = str(Path(__file__).parent / "bad_inputs" / "ok.toml")
+TINY = {
+    "data": {
+        "name": "synthetic",
+        "synthetic_train": 128,
+        "synthetic_test": 64,
+        "batch_size": 64,
+    },
+    "model": {"name": "mlp", "hidden": [8]},
+    "method": {"name": "dense"},
+    "optim": {"name": "adam", "lr": 1e-3},
+    "train": {"epochs": 1, "threads": 1},
+}
+# Keys a mutation sets, beside random ones: every section's settings that size or shape a run.
+KEYS = [
+    "data.name",
+    "data.batch_size",
+    "data.eval_batch_size",
+    "data.train_subset",
+    "data.test_subset",
+    "data.synthetic_train",
+    "data.synthetic_test",
+    "data.synthetic_shape",
+    "data.synthetic_classes",
+    "data.synthetic_seed",
+    "data.block_size",
+    "data.augment",
+    "data.dir",
+    "model.name",
+    "model.hidden",
+    "model.activation",
+    "model.dropout",
+    "model.width",
+    "method.name",
+    "method.rank",
+    "method.tolerance",
+    "method.adaptive",
+    "method.target_modules",
+    "method.exclude_modules",
+    "method.rank_pattern",
+    "method.r_min",
+    "optim.name",
+    "optim.lr",
+    "optim.betas",
+    "optim.momentum",
+    "optim.weight_decay",
+    "optim.schedule",
+    "optim.warmup_steps",
+    "optim.grad_clip",
+    "optim.gamma",
+    "train.epochs",
+    "train.seed",
+    "train.threads",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.nonfinite",
+    "train.device",
+    "sweep.grid",
+    "resumes",
+]
+METHODS = ["dense", "factorized", "svd", "dlrt", "oialr", "hybrid", "nnsvd", "pil", "bipil"]
+# For a mutated config that validates: the most an example may train.
+CLAMP = {
+    "train.epochs": 2,
+    "data.synthetic_train": 256,
+    "data.synthetic_test": 128,
+    "data.train_subset": 256,
+    "data.test_subset": 128,
+    "method.finetune_epochs": 1,
+    "method.search_samples": 64,
+}
+DEEP = "__DEEP__"
+
+# ---------------------------------------------------------------------- strategies
+
+weird_ints = st.sampled_from([0, -1, 1, 3, 2**31, 2**32, 2**63, 2**64, 10**12, 10**38, -(2**70)])
+weird_text = st.sampled_from(
+    ["", " ", "..", "/", "/etc/passwd", "é", "\x00", "(", "[a-", "*", "true", "1e400", "nan"]
+)
+scalar = st.one_of(
+    st.integers(-(2**70), 2**70),
+    weird_ints,
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=12),
+    weird_text,
+)
+value = st.one_of(
+    scalar,
+    st.lists(st.one_of(st.integers(-3, 300), scalar), max_size=4),
+    st.dictionaries(st.text(max_size=6), scalar, max_size=3),
+    st.just(DEEP),
+)
+
+
+def paths_of(obj: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every path into a JSON value (dict keys and list indices)."""
+    out = [prefix]
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += paths_of(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj[:50]):
+            out += paths_of(v, (*prefix, i))
+    return out
+
+
+def set_path(obj: Any, path: tuple, new: Any) -> Any:
+    if not path:
+        return new
+    node = obj
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = new
+    return obj
+
+
+@st.composite
+def mutated_json(draw, original: Any, max_ops: int = 3) -> bytes:
+    """``original`` with 1-3 mutations (replace, delete, add a key), serialised, then
+    possibly truncated, made non-UTF-8 or given a value nested thousands deep."""
+    obj = copy.deepcopy(original)
+    for _ in range(draw(st.integers(1, max_ops))):
+        paths = paths_of(obj)
+        path = draw(st.sampled_from(paths))
+        op = draw(st.sampled_from(["set", "set", "delete", "add"]))
+        if op == "set":
+            obj = set_path(obj, path, draw(value))
+        elif op == "delete" and path:
+            parent = obj
+            for part in path[:-1]:
+                parent = parent[part]
+            del parent[path[-1]]
+        else:
+            node = obj
+            for part in path:
+                node = node[part]
+            if isinstance(node, dict):
+                node[draw(st.text(max_size=8))] = draw(value)
+    text = json.dumps(obj, allow_nan=True)
+    depth = draw(st.sampled_from([3, 40, 3000]))
+    text = text.replace(json.dumps(DEEP), "[" * depth + "]" * depth)
+    data = text.encode()
+    damage = draw(st.sampled_from(["none", "none", "none", "truncate", "bytes"]))
+    if damage == "truncate":
+        data = data[: draw(st.integers(0, max(len(data) - 1, 0)))]
+    elif damage == "bytes":
+        at = draw(st.integers(0, len(data)))
+        data = data[:at] + b"\xff\xfe\x80" + data[at:]
+    return data
+
+
+# ---------------------------------------------------------------------- harness
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+class Harness:
+    """Runs examples against a finished reference run and checks the promises."""
+
+    def __init__(self, reference: Path, root: Path) -> None:
+        self.reference = reference
+        self.hashes = snapshot(reference)
+        self.root = root
+        self.codes: Counter[int] = Counter()
+        self.start = time.perf_counter()
+
+    def workdir(self) -> Path:
+        return Path(tempfile.mkdtemp(dir=self.root))
+
+    def copy_run(self, work: Path) -> Path:
+        run = work / "run"
+        shutil.copytree(self.reference, run)
+        return run
+
+    def run(self, argv: list[Any], protect: list[Path] = ()) -> tuple[int, str]:
+        before = {p: snapshot(p) if p.is_dir() else p.read_bytes() for p in protect}
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in argv])
+        text = err.getvalue()
+        self.codes[code] += 1
+        assert code in (0, 1, 2), f"exit {code} for {argv!r}:\n{text}"
+        assert "Traceback" not in text, f"traceback for {argv!r}:\n{text}"
+        errors = [line for line in text.splitlines() if line.startswith("lorank: error:")]
+        if code == 2:
+            assert len(errors) == 1, f"{len(errors)} error lines for {argv!r}:\n{text}"
+            others = [
+                line
+                for line in text.splitlines()
+                if line.strip()
+                and not line.startswith(("lorank: error:", "lorank: warning:"))
+                and not line.startswith("lorank: resuming")
+            ]
+            assert not others, f"extra output for {argv!r}:\n{text}"
+        if code == 0 and out.getvalue().strip() and argv[0] in ("eval", "train"):
+            json.loads(out.getvalue())  # strict JSON: no NaN
+        assert snapshot(self.reference) == self.hashes, f"reference run changed by {argv!r}"
+        for p, old in before.items():
+            now = snapshot(p) if p.is_dir() else p.read_bytes()
+            assert now == old, f"input {p} changed by {argv!r}"
+        return code, text
+
+    def log(self, name: str) -> None:
+        target = os.environ.get("LORANK_FUZZ_LOG")
+        if target:
+            elapsed = time.perf_counter() - self.start
+            with open(target, "a") as f:
+                f.write(
+                    f"{name}: {sum(self.codes.values())} examples in {elapsed:.1f} s, "
+                    f"exit codes {dict(sorted(self.codes.items()))}\n"
+                )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A finished 2-epoch run with checkpoints at epochs 1 and 2."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    argv = [
+        "train",
+        OK,
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "train.threads=1",
+        "--set",
+        "data.synthetic_train=128",
+        "--set",
+        "data.batch_size=64",
+    ]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.fixture
+def harness(reference, tmp_path, monkeypatch, request):
+    monkeypatch.setenv("LORANK_OFFLINE", "1")
+    monkeypatch.setenv("LORANK_DATA", str(tmp_path / "no-datasets"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # exit-3 traceback files
+    h = Harness(reference, tmp_path)
+    yield h
+    h.log(request.node.name)
+
+
+def clamp(raw: Any) -> Any:
+    """A config that validates is made tiny (see the module docstring); anything else is
+    left as the mutation made it."""
+    from lorank.errors import LorankError
+    from lorank.training.config import validate_config
+
+    if not isinstance(raw, dict):
+        return raw
+    try:
+        config = validate_config({k: v for k, v in raw.items() if k != "sweep"})
+    except (LorankError, RecursionError, TypeError, ValueError):
+        return raw
+    dumped = config.model_dump()
+    for key, cap in CLAMP.items():
+        section, name = key.split(".")
+        current = dumped.get(section, {}).get(name)
+        if isinstance(current, int) and current > cap:
+            raw.setdefault(section, {})[name] = cap
+    if config.data.name != "synthetic":
+        raw["data"]["name"] = "synthetic"  # real datasets: not in this sandbox, or slow
+    model = raw.get("model")
+    if isinstance(model, dict):
+        for k, v in list(model.items()):
+            if isinstance(v, int) and not isinstance(v, bool) and v > 64:
+                model[k] = 64
+            if isinstance(v, list):
+                model[k] = [min(x, 64) if isinstance(x, int) else x for x in v[:3]]
+    shape = raw["data"].get("synthetic_shape")
+    if isinstance(shape, list) and len(shape) > 0:
+        raw["data"]["synthetic_shape"] = [min(x, 8) if isinstance(x, int) else x for x in shape]
+    return raw
+
+
+@st.composite
+def config_json(draw) -> bytes:
+    raw = copy.deepcopy(TINY)
+    raw["method"]["name"] = draw(st.sampled_from(METHODS))
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.one_of(st.sampled_from(KEYS), st.text(max_size=10)))
+        parts = key.split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                break
+            node = child
+        else:
+            node[parts[-1]] = draw(value)
+    raw = clamp(raw)
+    text = json.dumps(raw, allow_nan=True)
+    depth = draw(st.sampled_from([3, 40, 3000]))
+    data = text.replace(json.dumps(DEEP), "[" * depth + "]" * depth).encode()
+    if draw(st.integers(0, 9)) == 0:
+        data = data[: draw(st.integers(0, len(data)))]
+    return data
+
+
+# ---------------------------------------------------------------------- the fuzz tests
+
+
+@SETTINGS
+@given(data=config_json())
+def test_fuzz_config_json(harness, data):
+    work = harness.workdir()
+    config = work / "config.json"
+    config.write_bytes(data)
+    harness.run(["train", config, "--out", work / "out", "--quiet"], protect=[config])
+
+
+@SETTINGS
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, 200), st.sampled_from(["del", "ins", "cut"]), st.text(max_size=4)),
+        min_size=1,
+        max_size=3,
+    ),
+    deep=st.sampled_from([0, 0, 50, 5000]),
+)
+def test_fuzz_config_toml_text(harness, edits, deep):
+    text = Path(OK).read_text() + "\n[optim]\nlr = 1e-3\n"
+    for at, op, chars in edits:
+        at = min(at, len(text))
+        if op == "del":
+            text = text[:at] + text[at + len(chars) + 1 :]
+        elif op == "ins":
+            text = text[:at] + chars + text[at:]
+        else:
+            text = text[:at]
+    if deep:
+        text += "\n[sweep]\nx = " + "[" * deep + "]" * deep + "\n"
+    work = harness.workdir()
+    config = work / "c.toml"
+    config.write_text(text)
+    harness.run(
+        [
+            "train",
+            config,
+            "--out",
+            work / "out",
+            "--quiet",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.threads=1",
+            "--set",
+            "data.name=synthetic",
+            "--set",
+            "data.synthetic_train=128",
+        ],
+        protect=[config],
+    )
+
+
+set_text = st.one_of(
+    st.text(max_size=20),
+    st.sampled_from(["1", "true", "[1,2]", "{a=1}", "nan", "inf", "-1", "1e400", "'x'", "[[[["]),
+    st.integers(0, 5000).map(lambda n: "[" * n + "]" * n),
+    st.integers().map(str),
+)
+
+
+@SETTINGS
+@given(
+    sets=st.lists(
+        st.tuples(st.one_of(st.sampled_from(KEYS), st.text(max_size=12)), set_text),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_fuzz_set_overrides(harness, sets):
+    work = harness.workdir()
+    argv: list[Any] = ["train", OK, "--out", work / "out", "--quiet"]
+    for key, text in sets:
+        argv += ["--set", f"{key}={text}"]
+    # Sizes a valid override may give are capped by later overrides (the last one wins).
+    argv += ["--set", "train.threads=1"]
+    raw: dict[str, Any] = {}
+    from lorank.errors import LorankError
+    from lorank.training.config import apply_override, validate_config
+
+    try:
+        for key, text in sets:
+            apply_override(raw, f"{key}={text}")
+        config = validate_config(raw)
+        if config.train.epochs > 2 or config.data.name != "synthetic":
+            argv += ["--set", "train.epochs=1", "--set", "data.name=synthetic"]
+        argv += ["--set", "data.synthetic_train=128", "--set", "data.synthetic_test=64"]
+        if config.model.name == "mlp" and any(h > 64 for h in config.model.hidden):
+            argv += ["--set", "model.hidden=[8]"]
+    except (LorankError, RecursionError, TypeError, ValueError):
+        pass
+    harness.run(argv)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_fuzz_model_json_eval_and_compress(harness, reference, data):
+    meta = json.loads((reference / "model.json").read_text())
+    work = harness.workdir()
+    run = harness.copy_run(work)
+    (run / "model.json").write_bytes(data.draw(mutated_json(meta)))
+    command = data.draw(st.sampled_from(["eval", "compress"]))
+    if command == "eval":
+        harness.run(["eval", run], protect=[run])
+    else:
+        harness.run(
+            ["compress", run, "--rule", "rank=2", "--out", work / "c", "--samples", "64"],
+            protect=[run],
+        )
+
+
+@SETTINGS
+@given(data=st.data())
+def test_fuzz_checkpoint_state_json_resume(harness, reference, data):
+    work = harness.workdir()
+    run = harness.copy_run(work)
+    newest = run / "checkpoints" / "epoch-0002"
+    state = json.loads((newest / "state.json").read_text())
+    which = data.draw(st.sampled_from(["state.json", "model.json", "metrics", "summary"]))
+    if which == "state.json":
+        (newest / "state.json").write_bytes(data.draw(mutated_json(state)))
+    elif which == "model.json":
+        meta = json.loads((newest / "model.json").read_text())
+        (newest / "model.json").write_bytes(data.draw(mutated_json(meta)))
+    elif which == "metrics":
+        text = (run / "metrics.jsonl").read_bytes()
+        cut = data.draw(st.integers(0, len(text)))
+        junk = data.draw(st.sampled_from([b"", b"garbage\n", b'{"epoch": "x"}\n', b"[1]\n"]))
+        (run / "metrics.jsonl").write_bytes(text[:cut] + junk)
+    else:
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_bytes(data.draw(mutated_json(summary)))
+    # The run "was killed" in epoch 2: resume it (a later epoch count trains one more).
+    extra = data.draw(st.sampled_from([[], ["--set", "train.epochs=3"]]))
+    harness.run(["train", "--resume", run, "--quiet", *extra])
+
+
+@settings(SETTINGS, max_examples=max(EXAMPLES // 4, 5))  # a report draws figures: slow
+@given(data=st.data())
+def test_fuzz_report_inputs(harness, reference, data):
+    work = harness.workdir()
+    run = harness.copy_run(work)
+    which = data.draw(st.sampled_from(["summary.json", "config.json", "metrics", "sweep.json"]))
+    if which == "sweep.json":
+        index = {
+            "format": "lorank-sweep/1",
+            "base": {},
+            "grid": {"optim.lr": [0.001]},
+            "seeds": [0],
+            "published": {"rows": [{"optim.lr": 0.001, "test_acc": 0.9}]},
+            "runs": [{"name": "run", "dir": "run", "status": "completed", "settings": {}}],
+        }
+        (work / "sweep.json").write_bytes(data.draw(mutated_json(index)))
+    elif which == "metrics":
+        text = (run / "metrics.jsonl").read_bytes()
+        at = data.draw(st.integers(0, len(text)))
+        (run / "metrics.jsonl").write_bytes(text[:at] + b'\n{"epoch": [1]}\n' + text[at:])
+    else:
+        original = json.loads((run / which).read_text())
+        (run / which).write_bytes(data.draw(mutated_json(original)))
+    harness.run(["report", work, "--out", work / "report"], protect=[run])
+
+
+tokens = st.sampled_from(
+    [
+        "train",
+        "eval",
+        "compress",
+        "sweep",
+        "report",
+        "compare",
+        "--set",
+        "--out",
+        "--overwrite",
+        "--resume",
+        "--quiet",
+        "--rule",
+        "--budget",
+        "--finetune-epochs",
+        "--samples",
+        "--precision",
+        "--damping",
+        "--seeds",
+        "--grid",
+        "--workers",
+        "--nproc",
+        "--epochs",
+        "--dataset",
+        "--allow-changes",
+        "--svd",
+        "--calibration",
+        "--title",
+        "rank=2",
+        "energy=2",
+        "loss-tolerance=0",
+        "nan",
+        "-1",
+        "0",
+        "1e20",
+        "10",
+        "0-99999999999",
+        "optim.lr=1,2",
+        "train.epochs=1",
+    ]
+)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_fuzz_argument_lists(harness, reference, data):
+    work = harness.workdir()
+    run = harness.copy_run(work)
+    places = {"RUN": run, "NEW": work / "new", "FILE": work / "f.txt", "OK": OK, "REF": reference}
+    (work / "f.txt").write_text("not a config")
+    words = data.draw(
+        st.lists(
+            st.one_of(tokens, st.sampled_from(list(places)), st.text(max_size=6)),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    argv = [places.get(w, w) for w in words]
+    # Only a run copy may be resumed or overwritten: the reference is an input here.
+    writes = {"--out", "--resume"}
+    for i, w in enumerate(argv[:-1]):
+        if w in writes and argv[i + 1] == reference:
+            argv[i + 1] = run
+    if argv and argv[0] in ("train", "sweep", "compare", "compress") and "--out" not in argv:
+        argv += ["--out", work / "out"]
+    argv += ["--quiet"] if argv and argv[0] in ("train", "compress", "sweep") else []
+    # Anything that would train for long is capped by the last --set (or refused first).
+    if argv and argv[0] == "train":
+        argv += [
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.threads=1",
+            "--set",
+            "data.name=synthetic",
+            "--set",
+            "data.synthetic_train=64",
+        ]
+    if argv and argv[0] in ("compare", "sweep"):
+        return  # many runs each; their options are fuzzed by the config tests above
+    if argv and argv[0] == "compress":
+        fine = "--finetune-epochs"
+        argv = [
+            a if not (i and argv[i - 1] == fine and a not in ("nan", "-1", "1e20")) else "1"
+            for i, a in enumerate(argv)
+        ]
+    harness.run(argv, protect=[reference, Path(OK)])
