@@ -521,9 +521,10 @@ def _load_huggingface(
                 return transformers.AutoModelForCausalLM.from_pretrained(path)
             except (OSError, ValueError):
                 return transformers.AutoModel.from_pretrained(path)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as e:
-            # An unknown model_type, a field of the wrong type, missing weights: one line
-            # naming what transformers refused, not its traceback.
+        except Exception as e:  # noqa: BLE001 - transformers' own error classes vary
+            # An unknown model_type, a field of the wrong type (huggingface_hub raises its
+            # own exception classes for those), missing weights: all are about the folder
+            # the user passed, so one line naming what transformers refused.
             first = " ".join(str(e).split())[:200]
             raise LorankError(
                 f"{path / 'config.json'}: transformers cannot build this model "
