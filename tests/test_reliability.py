@@ -465,3 +465,17 @@ def test_every_file_of_a_run_has_the_same_mode(finished):
         modes[str(path.relative_to(finished))] = (oct(mode), oct(expected))
     assert all(a == b for a, b in modes.values()), modes
     assert (finished / "checkpoints" / "epoch-0003" / "state.safetensors").exists()
+
+
+def test_a_diverged_fine_tune_inside_compress_is_kept_at_out(finished, tmp_path, capfd):
+    out = tmp_path / "c"
+    argv = ["compress", finished, "--rule", "rank=4", "--out", out, "--finetune-epochs", 2]
+    argv += ["--set", "optim.name=sgd", "--set", "optim.lr=1e12", "--quiet"]
+    code, _, err = cli(argv, capfd)
+    assert code == 1
+    line = one_error_line(err)
+    assert "diverged" in line and str(out) in line and ".tmp" not in line
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["diverged_epoch"] == 1
+    assert (out / "compress.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
