@@ -17,7 +17,14 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lorank.core.io import validation_message
 from lorank.errors import LorankError
@@ -65,6 +72,11 @@ class SummaryFile(_Lenient):
     train_time_s: Number | None = None
     diverged_epoch: Count | None = None
     diverged_step: Count | None = None
+    # lorank compress's figures, read by `lorank report`
+    params_eval_before: Count | None = None
+    params_eval_after: Count | None = None
+    test_acc_before: Number | None = None
+    test_acc_after: Number | None = None
 
 
 class MetricsRecord(_Lenient):
@@ -72,11 +84,25 @@ class MetricsRecord(_Lenient):
     train_loss: Number | None = None
     test_loss: Number | None = None
     test_acc: Number | None = None
+    test_ppl: Number | None = None
     params_eval: Count | None = None
     params_train: Count | None = None
     params_dense: Count | None = None
     ranks: dict[str, Count] | None = None
+    orth_error: dict[str, Number | None] | None = None
     time_s: Number | None = None
+    epoch_time_s: Number | None = None
+    lr: Number | None = None
+
+    @model_validator(mode="after")
+    def _loss_terms_are_numbers(self) -> MetricsRecord:
+        # Every loss_* term is averaged and plotted like train_loss.
+        for key, value in (self.model_extra or {}).items():
+            if key.startswith("loss_") and not (
+                value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+            ):
+                raise ValueError(f"{key} must be a number")
+        return self
 
 
 class SweepEntry(_Lenient):

@@ -254,11 +254,14 @@ def final_spectra(run: RunData) -> dict[str, list[float]]:
     out = {}
     with torch.no_grad():
         for name, module in model.named_modules():
-            if isinstance(module, LowRankLayer):
-                sigma = module.singular_values()
-            elif isinstance(module, nn.Linear | nn.Conv2d):
-                sigma = torch.linalg.svdvals(module.weight.detach().flatten(1).double())
-            else:
+            try:
+                if isinstance(module, LowRankLayer):
+                    sigma = module.singular_values()
+                elif isinstance(module, nn.Linear | nn.Conv2d):
+                    sigma = torch.linalg.svdvals(module.weight.detach().flatten(1).double())
+                else:
+                    continue
+            except RuntimeError:  # NaN/inf weights (a tampered or diverged model): no SVD
                 continue
             out[name] = [float(s) for s in sigma]
     return out
