@@ -145,6 +145,56 @@ value = st.one_of(
 )
 
 
+# Values a user might plausibly write for each key: mutations built from these mostly
+# validate, so the examples also train (every method, odd but valid settings) rather than
+# only fail validation. A quarter of the mutations use the weird values above instead.
+floats01 = st.floats(0, 1)
+PLAUSIBLE = {
+    "data.batch_size": st.integers(1, 128),
+    "data.eval_batch_size": st.integers(1, 128),
+    "data.train_subset": st.integers(1, 300),
+    "data.test_subset": st.integers(1, 200),
+    "data.synthetic_train": st.integers(1, 300),
+    "data.synthetic_test": st.integers(1, 200),
+    "data.synthetic_shape": st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    "data.synthetic_classes": st.integers(2, 12),
+    "data.synthetic_seed": st.integers(0, 2**32 - 1),
+    "data.block_size": st.integers(2, 64),
+    "data.augment": st.booleans(),
+    "model.name": st.sampled_from(["mlp", "lenet5", "vit", "vgg", "resnet20"]),
+    "model.hidden": st.lists(st.integers(1, 32), max_size=3),
+    "model.activation": st.sampled_from(["relu", "tanh", "gelu", "swish"]),
+    "model.dropout": st.floats(0, 0.99),
+    "method.name": st.sampled_from(METHODS),
+    "method.rank": st.one_of(st.integers(1, 16), st.floats(0.01, 1)),
+    "method.tolerance": floats01,
+    "method.adaptive": st.booleans(),
+    "method.target_modules": st.one_of(
+        st.sampled_from(["layers.0", "layers\\.\\d+", ".*", "(", "[a-", "nothing"]),
+        st.lists(st.sampled_from(["layers.0", "layers.2", "head"]), max_size=2),
+    ),
+    "method.exclude_modules": st.sampled_from(["layers.0", "*", ".*"]),
+    "method.rank_pattern": st.dictionaries(st.sampled_from(["layers.0", "x"]), st.integers(1, 8)),
+    "method.r_min": st.integers(1, 8),
+    "optim.name": st.sampled_from(["sgd", "adam", "adamw"]),
+    "optim.lr": st.floats(1e-6, 10),
+    "optim.betas": st.lists(st.floats(0, 0.999), min_size=2, max_size=2),
+    "optim.momentum": st.floats(0, 0.99),
+    "optim.weight_decay": st.floats(0, 1),
+    "optim.schedule": st.sampled_from(["constant", "step", "cosine"]),
+    "optim.warmup_steps": st.integers(0, 10),
+    "optim.grad_clip": st.floats(0.01, 10),
+    "optim.gamma": st.floats(0.01, 1),
+    "train.epochs": st.integers(0, 2),
+    "train.seed": st.integers(0, 2**32 - 1),
+    "train.eval_every": st.integers(1, 3),
+    "train.checkpoint_every": st.integers(0, 2),
+    "train.keep_checkpoints": st.integers(1, 3),
+    "train.nonfinite": st.sampled_from(["skip", "stop"]),
+    "train.device": st.sampled_from(["cpu", "auto"]),
+}
+
+
 def paths_of(obj: Any, prefix: tuple = ()) -> list[tuple]:
     """Every path into a JSON value (dict keys and list indices)."""
     out = [prefix]
@@ -342,7 +392,9 @@ def config_json(draw) -> bytes:
     raw = copy.deepcopy(TINY)
     raw["method"]["name"] = draw(st.sampled_from(METHODS))
     for _ in range(draw(st.integers(1, 3))):
-        key = draw(st.one_of(st.sampled_from(KEYS), st.text(max_size=10)))
+        # Mostly known keys (a random name only tests the unknown-key message).
+        random_key = draw(st.integers(0, 4)) == 4
+        key = draw(st.text(max_size=10)) if random_key else draw(st.sampled_from(KEYS))
         parts = key.split(".")
         node = raw
         for part in parts[:-1]:
@@ -351,12 +403,13 @@ def config_json(draw) -> bytes:
                 break
             node = child
         else:
-            node[parts[-1]] = draw(value)
+            weird = key not in PLAUSIBLE or draw(st.sampled_from([False, False, False, True]))
+            node[parts[-1]] = draw(value) if weird else draw(PLAUSIBLE[key])
     raw = clamp(raw)
     text = json.dumps(raw, allow_nan=True)
     depth = draw(st.sampled_from([3, 40, 3000]))
     data = text.replace(json.dumps(DEEP), "[" * depth + "]" * depth).encode()
-    if draw(st.integers(0, 9)) == 0:
+    if draw(st.sampled_from([False] * 9 + [True])):  # sometimes torn mid-write
         data = data[: draw(st.integers(0, len(data)))]
     return data
 
