@@ -13,6 +13,7 @@ change ranks replace parameters and so change the optimizer's parameter order.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -112,6 +113,43 @@ def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[
     return {"param_groups": groups, "state": state}
 
 
+def check_like(live: Any, saved: Any, where: str) -> None:
+    """Raise :class:`LorankError` unless ``saved`` (read from a checkpoint) has the structure
+    and kinds of ``live`` (what this run's own object holds): the same keys, list lengths,
+    and finite, non-negative numbers where it has numbers. torch would otherwise accept a
+    tampered value and fail, or silently misbehave, steps later."""
+
+    def bad(what: str) -> LorankError:
+        return LorankError(
+            f"checkpoint {where}: {what}; the checkpoint is corrupt or from another config"
+        )
+
+    if isinstance(live, bool) or live is None:
+        if not (saved is None or isinstance(saved, bool)):
+            raise bad(f"{saved!r} should be true, false or null")
+    elif isinstance(live, int | float):
+        if isinstance(saved, bool) or not isinstance(saved, int | float):
+            raise bad(f"{str(saved)[:40]!r} should be a number")
+        if not (math.isfinite(saved) and -1 <= saved <= 2**62):
+            raise bad(f"{saved!r} is not a finite number >= 0")
+    elif isinstance(live, str):
+        if not isinstance(saved, str):
+            raise bad(f"{str(saved)[:40]!r} should be a string")
+    elif isinstance(live, dict):
+        if not isinstance(saved, dict) or set(saved) != set(live):
+            raise bad("a table has other keys than this run's")
+        for key, value in live.items():
+            check_like(value, saved[key], f"{where}.{key}")
+    elif isinstance(live, list | tuple):
+        if not isinstance(saved, list | tuple) or len(saved) != len(live):
+            raise bad(f"should be a list of {len(live)}")
+        for i, (a, b) in enumerate(zip(live, saved, strict=True)):
+            check_like(a, b, f"{where}[{i}]")
+    elif isinstance(live, Tensor):
+        if not isinstance(saved, Tensor) or saved.dtype != live.dtype:
+            raise bad(f"should be a {live.dtype} tensor")
+
+
 def load_optimizer_state(
     optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict[str, Any]
 ) -> None:
@@ -124,7 +162,16 @@ def load_optimizer_state(
         )
     device = next(model.parameters()).device
     optimizer.state.clear()
-    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+    for i, (group, saved_group) in enumerate(
+        zip(optimizer.param_groups, saved["param_groups"], strict=True)
+    ):
+        # Settings both know (another torch version may add or drop one).
+        live = {k: v for k, v in group.items() if k != "params" and k in saved_group}
+        check_like(live, {k: saved_group[k] for k in live}, f"optimizer group {i}")
+        if "betas" in live and not all(0 <= b < 1 for b in saved_group["betas"]):
+            raise LorankError(
+                f"checkpoint optimizer group {i}: betas {saved_group['betas']} are not in [0, 1)"
+            )
         for key, value in saved_group.items():
             if key != "params":
                 group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
@@ -319,6 +366,7 @@ def apply_training_state(
     them (another config, a hand-edited file) is a one-line error, not a traceback."""
     try:
         load_optimizer_state(optimizer, model, state["optimizer"])
+        check_like(scheduler.state_dict(), state["scheduler"], "LR schedule")
         scheduler.load_state_dict(state["scheduler"])
         method.load_state_dict(state["method"])
         set_rng_state(state["rng"], data_generator)
