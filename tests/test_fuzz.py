@@ -622,6 +622,78 @@ tokens = st.sampled_from(
         "train.epochs=1",
     ]
 )
+number = st.one_of(
+    st.sampled_from(["0", "1", "2", "0.5", "0.01", "64", "-1", "nan", "inf", "1e20", "x", ""]),
+    st.integers(-5, 300).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(str),
+)
+rule = st.one_of(
+    st.sampled_from(
+        [
+            "rank=2",
+            "rank=0",
+            "rank=999",
+            "fraction=0.5",
+            "tolerance=0.1",
+            "energy=0.01",
+            "stable-rank",
+            "delta=0.1",
+            "cutoff=0.5",
+            "abs-tolerance=1e-3",
+            "loss-tolerance=0.05",
+            "loss-tolerance=nan",
+            "energy=2",
+            "rank=",
+            "=",
+            "rank=two",
+        ]
+    ),
+    st.text(max_size=12),
+)
+COMPRESS_OPTIONS = {
+    "--rule": rule,
+    "--budget": number,
+    "--loss-tolerance": number,
+    "--samples": number,
+    "--precision": number,
+    "--calibration": number,
+    "--damping": number,
+    "--finetune-epochs": st.sampled_from(["0", "1", "-1", "1e20", str(10**20), "x"]),
+    "--svd": st.sampled_from(["plain", "activation", "svd", ""]),
+    "--allocation": st.sampled_from(["uniform", "greedy", "random"]),
+}
+
+
+@st.composite
+def command_line(draw, places: dict[str, Any]) -> list[Any]:
+    """A plausible command: a real command and real paths, with fuzzed option values."""
+    place = st.sampled_from(list(places))
+    command = draw(st.sampled_from(["eval", "compress", "train", "resume", "report"]))
+    if command == "eval":
+        argv = ["eval", places[draw(place)]]
+        if draw(st.booleans()):
+            argv += ["--config", places[draw(place)]]
+    elif command == "compress":
+        argv = ["compress", places[draw(place)], "--out", places[draw(place)], "--quiet"]
+        for option in draw(st.lists(st.sampled_from(list(COMPRESS_OPTIONS)), max_size=4)):
+            argv += [option, draw(COMPRESS_OPTIONS[option])]
+        if draw(st.booleans()):
+            argv.append("--overwrite")
+    elif command == "train":
+        argv = ["train", places[draw(place)], "--out", places[draw(place)], "--quiet"]
+        if draw(st.booleans()):
+            argv.append("--overwrite")
+        for key in draw(st.lists(st.sampled_from(KEYS), max_size=2)):
+            argv += ["--set", f"{key}={draw(number)}"]
+    elif command == "resume":
+        argv = ["train", "--resume", places[draw(place)], "--quiet"]
+        for key in draw(st.lists(st.sampled_from(KEYS), max_size=2)):
+            argv += ["--set", f"{key}={draw(number)}"]
+        if draw(st.booleans()):
+            argv.append("--allow-changes")
+    else:
+        argv = ["report", places[draw(place)], "--out", places[draw(place)]]
+    return argv
 
 
 @SETTINGS
@@ -629,42 +701,45 @@ tokens = st.sampled_from(
 def test_fuzz_argument_lists(harness, reference, data):
     work = harness.workdir()
     run = harness.copy_run(work)
-    places = {"RUN": run, "NEW": work / "new", "FILE": work / "f.txt", "OK": OK, "REF": reference}
+    places = {
+        "RUN": run,
+        "NEW": work / "new",
+        "FILE": work / "f.txt",
+        "OK": OK,
+        "REF": reference,
+        "RUN-CONFIG": run / "config.json",
+        "SUB": run / "sub",
+        "PARENT": work,
+    }
     (work / "f.txt").write_text("not a config")
-    words = data.draw(
-        st.lists(
-            st.one_of(tokens, st.sampled_from(list(places)), st.text(max_size=6)),
-            min_size=1,
-            max_size=8,
+    if data.draw(st.sampled_from([False, False, True])):  # sometimes a soup of tokens
+        words = data.draw(
+            st.lists(
+                st.one_of(tokens, st.sampled_from(list(places)), st.text(max_size=6)),
+                min_size=1,
+                max_size=8,
+            )
         )
-    )
-    argv = [places.get(w, w) for w in words]
-    # Only a run copy may be resumed or overwritten: the reference is an input here.
+        argv = [places.get(w, w) for w in words]
+    else:
+        argv = data.draw(command_line(places))
+    # The reference run is an input only: nothing may resume it or write into it.
     writes = {"--out", "--resume"}
     for i, w in enumerate(argv[:-1]):
         if w in writes and argv[i + 1] == reference:
             argv[i + 1] = run
-    if argv and argv[0] in ("train", "sweep", "compare", "compress") and "--out" not in argv:
-        argv += ["--out", work / "out"]
-    argv += ["--quiet"] if argv and argv[0] in ("train", "compress", "sweep") else []
-    # Anything that would train for long is capped by the last --set (or refused first).
-    if argv and argv[0] == "train":
-        argv += [
-            "--set",
-            "train.epochs=1",
-            "--set",
-            "train.threads=1",
-            "--set",
-            "data.name=synthetic",
-            "--set",
-            "data.synthetic_train=64",
-        ]
     if argv and argv[0] in ("compare", "sweep"):
         return  # many runs each; their options are fuzzed by the config tests above
+    if argv and argv[0] in ("train", "compress") and "--out" not in argv and "--resume" not in argv:
+        argv += ["--out", work / "out"]
+    # Anything that would train for long is capped by the last --set (or refused first).
+    if argv and argv[0] == "train":
+        argv += ["--set", "train.epochs=1", "--set", "train.threads=1"]
+        if "--resume" not in argv:
+            argv += ["--set", "data.name=synthetic", "--set", "data.synthetic_train=64"]
     if argv and argv[0] == "compress":
-        fine = "--finetune-epochs"
         argv = [
-            a if not (i and argv[i - 1] == fine and a not in ("nan", "-1", "1e20")) else "1"
+            "1" if i and argv[i - 1] == "--finetune-epochs" and a in ("0", "1") else a
             for i, a in enumerate(argv)
         ]
     harness.run(argv, protect=[reference, Path(OK)])
