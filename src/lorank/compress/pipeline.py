@@ -756,7 +756,13 @@ def load_huggingface_compressed(path: str | Path) -> nn.Module:
             "install the version that wrote the model"
         )
     with _quiet_transformers(transformers):
-        model = cls(cls.config_class.from_dict(hf["config"]))
+        try:
+            model = cls(cls.config_class.from_dict(hf["config"]))
+        except Exception as e:  # noqa: BLE001 - transformers' error classes vary
+            raise LorankError(
+                f"{stem}.json: transformers cannot build {hf['class']} from the stored config "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+            ) from None
     return load(stem, model).eval()
 
 

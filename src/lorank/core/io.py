@@ -174,6 +174,15 @@ class DataInfoSpec(BaseModel):
     test_size: Annotated[int, Field(ge=0, le=2**40, strict=True)]
 
 
+class HuggingFaceInfo(BaseModel):
+    """``huggingface``: the transformers class and config a compressed model is rebuilt from."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    class_: Annotated[str, Field(alias="class", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,100}$")]
+    config: dict[str, Any]
+
+
 class ModelFile(BaseModel):
     """The schema of ``model.json`` (format ``lorank-model/1``); unknown top-level keys are
     allowed (callers store their own metadata), the ones lorank reads are checked."""
@@ -189,7 +198,7 @@ class ModelFile(BaseModel):
     model: dict[str, Any] | None = None
     data_info: DataInfoSpec | None = None
     method: str | None = None
-    huggingface: dict[str, Any] | None = None
+    huggingface: HuggingFaceInfo | None = None
 
 
 def _default_file_mode() -> int:
