@@ -478,14 +478,18 @@ set_text = st.one_of(
 )
 
 
+@st.composite
+def set_item(draw) -> tuple[str, str]:
+    """``(key, value text)`` of one ``--set``: mostly a known key with a plausible value
+    written as TOML, else anything."""
+    if draw(st.sampled_from([False, False, True])):
+        return draw(st.one_of(st.sampled_from(KEYS), st.text(max_size=12))), draw(set_text)
+    key = draw(st.sampled_from(sorted(PLAUSIBLE)))
+    return key, json.dumps(draw(PLAUSIBLE[key]))  # JSON scalars and lists are TOML too
+
+
 @SETTINGS
-@given(
-    sets=st.lists(
-        st.tuples(st.one_of(st.sampled_from(KEYS), st.text(max_size=12)), set_text),
-        min_size=1,
-        max_size=3,
-    )
-)
+@given(sets=st.lists(set_item(), min_size=1, max_size=3))
 def test_fuzz_set_overrides(harness, sets):
     work = harness.workdir()
     argv: list[Any] = ["train", OK, "--out", work / "out", "--quiet"]
