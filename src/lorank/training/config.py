@@ -23,7 +23,7 @@ from lorank.methods import AnyMethodConfig
 from lorank.methods.dense import DenseConfig
 from lorank.models import MLPConfig, ModelConfig
 from lorank.training.rundir import CONFIG, flat_config
-from lorank.training.schemas import MAX_EPOCHS
+from lorank.training.schemas import CONFIG_FORMAT, MAX_EPOCHS
 
 # Bounds on every number that sizes memory or time, checked before anything is allocated
 # or written: beyond them a value is a typo (an extra zero, a seed of 2**64), not a plan.
@@ -158,6 +158,13 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
     raw = dict(raw)
     if isinstance(raw.get("resumes"), list):
         raw.pop("resumes")
+    if "format" in raw:  # a run's config.json (a TOML config has no format)
+        if raw["format"] != CONFIG_FORMAT:
+            raise LorankError(
+                f"config error: format {str(raw['format'])[:40]!r} is not {CONFIG_FORMAT!r}; "
+                "the file was written by another lorank version, or is not a lorank config"
+            )
+        raw.pop("format")
     for section, default in SECTION_DEFAULT_NAMES.items():
         if isinstance(raw.get(section), dict) and "name" not in raw[section]:
             raw[section] = {"name": default, **raw[section]}

@@ -34,7 +34,7 @@ from lorank.core.io import (
     read_json_file,
 )
 from lorank.errors import LorankError, TrainingDiverged
-from lorank.training.schemas import SUMMARY_FORMAT
+from lorank.training.schemas import CONFIG_FORMAT, SUMMARY_FORMAT
 
 CONFIG = "config.json"
 ENV = "env.json"
@@ -277,8 +277,11 @@ class Run:
         self.records: list[dict[str, Any]] = []
 
     def write_json(self, name: str, obj: Any) -> None:
-        if name == SUMMARY:  # every summary.json carries its format version
+        # summary.json and config.json carry their format version
+        if name == SUMMARY:
             obj = {"format": SUMMARY_FORMAT, **obj}
+        elif name == CONFIG:
+            obj = {"format": CONFIG_FORMAT, **obj}
         atomic_write_json(self.path / name, obj)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -430,7 +433,8 @@ def write_resume(run_dir: Path, config: Any, entry: dict[str, Any]) -> None:
     resumes = raw.get("resumes", []) if isinstance(raw, dict) else []
     resumes = resumes if isinstance(resumes, list) else []
     atomic_write_json(
-        run_dir / CONFIG, config.model_dump(mode="json") | {"resumes": [*resumes, entry]}
+        run_dir / CONFIG,
+        {"format": CONFIG_FORMAT} | config.model_dump(mode="json") | {"resumes": [*resumes, entry]},
     )
 
 

@@ -1,7 +1,7 @@
 """Schemas of the run-directory files lorank reads back: ``summary.json``, each record of
 ``metrics.jsonl``, a checkpoint's ``state.json`` (after its tensors are joined back in) and a
-sweep's ``sweep.json``. (``config.json`` is :class:`lorank.training.config.RunConfig`;
-``model.json`` is :class:`lorank.core.io.ModelFile`.)
+sweep's ``sweep.json``. (``config.json`` is :class:`lorank.training.config.RunConfig` plus its
+``format`` and ``resumes``; ``model.json`` is :class:`lorank.core.io.ModelFile`.)
 
 Every file a user can edit, a crash can tear or another program can replace is validated
 here before any value in it is used, so a bad file is one line naming the file, the field
@@ -30,6 +30,7 @@ from lorank.core.io import validation_message
 from lorank.errors import LorankError
 
 SUMMARY_FORMAT = "lorank-summary/1"
+CONFIG_FORMAT = "lorank-config/1"
 CHECKPOINT_FORMAT = "lorank-checkpoint/1"
 SWEEP_FORMAT = "lorank-sweep/1"
 

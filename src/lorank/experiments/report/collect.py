@@ -92,7 +92,8 @@ def load_run(path: Path) -> RunData | None:
         validate_config(config)
     except LorankError as e:
         raise LorankError(f"{path / CONFIG}: {e}; {fix}") from None
-    config = {k: v for k, v in config.items() if k != "resumes"}  # history, not a setting
+    # The run's history and the file's version are not settings to group runs by.
+    config = {k: v for k, v in config.items() if k not in ("resumes", "format")}
     summary = read_summary(path) if (path / SUMMARY).exists() else {}
     records = read_records(path / METRICS)
     compress = read_json(path / "compress.json")
