@@ -45,7 +45,8 @@ class _OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"lorank: error: {message} (see `{self.prog} --help`)\n")
+        text = f"lorank: error: {message} (see `{self.prog} --help`)"
+        self.exit(2, _printable(text) + "\n")
 
 
 def _add_set_option(parser: argparse.ArgumentParser, help: str) -> None:
@@ -498,14 +499,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _error_line(message: str) -> None:
-    # One line even when the message quotes a multi-line value, and no control characters
-    # from a file's contents (a stray escape sequence could rewrite the terminal).
-    text = " ".join(message.split("\n"))
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     try:
-        print(f"lorank: error: {text}", file=sys.stderr, flush=True)
+        print(_printable(f"lorank: error: {message}"), file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass  # stderr itself is gone: nothing more can be said
+
+
+def _printable(text: str) -> str:
+    """One line even when the message quotes a multi-line value, and no control characters
+    from a file's contents (a stray escape sequence could rewrite the terminal)."""
+    text = " ".join(text.split("\n"))
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _silence_stdout() -> None:
