@@ -182,7 +182,20 @@ def load_optimizer_state(
                 f"checkpoint optimizer refers to parameter {e} that the rebuilt "
                 "model lacks; the checkpoint does not match this config"
             ) from None
+    expected = _state_keys(optimizer)
     for name, state in saved["state"].items():
+        if state and expected is not None and set(state) != expected:
+            raise LorankError(
+                f"checkpoint optimizer state of {name!r} has the entries {sorted(state)}, not "
+                f"{sorted(expected)} as {type(optimizer).__name__} keeps; the checkpoint is "
+                "corrupt or from another optimizer"
+            )
+        step = state.get("step")
+        if step is not None and not (
+            (isinstance(step, Tensor) and step.numel() == 1 and bool(torch.isfinite(step).all()))
+            or (isinstance(step, int | float) and not isinstance(step, bool) and step >= 0)
+        ):
+            raise LorankError(f"checkpoint optimizer state {name}.step is not a step count")
         if name not in params:
             raise LorankError(
                 f"checkpoint optimizer state names parameter {name!r} that the rebuilt model "
@@ -201,6 +214,27 @@ def load_optimizer_state(
             k: v.to(device, copy=True) if isinstance(v, Tensor) and v.dim() > 0 else v
             for k, v in state.items()
         }
+
+
+def _state_keys(optimizer: torch.optim.Optimizer) -> set[str] | None:
+    """The per-parameter state entries ``optimizer`` keeps (e.g. Adam: step, exp_avg,
+    exp_avg_sq), found by one step of the same optimizer, with the same settings, on a
+    one-element probe; None if it cannot be built that way."""
+    import inspect
+
+    cls = type(optimizer)
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    settings = {
+        k: v for k, v in optimizer.param_groups[0].items() if k != "params" and k in accepted
+    }
+    probe = nn.Parameter(torch.zeros(1))
+    try:
+        probe_optimizer = cls([probe], **settings)
+        probe.grad = torch.zeros(1)
+        probe_optimizer.step()
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return set(probe_optimizer.state[probe])
 
 
 def rng_state(data_generator: torch.Generator) -> dict[str, Any]:
