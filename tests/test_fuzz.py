@@ -343,6 +343,39 @@ def reference(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def method_runs(tmp_path_factory):
+    """Finished 2-epoch runs of methods with their own checkpoint state (counters, ranks,
+    bases), besides the dense reference."""
+    runs = {}
+    for name, sets in {
+        "dlrt": ["method.name=dlrt", "method.adaptive=true"],
+        "oialr": ["method.name=oialr", "method.delay=2", "method.frequency=1"],
+        "svd": ["method.name=svd"],
+    }.items():
+        out = tmp_path_factory.mktemp(name) / "run"
+        argv = [
+            "train",
+            OK,
+            "--out",
+            str(out),
+            "--quiet",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "train.threads=1",
+            "--set",
+            "data.synthetic_train=128",
+            "--set",
+            "data.batch_size=64",
+        ]
+        for item in sets:
+            argv += ["--set", item]
+        assert main(argv) == 0, name
+        runs[name] = out
+    return runs
+
+
 @pytest.fixture
 def harness(reference, tmp_path, monkeypatch, request):
     monkeypatch.setenv("LORANK_OFFLINE", "1")
@@ -534,9 +567,14 @@ def test_fuzz_model_json_eval_and_compress(harness, reference, data):
 
 @SETTINGS
 @given(data=st.data())
-def test_fuzz_checkpoint_state_json_resume(harness, reference, data):
+def test_fuzz_checkpoint_state_json_resume(harness, reference, method_runs, data):
     work = harness.workdir()
-    run = harness.copy_run(work)
+    method = data.draw(st.sampled_from(["dense", *method_runs]))
+    if method == "dense":
+        run = harness.copy_run(work)
+    else:
+        run = work / "run"
+        shutil.copytree(method_runs[method], run)
     newest = run / "checkpoints" / "epoch-0002"
     state = json.loads((newest / "state.json").read_text())
     which = data.draw(st.sampled_from(["state.json", "model.json", "metrics", "summary"]))
