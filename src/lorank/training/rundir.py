@@ -142,8 +142,6 @@ def check_output_dir(
             raise LorankError(
                 f"{option} {out} is inside the input {item}; choose an {option} outside it"
             )
-    if out.is_symlink():
-        raise LorankError(f"{option} {out} is a symbolic link; pass the directory it points to")
     if out.exists():
         if not out.is_dir():
             raise LorankError(
