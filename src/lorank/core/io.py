@@ -108,7 +108,9 @@ _Pair = Annotated[
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Other keys are allowed: a layer subclass may describe itself further (nn-svd's
+    # symmetric layers add ``symmetric``), and :func:`layer_from_spec` reads only these.
+    model_config = ConfigDict(extra="allow")
 
     rank: Annotated[int, Field(ge=1, le=MAX_FEATURES, strict=True)]
     core: Literal["full", "diag", "none"]
