@@ -121,11 +121,120 @@ def _bad_checkpoint(tmp_path: Path, earlier_run: Path, damage: str) -> Path:
     return ckpt
 
 
+def _nan_weights(tmp_path: Path, earlier_run: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(earlier_run, run)
+    state = load_file(run / "model.safetensors")
+    key = next(iter(state))
+    state[key] = state[key] * float("nan")
+    save_file(state, run / "model.safetensors")
+    return run
+
+
 def _gzip_not_idx(tmp_path: Path) -> Path:
     root = _fashion_copy(tmp_path, "none")
     target = root / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz"
     target.write_bytes(gzip.compress(b"hello"))
     return root
+
+
+def _bad_model_json(tmp_path: Path, earlier_run: Path, damage: str) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(earlier_run, run)
+    meta = json.loads((run / "model.json").read_text())
+    if damage == "layer-missing-keys":
+        meta["low_rank_layers"] = {"layers.0": {"type": "linear", "rank": 2}}
+    elif damage == "layers-as-list":
+        meta["low_rank_layers"] = ["layers.0"]
+    elif damage == "in-features-string":
+        meta["low_rank_layers"] = {
+            "layers.0": {
+                "type": "linear",
+                "in_features": "twenty",
+                "out_features": 16,
+                "rank": 2,
+                "core": "diag",
+                "bias": True,
+                "frozen": [],
+            }
+        }
+    elif damage == "frozen-dunder":
+        meta["low_rank_layers"] = {
+            "layers.0": {
+                "type": "linear",
+                "in_features": 20,
+                "out_features": 16,
+                "rank": 2,
+                "core": "diag",
+                "bias": True,
+                "frozen": ["__class__"],
+            }
+        }
+    elif damage == "data-info-extra":
+        meta["data_info"]["surprise"] = 1
+    elif damage == "negative-classes":
+        meta["data_info"]["num_classes"] = -1
+    (run / "model.json").write_text(json.dumps(meta))
+    return run
+
+
+def _damaged_run(tmp_path: Path, earlier_run: Path, damage: str) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(earlier_run, run)
+    checkpoint = run / "checkpoints" / "epoch-0001"
+    if damage == "state-empty":
+        (checkpoint / "state.json").write_text("{}")
+    elif damage == "state-epoch-negative":
+        state = json.loads((checkpoint / "state.json").read_text())
+        for pair in state["__dict__"]:
+            if pair[0] == "epoch":
+                pair[1] = -3
+        (checkpoint / "state.json").write_text(json.dumps(state))
+    elif damage == "state-rng-wrong-type":
+        state = json.loads((checkpoint / "state.json").read_text())
+        for pair in state["__dict__"]:
+            if pair[0] == "rng":
+                for entry in pair[1]["__dict__"]:
+                    if entry[0] == "python":
+                        entry[1] = "not a state"
+        (checkpoint / "state.json").write_text(json.dumps(state))
+    elif damage == "state-missing-tensor":
+        text = (checkpoint / "state.json").read_text()
+        (checkpoint / "state.json").write_text(
+            text.replace('"__tensor__": "t0"', '"__tensor__": "t999"')
+        )
+    elif damage == "summary-a-list":
+        (run / "summary.json").write_text("[]")
+    elif damage == "summary-bad-status":
+        (run / "summary.json").write_text(json.dumps({"status": "finished?"}))
+    elif damage == "config-not-utf8":
+        (run / "config.json").write_bytes(b"\xff\xfe{}")
+    elif damage == "sweep-json-a-string":
+        (tmp_path / "sweep.json").write_text('"hello"')
+        return tmp_path
+    return run
+
+
+def _hf_dir(tmp_path: Path, config: str) -> Path:
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(config)
+    return folder
+
+
+def _user_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    return folder
+
+
+def _a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a-file"
+    path.write_text("x")
+    return path
 
 
 OK = str(HERE / "ok.toml")
@@ -305,6 +414,161 @@ CASES = [
         "eval-wrong-shape",
         lambda t, e: ["eval", _bad_checkpoint(t, e, "wrong-shape")],
         "does not fit this model",
+        2,
+    ),
+    # Files lorank reads, validated by their schemas (issue 18).
+    *[
+        (
+            f"model-json-{damage}",
+            lambda t, e, d=damage: ["eval", _bad_model_json(t, e, d)],
+            message,
+            2,
+        )
+        for damage, message in [
+            ("layer-missing-keys", "field low_rank_layers.layers.0.linear.core: Field required"),
+            ("layers-as-list", "field low_rank_layers: Input should be a valid dictionary"),
+            ("in-features-string", "in_features: Input should be a valid integer"),
+            ("frozen-dunder", "frozen.0: Input should be 'U', 'S', 'V' or 'bias'"),
+            ("data-info-extra", "field data_info.surprise: Extra inputs are not permitted"),
+            ("negative-classes", "data_info.num_classes: Input should be greater than or equal"),
+        ]
+    ],
+    *[
+        (
+            f"resume-{damage}",
+            lambda t, e, d=damage: ["train", "--resume", _damaged_run(t, e, d), "--quiet"],
+            message,
+            2,
+        )
+        for damage, message in [
+            ("state-empty", "field epoch: Field required"),
+            ("state-epoch-negative", "field epoch: Input should be greater than or equal to 1"),
+            ("state-rng-wrong-type", "rng.python is not a Python random state"),
+            ("state-missing-tensor", "refers to tensor 't999' that state.safetensors lacks"),
+        ]
+    ],
+    (
+        "resume-changes-the-data",
+        lambda t, e: [
+            "train",
+            "--resume",
+            _damaged_run(t, e, "none"),
+            "--quiet",
+            "--set",
+            "data.synthetic_train=4096",
+        ],
+        "pass --allow-changes",
+        2,
+    ),
+    (
+        "report-summary-a-list",
+        lambda t, e: ["report", _damaged_run(t, e, "summary-a-list"), "--out", t / "r"],
+        "holds a JSON list, not an object",
+        2,
+    ),
+    (
+        "report-summary-bad-status",
+        lambda t, e: ["report", _damaged_run(t, e, "summary-bad-status"), "--out", t / "r"],
+        "field status: Input should be 'running', 'completed' or 'diverged'",
+        2,
+    ),
+    (
+        "report-sweep-json-a-string",
+        lambda t, e: ["report", _damaged_run(t, e, "sweep-json-a-string"), "--out", t / "r"],
+        "sweep.json holds a JSON str",
+        2,
+    ),
+    (
+        "eval-config-not-utf8",
+        lambda t, e: ["eval", _damaged_run(t, e, "config-not-utf8")],
+        "is corrupt: not UTF-8 text",
+        2,
+    ),
+    (
+        "hf-unknown-model-type",
+        lambda t, e: ["compress", _hf_dir(t, '{"model_type": "no-such-model"}'), "--out", t / "c"],
+        "transformers cannot build this model",
+        2,
+    ),
+    (
+        "hf-malformed-config",
+        lambda t, e: [
+            "compress",
+            _hf_dir(t, '{"model_type": "gpt2", "n_layer": "many"}'),
+            "--out",
+            t / "c",
+        ],
+        "transformers cannot build this model",
+        2,
+    ),
+    # Numbers without bounds.
+    (
+        "finetune-epochs-10-to-the-20",
+        lambda t, e: ["compress", e, "--out", t / "c", "--finetune-epochs", str(10**20)],
+        "--finetune-epochs 100000000000000000000 must be in [0, 100000]",
+        2,
+    ),
+    (
+        "set-nested-thousands-deep",
+        lambda t, e: [
+            "train",
+            OK,
+            "--out",
+            t / "o",
+            "--set",
+            "model.hidden=" + "[" * 3000 + "]" * 3000,
+        ],
+        "nests too deeply",
+        2,
+    ),
+    (
+        "damping-nan",
+        lambda t, e: ["compress", e, "--out", t / "c", "--svd", "activation", "--damping", "nan"],
+        "--damping nan must be a finite number",
+        2,
+    ),
+    ("config-is-a-directory", lambda t, e: ["train", t], "is a directory", 2),
+    # Output paths and --overwrite.
+    (
+        "overwrite-a-users-folder",
+        lambda t, e: ["train", OK, "--out", _user_dir(t), "--overwrite"] + SYNTH,
+        "holds 'thesis.tex', which lorank did not write",
+        2,
+    ),
+    (
+        "compress-over-its-source",
+        lambda t, e: ["compress", e, "--out", e, "--overwrite"],
+        "is or contains the input",
+        2,
+    ),
+    (
+        "compress-over-the-folder-of-its-source",
+        lambda t, e: ["compress", e, "--out", e.parent, "--overwrite"],
+        "is or contains the input",
+        2,
+    ),
+    (
+        "compress-out-under-a-file",
+        lambda t, e: ["compress", e, "--out", _a_file(t) / "c"],
+        "is a file, not a directory",
+        2,
+    ),
+    (
+        "report-out-is-a-file",
+        lambda t, e: ["report", e, "--out", _a_file(t)],
+        "is a file, not a directory",
+        2,
+    ),
+    (
+        "sweep-out-is-a-file",
+        lambda t, e: ["sweep", OK, "--out", _a_file(t), "--quiet"],
+        "is a file, not a directory",
+        2,
+    ),
+    (
+        "eval-nan-weights",
+        lambda t, e: ["eval", _nan_weights(t, e)],
+        "holds NaN or inf weights",
         2,
     ),
     (

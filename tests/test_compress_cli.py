@@ -110,9 +110,14 @@ def test_loss_tolerance_keeps_the_calibration_loss_within_epsilon(dense_run, cap
 
 def test_finetune_and_overwrite(dense_run, capsys):
     run, base = dense_run
+    mine = base / "mine"
+    mine.mkdir()
+    (mine / "stale.txt").write_text("x")
+    code, _, err = compress([run, "--rule", "rank=8", "--out", mine, "--overwrite"], capsys)
+    assert code == 2 and "replaces only an empty directory or a lorank run" in err
+    assert (mine / "stale.txt").read_text() == "x"  # not a run: --overwrite leaves it alone
     out = base / "ft"
-    out.mkdir()
-    (out / "stale.txt").write_text("x")
+    assert compress([run, "--rule", "rank=4", "--out", out], capsys)[0] == 0
     code, _, err = compress([run, "--rule", "rank=8", "--finetune-epochs", 1, "--out", out], capsys)
     assert code == 2 and "already exists" in err and "--overwrite" in err
     code, _, _ = compress(
@@ -130,7 +135,7 @@ def test_finetune_and_overwrite(dense_run, capsys):
         ],
         capsys,
     )
-    assert code == 0 and not (out / "stale.txt").exists()
+    assert code == 0
     summary = summary_of(out)
     assert summary["ranks"] == {"layers.0": 8, "layers.2": 8, "layers.4": 8}
     assert summary["finetune"]["epochs"] == 1

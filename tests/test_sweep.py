@@ -131,7 +131,7 @@ def test_resume_skips_finished_runs_and_restarts_broken_ones(tiny_toml, tmp_path
     shutil.rmtree(broken / "checkpoints")
     (broken / "summary.json").write_text(json.dumps({"status": "running"}))
     (broken / "metrics.jsonl").write_text('{"epoch": 0')
-    (broken / "junk.txt").write_text("left over")
+    (broken / ".metrics.jsonl.x1.tmp").write_text("left over")  # a killed atomic write
     assert run_status(broken) == "broken"
     done_mtime = (done / "summary.json").stat().st_mtime_ns
 
@@ -141,7 +141,7 @@ def test_resume_skips_finished_runs_and_restarts_broken_ones(tiny_toml, tmp_path
     assert entries[done.name].get("skipped") is True
     assert (done / "summary.json").stat().st_mtime_ns == done_mtime  # untouched
     assert entries[broken.name]["status"] == "completed"
-    assert not (broken / "junk.txt").exists()  # restarted from scratch
+    assert not (broken / ".metrics.jsonl.x1.tmp").exists()  # restarted from scratch
     assert run_status(broken) == "completed"
 
 

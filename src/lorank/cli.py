@@ -2,14 +2,21 @@
 and ``compare``.
 
 Every user error (bad config key or value, missing or corrupt file, incompatible checkpoint)
-is printed as one line, ``lorank: error: ...``, with exit status 2 and no traceback.
+is printed as one line, ``lorank: error: ...``, with exit status 2 and no traceback; a run
+that diverged exits 1; anything unexpected (a bug) exits 3 with one line naming the
+exception and the file its traceback was written to. A closed stdout (``| head``) is silent.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import sys
+import tempfile
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -38,7 +45,8 @@ class _OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"lorank: error: {message} (see `{self.prog} --help`)\n")
+        text = f"lorank: error: {message} (see `{self.prog} --help`)"
+        self.exit(2, _printable(text) + "\n")
 
 
 def _add_set_option(parser: argparse.ArgumentParser, help: str) -> None:
@@ -79,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue an interrupted run from its newest checkpoint (its config.json is used; "
         "--set may change e.g. train.epochs)",
+    )
+    p.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: let --set change the data, model, method or seed (recorded in "
+        "config.json's resumes); without it only train.* and optim.* may change",
     )
     _add_set_option(p, "override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
     p.add_argument("--out", help="run directory (default: runs/<config-stem>-<timestamp>)")
@@ -409,8 +423,8 @@ def _launch_torchrun(nproc: int, argv: Sequence[str]) -> int:
     """Re-run ``lorank train`` (without ``--nproc``) under torchrun with ``nproc`` processes."""
     import subprocess
 
-    if nproc < 1:
-        raise LorankError(f"--nproc must be at least 1, not {nproc}")
+    if not 1 <= nproc <= 256:
+        raise LorankError(f"--nproc must be between 1 and 256, not {nproc}")
     rest, skip = [], False
     for a in argv:
         if skip:
@@ -452,18 +466,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         quiet=args.quiet,
         resume=bool(args.resume),
+        allow_changes=args.allow_changes,
     )
     if is_main_process():
         summary = json.loads((path / SUMMARY).read_text())
-        print(json.dumps({"run_dir": str(path), **summary}, indent=2))
+        _print_json({"run_dir": str(path), **summary})
     return 0
+
+
+def _print_json(obj: Any, indent: int | None = 2) -> None:
+    """Print ``obj`` as strict JSON: NaN/inf (a diverged loss) become null, since ``NaN``
+    is not JSON and would break whatever reads lorank's output."""
+    print(json.dumps(_finite(obj), indent=indent, allow_nan=False))
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from lorank.training.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.path, data_dir=args.data_dir, config_path=args.config)
-    print(json.dumps(result, indent=2))
+    _print_json(result)
     return 0
 
 
@@ -508,7 +539,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     for key in ("calibration_loss_before", "calibration_loss_after"):
         if key in summary:
             shown[key] = summary[key]
-    print(json.dumps({"run_dir": str(path)} | shown, indent=2))
+    _print_json({"run_dir": str(path)} | shown)
     return 0
 
 
@@ -518,7 +549,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.config, args.grid, args.seeds, args.overrides)
     out = run_sweep(sweep, args.out, workers=args.workers, data_dir=args.data_dir, quiet=args.quiet)
     index = json.loads((out / "sweep.json").read_text())
-    print(json.dumps({"sweep_dir": str(out), **index["counts"]}, indent=2))
+    _print_json({"sweep_dir": str(out), **index["counts"]})
     return 0 if index["counts"]["failed"] == 0 else 1
 
 
@@ -526,7 +557,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from lorank.experiments.report import report
 
     out = report(args.paths, args.out, title=args.title)
-    print(json.dumps({"report": str(out / "report.html"), "summary": str(out / "summary.md")}))
+    _print_json({"report": str(out / "report.html"), "summary": str(out / "summary.md")}, None)
     return 0
 
 
@@ -553,25 +584,98 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.verbose:
-        import logging
-
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("lorank: %(message)s"))
-        logging.getLogger("lorank").addHandler(handler)
-        logging.getLogger("lorank").setLevel(logging.INFO)
-    func: Callable[[argparse.Namespace], int] = args.func
+    """Run the ``lorank`` command; returns the exit status (0 ok, 1 diverged, 2 bad input,
+    3 an internal error, i.e. a bug in lorank, whose traceback goes to a file)."""
     try:
-        return func(args)
+        parser = _parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # argparse: --help/--version (0) or a usage error (2)
+            return e.code if isinstance(e.code, int) else 2
+        args.argv = list(sys.argv[1:] if argv is None else argv)
+        if args.verbose:
+            _log_to_stderr()
+        func: Callable[[argparse.Namespace], int] = args.func
+        code = func(args)
+        sys.stdout.flush()  # a full or closed stdout fails here, inside the boundary
+        return code
     except LorankError as e:
-        print(f"lorank: error: {e}", file=sys.stderr)
+        _error_line(str(e))
         return e.exit_code
     except KeyboardInterrupt:
         print("lorank: interrupted; finished epochs are kept in the run directory", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `lorank ... | head`: the reader left; that is its choice, not an error to report.
+        # Point stdout at /dev/null so the interpreter's final flush does not complain.
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool stopped by a closed pipe
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+            where = f" ({e.filename})" if e.filename else " (standard output)"
+            _error_line(
+                f"cannot write{where}: {e.strerror}; free some space or choose another place"
+            )
+            if e.filename is None:
+                _silence_stdout()
+            return 2
+        return _internal_error(e)
+    except Exception as e:  # noqa: BLE001 - the boundary: a bug must not look like bad input
+        return _internal_error(e)
+
+
+def _log_to_stderr() -> None:
+    """``lorank -v``: the library's log messages (INFO and up) on stderr."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("lorank: %(message)s"))
+    logging.getLogger("lorank").addHandler(handler)
+    logging.getLogger("lorank").setLevel(logging.INFO)
+
+
+def _error_line(message: str) -> None:
+    try:
+        print(_printable(f"lorank: error: {message}"), file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # stderr itself is gone: nothing more can be said
+
+
+def _printable(text: str) -> str:
+    """One line even when the message quotes a multi-line value, and no control characters
+    from a file's contents (a stray escape sequence could rewrite the terminal)."""
+    text = " ".join(text.split("\n"))
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is not a real file (e.g. captured by a test): nothing to silence
+
+
+def _internal_error(error: BaseException) -> int:
+    """Write the traceback to a file and say in one line what happened and where it is."""
+    if os.environ.get("LORANK_TRACEBACK"):
+        raise error  # developers: the traceback on the terminal instead
+    text = "".join(traceback.format_exception(error))
+    try:
+        fd, path = tempfile.mkstemp(prefix="lorank-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{_version()}: lorank {' '.join(sys.argv[1:])}\n{text}")
+        where = f"the traceback is in {path}"
+    except OSError as e:
+        where = f"the traceback could not be written ({e.strerror})"
+    name = type(error).__name__
+    first = " ".join(str(error).split())[:200]
+    _error_line(
+        f"internal error {name}: {first}; this is a bug in lorank, not in your input; "
+        f"{where} (please include it in a bug report)"
+    )
+    return 3
 
 
 if __name__ == "__main__":

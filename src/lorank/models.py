@@ -731,8 +731,34 @@ class ForecastTransformer(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+# What a model config may ask for: checked on the "meta" device (shapes, no memory) before
+# the real model is allocated, so a typo such as hidden = [5000000] is an error, not an OOM.
+MAX_MODEL_PARAMS = 10**9
+MAX_MODEL_LAYERS = 1024
+
+
 def build_model(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
-    """Instantiate the model described by ``cfg`` for data described by ``info``."""
+    """Instantiate the model described by ``cfg`` for data described by ``info``; a model
+    beyond :data:`MAX_MODEL_PARAMS` parameters is refused before anything is allocated."""
+    for key, value in cfg.model_dump().items():
+        if isinstance(value, list) and len(value) > MAX_MODEL_LAYERS:
+            raise LorankError(
+                f"config error: model.{key} has {len(value)} entries; at most "
+                f"{MAX_MODEL_LAYERS} layers are supported"
+            )
+    with torch.device("meta"):
+        probe = _build_model(cfg, info)
+    count = sum(p.numel() for p in probe.parameters())
+    del probe
+    if count > MAX_MODEL_PARAMS:
+        raise LorankError(
+            f"config error: model {cfg.name} with these sizes has {count:,} parameters, more "
+            f"than lorank's limit of {MAX_MODEL_PARAMS:,}; use smaller widths or fewer layers"
+        )
+    return _build_model(cfg, info)
+
+
+def _build_model(cfg: ModelConfig, info: DatasetInfo) -> nn.Module:
     forecasters = (ForecastTransformerConfig, LinearForecasterConfig)
     if isinstance(cfg, forecasters) != (info.task == "forecast"):
         if info.task == "forecast":

@@ -55,9 +55,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
+import math
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,12 +92,29 @@ from lorank.core.search import (
     truncated,
 )
 from lorank.data import Dataset, load_dataset
-from lorank.errors import LorankError
-from lorank.training.config import RunConfig, apply_override, load_config, validate_config
+from lorank.errors import LorankError, TrainingDiverged
+from lorank.training.config import (
+    MAX_EPOCHS,
+    RunConfig,
+    apply_override,
+    load_config,
+    validate_config,
+)
 from lorank.training.environment import environment, resolve_device
 from lorank.training.evaluate import evaluate_split, prefixed, task_loss
 from lorank.training.flops import inference_flops
-from lorank.training.rundir import COMPRESS, CONFIG, ENV, MODEL, SUMMARY, Run, read_json
+from lorank.training.rundir import (
+    COMPRESS,
+    CONFIG,
+    ENV,
+    MODEL,
+    SUMMARY,
+    Run,
+    check_output_dir,
+    read_json,
+    replace_dir,
+    temp_dir_beside,
+)
 from lorank.training.trainer import train
 
 LOSS_TOLERANCE_KEY = "loss-tolerance"
@@ -147,6 +163,10 @@ class Source:
     sentence_transformer: Path | None = None  # the sentence-transformers folder it came from
 
 
+# Samples a compression may ask to run through the model (--samples, --calibration).
+MAX_SAMPLES = 2**24
+
+
 def compress(
     source: str | Path,
     rule: str | CompressionRule,
@@ -176,10 +196,14 @@ def compress(
     """
     rule = rule if isinstance(rule, CompressionRule) else CompressionRule.parse(rule)
     out = Path(out)
-    if finetune_epochs < 0:
-        raise LorankError(f"--finetune-epochs {finetune_epochs} must be >= 0")
-    if samples < 1:
-        raise LorankError(f"--samples {samples} must be >= 1")
+    if not 0 <= finetune_epochs <= MAX_EPOCHS:
+        raise LorankError(f"--finetune-epochs {finetune_epochs} must be in [0, {MAX_EPOCHS}]")
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise LorankError(f"--samples {samples} must be in [1, {MAX_SAMPLES}]")
+    if calibration is not None and calibration > MAX_SAMPLES:
+        raise LorankError(f"--calibration {calibration} must be at most {MAX_SAMPLES}")
+    if not math.isfinite(precision):
+        raise LorankError(f"--precision {precision} must be a number in (0, 1), e.g. 0.01")
     if svd not in SVD_KINDS:
         raise LorankError(f"--svd {svd!r}: choose one of {', '.join(SVD_KINDS)}")
     if calibration is not None and calibration < 1:
@@ -197,13 +221,11 @@ def compress(
             raise LorankError(f"--precision {precision} must be in (0, 1), e.g. 0.01")
     if allocation not in ALLOCATIONS:
         raise LorankError(f"--allocation {allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
-    if damping < 0:
-        raise LorankError(f"--damping {damping} must be >= 0")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise LorankError(
-            f"output directory {out} already exists; choose another --out or "
-            "pass --overwrite to replace it"
-        )
+    if not (math.isfinite(damping) and damping >= 0):
+        raise LorankError(f"--damping {damping} must be a finite number >= 0, e.g. 1e-4")
+    # --out may never be, hold or sit inside what compress reads (see check_output_dir).
+    inputs = [p for p in (source, model_config, calibration_file) if p is not None]
+    check_output_dir(out, overwrite, protect=inputs)
     file_content = read_calibration_file(calibration_file) if calibration_file else None
     src = load_source(source, model_config, overrides, data_dir)
     if src.config is not None and src.config.train.threads:
@@ -349,15 +371,17 @@ def compress(
         "allocation": allocation if budget is not None or loss_tolerance is not None else None,
         "damping": damping,
     }
-    tmp = Path(
-        tempfile.mkdtemp(
-            dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}.", suffix=".tmp"
-        )
-    )
-    _chmod_like_mkdir(tmp)
+    tmp = temp_dir_beside(out)  # same file system as --out: the final rename is atomic
     try:
         if finetune_epochs and src.config is not None:
-            summary.update(_finetune(model, src.config, finetune_epochs, tmp, data_dir, quiet))
+            try:
+                summary.update(_finetune(model, src.config, finetune_epochs, tmp, data_dir, quiet))
+            except TrainingDiverged as e:
+                # Keep the diverged fine-tune (its summary and last good checkpoint) at --out,
+                # and say so: the temporary folder the trainer saw is about to disappear.
+                Run(tmp).write_json(COMPRESS, options)
+                replace_dir(tmp, out, overwrite, protect=inputs)
+                raise TrainingDiverged(str(e).replace(str(tmp), str(out))) from None
         else:
             _write_untrained(model, src, data, tmp)
         final = summary.get("finetune") or after
@@ -384,21 +408,11 @@ def compress(
         run = Run(tmp)
         run.write_json(COMPRESS, options)
         run.write_json(SUMMARY, summary)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
+        replace_dir(tmp, out, overwrite, protect=inputs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _chmod_like_mkdir(path: Path) -> None:
-    # mkdtemp creates 0700 directories; a run directory should get the umask's usual mode.
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o777 & ~umask)
 
 
 # ---------------------------------------------------------------------- loading
@@ -509,9 +523,10 @@ def _load_state_dict(
 
 def _is_hf_directory(path: Path) -> bool:
     try:
-        return "model_type" in json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        config = json.loads((path / "config.json").read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
+    return isinstance(config, dict) and "model_type" in config
 
 
 @contextlib.contextmanager

@@ -95,6 +95,19 @@ class LayerSelection(BaseModel):
         "input basis, reuses the original Parameters) or three separate layers",
     )
 
+    @field_validator("target_modules", "exclude_modules")
+    @classmethod
+    def _compiles(cls, value: list[str] | str | None) -> list[str] | str | None:
+        # A regex is compiled now, so a typo is a config error and not a crash mid-conversion.
+        if isinstance(value, str):
+            if len(value) > 1000:
+                raise ValueError("a regular expression of at most 1000 characters is expected")
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression ({e})") from None
+        return value
+
 
 class ConversionFields(LayerSelection):
     """The layers (:class:`LayerSelection`) and their ranks and initialisation: everything a

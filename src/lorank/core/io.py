@@ -12,9 +12,10 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -25,6 +26,181 @@ from lorank.core.layers import layer_from_spec
 from lorank.errors import LorankError
 
 FORMAT = "lorank-model/1"
+
+# How deep a JSON or TOML value lorank reads may nest. Every file lorank writes nests a few
+# levels; a file nested thousands deep would exhaust the recursion of every later step.
+MAX_DEPTH = 32
+
+
+def nesting_depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """How deep ``value`` nests (dicts and lists), counted without recursion and only up to
+    ``limit + 1`` (enough to refuse it)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list | tuple):
+            deepest = max(deepest, depth)
+            if depth > limit:
+                return depth
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def check_depth(value: Any, where: str) -> None:
+    if nesting_depth(value) > MAX_DEPTH:
+        raise LorankError(
+            f"{where} nests more than {MAX_DEPTH} levels of tables or lists; no lorank file or "
+            "config value does: fix or remove it"
+        )
+
+
+def read_json_file(path: str | Path, what: str, fix: str) -> Any:
+    """The JSON in ``path``: a missing, unreadable, non-UTF-8, malformed or absurdly nested
+    file is a one-line :class:`LorankError` naming ``what`` it is and the ``fix``."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+        value = json.loads(text)
+    except FileNotFoundError:
+        raise LorankError(f"{what} {path} not found; {fix}") from None
+    except IsADirectoryError:
+        raise LorankError(f"{what} {path} is a directory, not a file; {fix}") from None
+    except OSError as e:
+        raise LorankError(f"{what} {path} cannot be read ({e.strerror}); {fix}") from None
+    except UnicodeDecodeError:
+        raise LorankError(f"{what} {path} is corrupt: not UTF-8 text; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise LorankError(f"{what} {path} is corrupt: not valid JSON ({e}); {fix}") from None
+    except RecursionError:
+        raise LorankError(f"{what} {path} nests too deeply to read; {fix}") from None
+    check_depth(value, f"{what} {path}")
+    return value
+
+
+def validation_message(error: ValidationError, where: str, fix: str) -> str:
+    """One line for the first problem pydantic found in a file: the file, the field (dotted
+    path), what is wrong with the value, and how to fix it."""
+    err = error.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "(the whole file)"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict | list) else f" (got {_short(value)})"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{where}: field {field}: {message}{shown}; {fix}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ------------------------------------------------------------------ model.json schema
+
+# Sizes a saved layer may claim: a model.json is read before any weight, and the layer it
+# describes is allocated from it, so these bound what a forged file can make lorank allocate.
+MAX_FEATURES = 2**20
+MAX_LAYER_PARAMS = 2**31
+
+_Size = Annotated[int, Field(ge=1, le=MAX_FEATURES, strict=True)]
+_Pair = Annotated[
+    list[Annotated[int, Field(ge=1, le=1024, strict=True)]], Field(min_length=2, max_length=2)
+]
+
+
+class _Spec(BaseModel):
+    # Other keys are allowed: a layer subclass may describe itself further (nn-svd's
+    # symmetric layers add ``symmetric``), and :func:`layer_from_spec` reads only these.
+    model_config = ConfigDict(extra="allow")
+
+    rank: Annotated[int, Field(ge=1, le=MAX_FEATURES, strict=True)]
+    core: Literal["full", "diag", "none"]
+    bias: Annotated[bool, Field(strict=True)]
+    frozen: list[Literal["U", "S", "V", "bias"]] = []
+
+    def _check_rank(self, rows: int, cols: int) -> None:
+        if self.rank > min(rows, cols):
+            raise ValueError(f"rank {self.rank} exceeds min({rows}, {cols})")
+        if self.rank * (rows + cols + self.rank) > MAX_LAYER_PARAMS:
+            raise ValueError(f"a layer of rank {self.rank} and shape {rows}x{cols} is too large")
+
+
+class LinearSpec(_Spec):
+    type: Literal["linear"]
+    in_features: _Size
+    out_features: _Size
+
+    @model_validator(mode="after")
+    def _rank_fits(self) -> LinearSpec:
+        self._check_rank(self.out_features, self.in_features)
+        return self
+
+
+class Conv2dSpec(_Spec):
+    type: Literal["conv2d"]
+    in_channels: _Size
+    out_channels: _Size
+    kernel_size: _Pair
+    stride: _Pair
+    padding: Literal["same", "valid"] | list[Annotated[int, Field(ge=0, le=1024, strict=True)]]
+    dilation: _Pair
+
+    @model_validator(mode="after")
+    def _rank_fits(self) -> Conv2dSpec:
+        if isinstance(self.padding, list) and len(self.padding) != 2:
+            raise ValueError("padding must be two integers or 'same'/'valid'")
+        kh, kw = self.kernel_size
+        self._check_rank(self.out_channels, self.in_channels * kh * kw)
+        return self
+
+
+class AttentionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["multihead_attention"] = "multihead_attention"
+    qkv: Literal["packed", "separate"] = "packed"
+
+
+class DataInfoSpec(BaseModel):
+    """``data_info``: the fields of :class:`lorank.data.DatasetInfo`, bounded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    task: Literal["classification", "language_model"]
+    input_shape: Annotated[
+        list[Annotated[int, Field(ge=1, le=2**16, strict=True)]], Field(min_length=1, max_length=3)
+    ]
+    num_classes: Annotated[int, Field(ge=1, le=2**20, strict=True)]
+    vocab: Annotated[str, Field(max_length=2**20)] | None
+    train_size: Annotated[int, Field(ge=0, le=2**40, strict=True)]
+    test_size: Annotated[int, Field(ge=0, le=2**40, strict=True)]
+
+
+class HuggingFaceInfo(BaseModel):
+    """``huggingface``: the transformers class and config a compressed model is rebuilt from."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    class_: Annotated[str, Field(alias="class", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,100}$")]
+    config: dict[str, Any]
+
+
+class ModelFile(BaseModel):
+    """The schema of ``model.json`` (format ``lorank-model/1``); unknown top-level keys are
+    allowed (callers store their own metadata), the ones lorank reads are checked."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: Literal["lorank-model/1"]
+    low_rank_layers: dict[
+        Annotated[str, Field(max_length=1000)],
+        Annotated[LinearSpec | Conv2dSpec, Field(discriminator="type")],
+    ] = {}
+    attention: dict[Annotated[str, Field(max_length=1000)], AttentionSpec] = {}
+    model: dict[str, Any] | None = None
+    data_info: DataInfoSpec | None = None
+    method: str | None = None
+    huggingface: HuggingFaceInfo | None = None
 
 
 def _default_file_mode() -> int:
@@ -46,6 +222,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file atomically (temp file, fsync, rename), with the same mode as
+    every JSON file beside it: safetensors creates its files 0600 whatever the umask."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, _FILE_MODE)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -92,17 +287,7 @@ def save(model: nn.Module, path: str | Path, metadata: dict[str, Any] | None = N
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = stem.with_suffix(".safetensors")
-    fd, tmp = tempfile.mkstemp(dir=weights.parent, prefix=f".{weights.name}.", suffix=".tmp")
-    os.fchmod(fd, _FILE_MODE)
-    os.close(fd)
-    try:
-        save_file(_unshare(tensors), tmp, metadata={"format": FORMAT})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, weights)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_tensors(_unshare(tensors), weights, {"format": FORMAT})
     atomic_write_json(
         stem.with_suffix(".json"),
         {
@@ -127,24 +312,30 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON side-car of a saved model."""
+    """The JSON side-car of a saved model, validated against :class:`ModelFile`."""
     meta_path = _stem(path).with_suffix(".json")
     if not meta_path.is_file():
         raise LorankError(
             f"checkpoint metadata {meta_path} not found; pass a run directory or "
             "the path of a model saved with lorank.save"
         )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    meta = read_json_file(meta_path, "checkpoint metadata", "re-save the model")
+    if not isinstance(meta, dict):
         raise LorankError(
-            f"checkpoint metadata {meta_path} is corrupt ({e}); re-save the model"
-        ) from None
+            f"checkpoint metadata {meta_path} is corrupt (a JSON {type(meta).__name__}, not an "
+            "object); re-save the model"
+        )
     if meta.get("format") != FORMAT:
         raise LorankError(
             f"{meta_path} is not a lorank checkpoint (format "
-            f"{meta.get('format')!r}, expected {FORMAT!r})"
+            f"{_short(meta.get('format'))}, expected {FORMAT!r})"
         )
+    try:
+        ModelFile.model_validate(meta)
+    except ValidationError as e:
+        raise LorankError(
+            validation_message(e, f"checkpoint metadata {meta_path}", "re-save the model")
+        ) from None
     return meta
 
 
@@ -158,7 +349,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     stem = _stem(path)
     meta = read_metadata(stem)
     if model is None:
-        model = build_from_metadata(meta)
+        try:
+            model = build_from_metadata(meta)
+        except LorankError as e:
+            raise LorankError(f"{stem}.json: {e}") from None
     # Attention modules first: the low-rank layers named in the specs live inside them.
     apply_attention_specs(model, meta.get("attention", {}))
     apply_layer_specs(model, meta.get("low_rank_layers", {}))

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 StateTransform = Callable[[str, Tensor, nn.Parameter, nn.Parameter], Tensor | None]
@@ -38,6 +38,14 @@ class OptimConfig(BaseModel):
     gamma: float = Field(0.1, gt=0, le=1, description="step schedule: decay factor")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final lr as a fraction")
     grad_clip: float | None = Field(None, gt=0, description="max global gradient norm")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        # Checked here, not by torch when the optimizer is built mid-run.
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"each Adam beta must be in [0, 1), e.g. [0.9, 0.999] (got {betas})")
+        return betas
 
 
 def build_optimizer(

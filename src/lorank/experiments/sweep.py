@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 import re
 import sys
@@ -47,8 +48,20 @@ from tqdm import tqdm
 
 from lorank.core.io import atomic_write_json
 from lorank.errors import LorankError
-from lorank.training.config import apply_override, read_config_file, validate_config
-from lorank.training.rundir import FINISHED, run_status, run_summary
+from lorank.training.config import MAX_SEED, apply_override, read_config_file, validate_config
+from lorank.training.rundir import (
+    CONFIG,
+    FINISHED,
+    config_changes,
+    ensure_dir,
+    read_json,
+    run_status,
+    run_summary,
+)
+from lorank.training.schemas import Published, validate_file
+
+# More runs than this in one sweep is a typo in the grid or the seeds, not a plan.
+MAX_RUNS = 10_000
 
 # Keys that describe where/how a run executes, not what it computes.
 EXECUTION_KEYS = ("train.seed", "train.threads", "train.device", "data.dir")
@@ -168,6 +181,10 @@ def parse_seeds(text: str) -> list[int]:
             part = part.strip()
             if re.fullmatch(r"\d+-\d+", part):
                 lo, hi = (int(p) for p in part.split("-"))
+                if hi - lo >= MAX_RUNS or hi > MAX_SEED:
+                    raise LorankError(
+                        f"--seeds {text!r}: at most {MAX_RUNS:,} seeds, each <= {MAX_SEED}"
+                    )
                 seeds.extend(range(lo, hi + 1))
             elif part:
                 seeds.append(int(part))
@@ -219,12 +236,25 @@ def load_sweep(
     bad = [k for k in grid_values if k in EXECUTION_KEYS]
     if bad:
         raise LorankError(f"sweep grid key {bad[0]!r} is not allowed; use --seeds for seeds")
+    published = section.get("published")
+    if published is not None:
+        fix = "see [sweep.published] in the README"
+        validate_file(Published, published, Path(str(config)), fix)
+    too_big = [s for s in seed_list if s > MAX_SEED]
+    if too_big:
+        raise LorankError(f"config error: seed {too_big[0]} is above the largest, {MAX_SEED}")
+    runs = math.prod(len(v) for v in grid_values.values()) * len(set(seed_list))
+    if runs > MAX_RUNS:
+        raise LorankError(
+            f"sweep: the grid and seeds make {runs:,} runs, more than {MAX_RUNS:,}; "
+            "split it into smaller sweeps"
+        )
     return Sweep(
         base=raw,
         grid=grid_values,
         seeds=list(dict.fromkeys(seed_list)),
         config_path=str(config) if config is not None else None,
-        published=section.get("published"),
+        published=published,
     )
 
 
@@ -321,10 +351,11 @@ def run_specs(
     ``index(entries)`` (optional) builds the JSON written to ``out/sweep.json`` after every
     finished run, so an interrupted sweep leaves an up-to-date index behind.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(Path(out), "sweep directory")
     entries: list[dict[str, Any]] = []
     todo: list[tuple[int, RunSpec, bool]] = []
+    for spec in specs:
+        check_reusable(out / spec.name, spec)
     for i, spec in enumerate(specs):
         path = out / spec.name
         status = run_status(path)
@@ -406,6 +437,29 @@ def run_specs(
                 raise
     bar.close()
     return entries
+
+
+def check_reusable(path: Path, spec: RunSpec) -> None:
+    """Refuse to reuse (skip or resume) a run in the sweep directory that was made with
+    another config than this grid point's: ``sweep.json`` would then describe runs that were
+    never made. Where and how a run executes (threads, device, data folder) may differ."""
+    if not (path / CONFIG).is_file():
+        return
+    stored = read_json(path / CONFIG)
+    if not isinstance(stored, dict):
+        return  # not a finished run: it is restarted, which --overwrite's checks guard
+    try:
+        old = validate_config(stored).model_dump(mode="json")
+    except LorankError:
+        return
+    new = validate_config(spec.raw).model_dump(mode="json")
+    changes = {k: v for k, v in config_changes(old, new).items() if k not in EXECUTION_KEYS}
+    if changes:
+        key, (was, now) = next(iter(changes.items()))
+        raise LorankError(
+            f"sweep: run {path} was made with {key} = {was!r}, but this sweep's point has "
+            f"{now!r}; use another --out for a changed sweep (or delete that run)"
+        )
 
 
 def sweep_index(sweep: Sweep, entries: list[dict[str, Any]]) -> dict[str, Any]:

@@ -238,6 +238,10 @@ class DLRT(Method):
             "retraction": self._retraction_step,
         }[self.config.integrator]
         loss = step(model, layers, optimizer, batch, loss_fn, adapt)
+        if loss is None:  # a skipped non-finite batch (train.nonfinite = "skip")
+            self.skipped_batches += 1
+            zero = torch.zeros((), device=next(model.parameters()).device)
+            return {"loss": zero, "loss_task": zero.clone()}
         self.step += 1
         self.truncations += int(adapt)
         self.after_step(model, optimizer)
@@ -251,10 +255,12 @@ class DLRT(Method):
         batch: Any,
         loss_fn: LossFn,
         adapt: bool,
-    ) -> Tensor:
+    ) -> Tensor | None:
         optimizer.zero_grad(set_to_none=True)
         with _kls_gradients(layers):
             loss = loss_fn(model, batch)
+        if self.skip_nonfinite and not torch.isfinite(loss):
+            return None  # train.nonfinite = "skip": leave the weights as they are
         loss.backward()  # ∇_K, ∇_S, ∇_L in the U, S, V slots; biases and dense layers as usual
         self.clip_gradients(model)
         bases = _zero_kl_slots(layers)
@@ -341,6 +347,8 @@ class DLRT(Method):
     ) -> Tensor:
         with _kls_gradients(layers):
             loss = loss_fn(model, batch)
+        if self.skip_nonfinite and not torch.isfinite(loss):
+            return None  # train.nonfinite = "skip": leave the weights as they are
         slots = [p for layer in layers for p in (layer.U, layer.V)]
         grads = torch.autograd.grad(loss, slots)
         optimizer.zero_grad(set_to_none=True)
@@ -364,7 +372,7 @@ class DLRT(Method):
         batch: Any,
         loss_fn: LossFn,
         adapt: bool,
-    ) -> Tensor:
+    ) -> Tensor | None:
         start = [
             (lr.U.detach().clone(), lr.S.detach().clone(), lr.V.detach().clone()) for lr in layers
         ]
@@ -374,6 +382,12 @@ class DLRT(Method):
                 layer.U.copy_(U0 @ S0)
                 layer.S.copy_(e)
         loss = loss_fn(model, batch)
+        if self.skip_nonfinite and not torch.isfinite(loss):
+            with torch.no_grad():  # train.nonfinite = "skip": back to the weights before
+                for layer, (U0, S0, _) in zip(layers, start, strict=True):
+                    layer.U.copy_(U0)
+                    layer.S.copy_(S0)
+            return None
         grad_k = torch.autograd.grad(loss, [layer.U for layer in layers])
         with torch.no_grad():  # L-step point: W = U Lᵀ with L = V Sᵀ held in the V slot
             for layer, (U0, S0, V0) in zip(layers, start, strict=True):
@@ -537,6 +551,8 @@ class DLRT(Method):
         )
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model, batch)
+        if self.skip_nonfinite and not torch.isfinite(loss):
+            return None  # train.nonfinite = "skip": leave the weights as they are
         loss.backward()
         self.clip_gradients(model)
         optimizer.step()
@@ -653,10 +669,9 @@ def _svd(core: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return torch.linalg.svd(core, full_matrices=False)
     except torch.linalg.LinAlgError:
         if not torch.isfinite(core).all():
-            raise LorankError(
-                "a DLRT core holds NaN or inf (training diverged); lower optim.lr "
-                "or set optim.grad_clip"
-            ) from None
+            # Not bad input: the run diverged. The trainer turns this into its one
+            # divergence path (summary marked diverged, exit 1).
+            raise FloatingPointError("a DLRT core holds NaN or inf") from None
         P, sigma, Qt = torch.linalg.svd(core.double(), full_matrices=False)
         return P.to(core.dtype), sigma.to(core.dtype), Qt.to(core.dtype)
 

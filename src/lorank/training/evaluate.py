@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorank.core.io import load, read_metadata
+from lorank.core.io import load, read_json_file, read_metadata
 from lorank.core.metrics import parameter_counts, ranks
 from lorank.data import Dataset, load_dataset
 from lorank.errors import LorankError
@@ -110,11 +109,15 @@ def run_config_of(run_dir: Path | None, config_path: str | None) -> RunConfig:
             "this checkpoint is not inside a run directory; pass --config with "
             "the [data] section to evaluate it on"
         )
+    path = run_dir / CONFIG
+    fix = "pass --config with the [data] section to evaluate on"
+    raw = read_json_file(path, "run config", fix)
+    if not isinstance(raw, dict):
+        raise LorankError(f"run config {path} holds a JSON {type(raw).__name__}; {fix}")
     try:
-        raw = json.loads((run_dir / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LorankError(f"{run_dir / 'config.json'} is unreadable ({e})") from None
-    return validate_config(raw)
+        return validate_config(raw)
+    except LorankError as e:
+        raise LorankError(f"{path}: {e}") from None
 
 
 def evaluate_checkpoint(
@@ -126,6 +129,13 @@ def evaluate_checkpoint(
     device = resolve_device(config.train.device)
     data = load_dataset(config.data, device=device, data_dir=data_dir)
     model = load(stem).to(device)
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise LorankError(
+            f"checkpoint {stem.with_suffix('.safetensors')} holds NaN or inf weights ({bad[0]}"
+            "): the run diverged; evaluate one of its earlier checkpoints "
+            "(checkpoints/epoch-NNNN) instead"
+        )
     test = evaluate_split(model, data, "test")
     return {
         "checkpoint": str(stem.with_suffix(".safetensors")),

@@ -31,13 +31,11 @@ from lorank.methods import build as build_method
 from lorank.models import build_model
 from lorank.training import distributed
 from lorank.training.checkpoint import (
-    latest_checkpoint,
-    load_optimizer_state,
+    apply_training_state,
     optimizer_state,
-    read_training_state,
     restore_model,
     rng_state,
-    set_rng_state,
+    usable_checkpoint,
     write_checkpoint,
 )
 from lorank.training.config import RunConfig
@@ -53,13 +51,17 @@ from lorank.training.rundir import (
     SUMMARY,
     Run,
     SilentRun,
-    check_run_dir,
+    check_output_dir,
     default_run_dir,
     diverge,
     prepare_run_dir,
-    read_records,
+    read_complete_records,
+    remove_temp_files,
+    resume_entry,
     summarize,
+    write_resume,
 )
+from lorank.training.schemas import CHECKPOINT_FORMAT
 from lorank.training.sinks import LogConfig, Sinks, check_sinks
 
 
@@ -73,6 +75,7 @@ def train(
     quiet: bool = False,
     model: nn.Module | None = None,
     resume: bool = False,
+    allow_changes: bool = False,
 ) -> Path:
     """Train ``config`` into a run directory and return its path.
 
@@ -80,7 +83,9 @@ def train(
     model being fine-tuned); ``config.model`` must still describe its dense architecture.
     ``resume=True`` continues the run at ``out`` from its newest complete checkpoint, with
     the same model, optimizer, schedule, method and RNG states, so the result is identical
-    to an uninterrupted run.
+    to an uninterrupted run. A resumed run records its changed settings in ``config.json``
+    (``resumes``); a change of data, model, method or seed is refused unless
+    ``allow_changes``.
 
     Under ``torchrun`` (see :mod:`lorank.training.distributed`) every process runs this function on
     its shard of each global batch of ``data.batch_size`` samples; only rank 0 writes files
@@ -100,9 +105,22 @@ def train(
     run_path = Path(out) if out else default_run_dir(config_name)
     if ddp:
         run_path = ddp.broadcast_object(run_path)  # one timestamped name for all processes
-    checkpoint = latest_checkpoint(run_path) if resume else None
-    if not resume and main:
-        check_run_dir(run_path, overwrite)  # fail before the slow set-up
+    checkpoint = state = None
+    if resume:
+        # The newest checkpoint that validates completely and whose epoch metrics.jsonl still
+        # holds; newer ones are skipped, saying why.
+        records = read_complete_records(run_path)
+        checkpoint, state, skipped = usable_checkpoint(run_path, len(records) - 1)
+        if main:
+            for line in skipped:
+                print(f"lorank: warning: skipped checkpoint {line}", file=sys.stderr)
+            if skipped:
+                print(f"lorank: resuming from {checkpoint.name}", file=sys.stderr)
+        # Refused before anything is loaded or written: the run's config.json must keep
+        # describing the run (see resume_entry).
+        resumed = resume_entry(run_path, config, checkpoint.name, allow_changes)
+    elif main:
+        check_output_dir(run_path, overwrite)  # fail before the slow set-up
     if main:
         check_sinks(config.log)
     data = load_dataset(config.data, device=device, data_dir=data_dir)
@@ -158,13 +176,13 @@ def train(
         run.log(record | flops.record(model))
         first_epoch, train_time, joules = 1, 0.0, 0.0
     else:
-        state = read_training_state(checkpoint)
-        load_optimizer_state(optimizer, model, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        method.load_state_dict(state["method"])
-        set_rng_state(state["rng"], data_gen)
+        assert state is not None
+        apply_training_state(checkpoint, state, optimizer, scheduler, method, model, data_gen)
         run = Run(run_path) if main else SilentRun(run_path)
-        run.records = read_records(run_path)[: state["epoch"] + 1]
+        if main:
+            remove_temp_files(run_path)  # left by the killed run's unfinished writes
+            write_resume(run_path, config, resumed)
+        run.records = records[: state["epoch"] + 1]  # metrics.jsonl cut back to the checkpoint
         run.log_all()
         run.write_json(SUMMARY, {"status": "running"})
         first_epoch, train_time = state["epoch"] + 1, state["train_time"]
@@ -201,10 +219,15 @@ def train(
             unit="batch",
         )
         for batch in bar:
-            if ddp:
-                stats = ddp.train_step(method, model, optimizer, batch, task_loss)
-            else:
-                stats = method.train_step(model, optimizer, batch, task_loss)
+            try:
+                if ddp:
+                    stats = ddp.train_step(method, model, optimizer, batch, task_loss)
+                else:
+                    stats = method.train_step(model, optimizer, batch, task_loss)
+            except (FloatingPointError, torch.linalg.LinAlgError) as e:
+                # Any method's numerical failure (a NaN core, an SVD that cannot converge
+                # on non-finite weights) is the run diverging: the one divergence path.
+                diverge(run, train_time, epoch, steps + 1, float("nan"), detail=_failure(e))
             steps += 1
             start += flops.after_step(model, optimizer)  # 0 but when it counted (untimed)
             if steps % POLL_STEPS == 0:
@@ -226,7 +249,10 @@ def train(
         if ddp:
             train_stats = ddp.average(train_stats)  # the global-batch means
         start += flops.end_epoch(model, optimizer)  # counting is not training: untimed
-        flops.counted(method.on_epoch_end, model, optimizer, epoch, train_stats)
+        try:
+            flops.counted(method.on_epoch_end, model, optimizer, epoch, train_stats)
+        except (FloatingPointError, torch.linalg.LinAlgError) as e:
+            diverge(run, train_time, epoch, steps, float("nan"), detail=_failure(e))
         if ddp:
             ddp.sync_structure(model)  # an epoch hook may have swapped parameters
         if device.type == "cuda":
@@ -256,6 +282,7 @@ def train(
         due = tc.checkpoint_every and (epoch % tc.checkpoint_every == 0 or epoch == tc.epochs)
         if main and due:
             training_state = {
+                "format": CHECKPOINT_FORMAT,
                 "epoch": epoch,
                 "train_time": train_time,
                 "optimizer": optimizer_state(optimizer, model),
@@ -277,6 +304,11 @@ def train(
         ddp.barrier()  # summary.json exists before any process returns
         ddp.close()
     return run.path
+
+
+def _failure(error: BaseException) -> str:
+    text = " ".join(str(error).split())[:160] or type(error).__name__
+    return f"a numerical step failed ({text})"
 
 
 def fit_closed_form(

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorank.core.io import read_json_file
 from lorank.errors import LorankError
 from lorank.experiments.sweep import EXECUTION_KEYS, format_value, short_labels
 from lorank.methods import METHODS
+from lorank.training.config import validate_config
 from lorank.training.rundir import (
     CONFIG,
     METRICS,
@@ -22,7 +24,9 @@ from lorank.training.rundir import (
     num_classes,
     read_json,
     read_records,
+    read_summary,
 )
+from lorank.training.schemas import SweepFile, validate_file
 
 LOSS_WEIGHT_PREFIXES = ("lambda_", "alpha")
 MAX_CURVES = 8
@@ -78,12 +82,23 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_run(path: Path) -> RunData | None:
-    config = read_json(path / CONFIG)
+    fix = "repair or delete that run, or leave it out of the report"
+    config = read_json_file(path / CONFIG, "run config", fix)
     if not isinstance(config, dict):
-        return None
-    summary = read_json(path / SUMMARY) or {}
+        raise LorankError(
+            f"run config {path / CONFIG} holds a JSON {type(config).__name__}, not an object; {fix}"
+        )
+    try:
+        validate_config(config)
+    except LorankError as e:
+        raise LorankError(f"{path / CONFIG}: {e}; {fix}") from None
+    # The run's history and the file's version are not settings to group runs by.
+    config = {k: v for k, v in config.items() if k not in ("resumes", "format")}
+    summary = read_summary(path) if (path / SUMMARY).exists() else {}
     records = read_records(path / METRICS)
     compress = read_json(path / "compress.json")
+    if compress is not None and not isinstance(compress, dict):
+        raise LorankError(f"{path / 'compress.json'} is not a JSON object; {fix}")
     method = (config.get("method") or {}).get("name", "dense")
     settings = {k: v for k, v in flatten(config).items() if k not in EXECUTION_KEYS}
     if compress is not None:
@@ -148,9 +163,10 @@ def collect(paths: Iterable[str | Path]) -> Collected:
         if not p.exists():
             raise LorankError(f"{p} does not exist; pass run or sweep directories")
         for index in [p / "sweep.json", *sorted(p.glob("*/sweep.json"))]:
-            data = read_json(index)
-            if not isinstance(data, dict):
+            if not index.is_file():
                 continue
+            data = read_json_file(index, "sweep index", "re-run the sweep to rewrite it")
+            validate_file(SweepFile, data, index, "re-run the sweep to rewrite it")
             if data.get("published"):
                 published.append(data["published"])
             for entry in data.get("runs", []):

@@ -384,11 +384,14 @@ def final_spectra(run: RunData) -> dict[str, list[float]]:
     out = {}
     with torch.no_grad():
         for name, module in model.named_modules():
-            if isinstance(module, LowRankLayer):
-                sigma = module.singular_values()
-            elif (adapter := adapter_for(module)) is not None and not adapter.targeted_only:
-                sigma = torch.linalg.svdvals(dense_matrix(module).double())
-            else:
+            try:
+                if isinstance(module, LowRankLayer):
+                    sigma = module.singular_values()
+                elif (adapter := adapter_for(module)) is not None and not adapter.targeted_only:
+                    sigma = torch.linalg.svdvals(dense_matrix(module).double())
+                else:
+                    continue
+            except RuntimeError:  # NaN/inf weights (a tampered or diverged model): no SVD
                 continue
             out[name] = [float(s) for s in sigma]
     return out

@@ -26,6 +26,7 @@ from lorank.experiments.report.collect import (
 )
 from lorank.experiments.report.figures import build_figures
 from lorank.experiments.sweep import format_value, short_labels
+from lorank.training.rundir import ensure_dir
 
 # ---------------------------------------------------------------------- tables
 
@@ -282,8 +283,8 @@ def report(paths: Sequence[str | Path], out: str | Path, title: str | None = Non
     collected = collect(paths)
     runs, published = collected.runs, collected.published
     groups = group_runs(runs)
-    out = Path(out)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(Path(out), "report directory")
+    ensure_dir(out / "figures", "report directory")
     figures = build_figures(groups)
     for f in figures:
         atomic_write_bytes(out / "figures" / f.name, f.png)
