@@ -114,7 +114,7 @@ class _Spec(BaseModel):
 
     rank: Annotated[int, Field(ge=1, le=MAX_FEATURES, strict=True)]
     core: Literal["full", "diag", "none"]
-    bias: Annotated[bool, Field(strict=True)]
+    bias: Annotated[bool, Field(strict=True)] = False  # embeddings have none
     frozen: list[Literal["U", "S", "V", "bias"]] = []
 
     def _check_rank(self, rows: int, cols: int) -> None:
@@ -153,6 +153,38 @@ class Conv2dSpec(_Spec):
         return self
 
 
+class HFConv1DSpec(LinearSpec):
+    type: Literal["hf_conv1d"]  # type: ignore[assignment]
+
+
+class Conv1dSpec(_Spec):
+    type: Literal["conv1d"]
+    in_channels: _Size
+    out_channels: _Size
+    kernel_size: Annotated[int, Field(ge=1, le=1024, strict=True)]
+    stride: Annotated[int, Field(ge=1, le=1024, strict=True)]
+    padding: Literal["same", "valid"] | Annotated[int, Field(ge=0, le=1024, strict=True)]
+    dilation: Annotated[int, Field(ge=1, le=1024, strict=True)]
+
+    @model_validator(mode="after")
+    def _rank_fits(self) -> Conv1dSpec:
+        self._check_rank(self.out_channels, self.in_channels * self.kernel_size)
+        return self
+
+
+class EmbeddingSpec(_Spec):
+    type: Literal["embedding"]
+    num_embeddings: Annotated[int, Field(ge=1, le=2**26, strict=True)]
+    embedding_dim: _Size
+    padding_idx: Annotated[int, Field(strict=True)] | None = None
+    scale_grad_by_freq: Annotated[bool, Field(strict=True)] = False
+
+    @model_validator(mode="after")
+    def _rank_fits(self) -> EmbeddingSpec:
+        self._check_rank(self.num_embeddings, self.embedding_dim)
+        return self
+
+
 class AttentionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -166,14 +198,15 @@ class DataInfoSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str, Field(min_length=1, max_length=200)]
-    task: Literal["classification", "language_model"]
+    task: Literal["classification", "language_model", "forecast"]
     input_shape: Annotated[
         list[Annotated[int, Field(ge=1, le=2**16, strict=True)]], Field(min_length=1, max_length=3)
     ]
-    num_classes: Annotated[int, Field(ge=1, le=2**20, strict=True)]
+    num_classes: Annotated[int, Field(ge=0, le=2**20, strict=True)]  # 0: forecasting
     vocab: Annotated[str, Field(max_length=2**20)] | None
     train_size: Annotated[int, Field(ge=0, le=2**40, strict=True)]
     test_size: Annotated[int, Field(ge=0, le=2**40, strict=True)]
+    horizon: Annotated[int, Field(ge=1, le=2**20, strict=True)] | None = None  # forecasting
 
 
 class HuggingFaceInfo(BaseModel):
@@ -194,7 +227,10 @@ class ModelFile(BaseModel):
     format: Literal["lorank-model/1"]
     low_rank_layers: dict[
         Annotated[str, Field(max_length=1000)],
-        Annotated[LinearSpec | Conv2dSpec, Field(discriminator="type")],
+        Annotated[
+            LinearSpec | HFConv1DSpec | Conv2dSpec | Conv1dSpec | EmbeddingSpec,
+            Field(discriminator="type"),
+        ],
     ] = {}
     attention: dict[Annotated[str, Field(max_length=1000)], AttentionSpec] = {}
     model: dict[str, Any] | None = None

@@ -196,6 +196,7 @@ class TrainingState(BaseModel):
     scheduler: dict[str, Any]
     method: dict[str, Any]
     rng: dict[str, Any]
+    flops: dict[str, Any] | None = None  # the FLOP meter's counts (absent before issue 25)
 
     @field_validator("rng")
     @classmethod
