@@ -5,6 +5,9 @@ Every user error (bad config key or value, missing or corrupt file, incompatible
 is printed as one line, ``lorank: error: ...``, with exit status 2 and no traceback; a run
 that diverged exits 1; anything unexpected (a bug) exits 3 with one line naming the
 exception and the file its traceback was written to. A closed stdout (``| head``) is silent.
+
+Long because it holds one argument parser per subcommand; each handler is a few lines that
+call the library.
 """
 
 from __future__ import annotations

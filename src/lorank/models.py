@@ -5,6 +5,9 @@ the low-rank conversion can find and replace layers by type and by name; the ViT
 PyTorch's ``nn.MultiheadAttention``, whose packed projection the conversion re-expresses as a
 layer first (:mod:`lorank.core.attention`). Each model has its own
 pydantic config with a ``name`` discriminator, so a saved JSON config rebuilds the same network.
+
+The whole zoo in one file: each model is a config class and a module of 50-100 lines that
+share the config union and :func:`build_model`, and are easiest to compare side by side.
 """
 
 from __future__ import annotations

@@ -40,6 +40,9 @@ The weights hold factors, not dense matrices. They are deliberately not named
 factorized weight "missing", randomly initialised, and only a warning; without it,
 ``from_pretrained`` stops with an error instead (load with lorank, or ``lorank.merge`` and
 ``save_pretrained`` for a dense copy).
+
+Long because Hugging Face models need their own loading, calibration forward, losses and
+saving, kept out of the generic pipeline.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ default packed layout the same Parameter objects), which then convert like any L
 or exclusion naming the attention module applies to all its projections. ``merge`` restores
 plain ``nn.MultiheadAttention`` modules. A model may list layer names it wants dense unless
 targeted explicitly in a ``lorank_dense_modules`` attribute (the ViT's patch embedding).
+
+Long because the conversion schema, the planner and the surgery must change together;
+keeping them in one file keeps that visible.
 """
 
 from __future__ import annotations

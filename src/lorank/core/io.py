@@ -3,6 +3,9 @@
 A saved model is two files: ``<stem>.safetensors`` (weights only: loading never runs code)
 and ``<stem>.json`` (what rebuilds the architecture: the model config, the dataset shape it
 was built for, and each low-rank layer's type, shape, rank and frozen factors).
+
+Long because it holds save/load and the schema of ``model.json`` that every load validates
+against.
 """
 
 from __future__ import annotations

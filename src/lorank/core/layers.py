@@ -31,6 +31,10 @@ is an error, since the factors are the parameters.
 The active rank is the number of columns of ``U``; methods change it with
 :meth:`LowRankLayer.set_factors`, which returns the ``{old: new}`` parameter mapping that
 :func:`lorank.core.optim.swap_parameters` needs to keep the optimizer consistent.
+
+All factorized layer kinds live here because they share :class:`LowRankLayer`'s machinery
+(factors, SVD, rank changes, the spec registry) and the K/L/S gradient functions; splitting
+them would scatter one abstraction over several files.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ On the command line and in configs a rule is spelled ``rank=16``, ``fraction=0.2
 ``tolerance=0.1``, ``abs-tolerance=0.5``, ``cutoff=0.1``, ``energy=0.01``, ``stable-rank``
 (or ``stable-rank=1.5``) or ``delta=0.05``; :meth:`RankRule.parse` reads that spelling and
 ``str(rule)`` writes it back.
+
+Long because it holds every rank rule, each a few lines with its docstring.
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ most
 :func:`theorem1_bound` reports this for chains of linear layers and activations (lorank's
 ``mlp``). It is a diagnostic: the theorem assumes bias-free layers, so with biases it is not
 a guaranteed bound, and it is usually loose by orders of magnitude.
+
+Long because it holds the layer spectra, the loss-bounded searches and the Theorem-1 bound,
+which share the truncation trials.
 """
 
 from __future__ import annotations

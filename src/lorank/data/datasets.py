@@ -7,6 +7,9 @@ worker processes, and it makes an epoch a pure function of one ``torch.Generator
 Files are looked up in the dataset roots (``--data-dir``/``DataConfig.dir``, ``$LORANK_DATA``,
 ``~/.cache/lorank``), verified against known checksums before use, and downloaded into the
 first writable root when absent and the network is reachable.
+
+Long because it holds the in-memory dataset class of every task (classification, language
+model, forecasting) and their shared batching.
 """
 
 from __future__ import annotations

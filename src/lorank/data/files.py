@@ -4,6 +4,8 @@ each on-disk format (IDX, CIFAR-10 npz or pickle batches, plain text) is decoded
 Files are looked up in the dataset roots (``--data-dir``/``DataConfig.dir``, ``$LORANK_DATA``,
 ``~/.cache/lorank``), verified against known checksums before use, and downloaded into the
 first writable root when absent and the network is reachable.
+
+Long because it holds the lookup, checksums, downloads and decoding of every dataset format.
 """
 
 from __future__ import annotations

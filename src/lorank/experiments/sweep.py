@@ -23,6 +23,9 @@ threads so that workers × threads never exceeds the cores. The sweep is resumab
 whose ``summary.json`` says ``completed`` or ``diverged`` is skipped, a half-written one
 (killed mid-training) is restarted from scratch. A run that diverges or fails is recorded
 as such in ``OUT/sweep.json`` and the sweep goes on.
+
+Long because a sweep is grid parsing, a worker pool and resumable runs, which only make
+sense together.
 """
 
 from __future__ import annotations

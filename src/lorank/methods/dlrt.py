@@ -88,6 +88,9 @@ undoes the decay its U and V steps took.
 
 Bias vectors and the layers kept dense (by default the output layer) are trained by the same
 base optimizer, once per batch (bug and kls: during the S-step).
+
+One method, one file (the package's rule): the four integrators share the layer bookkeeping,
+the optimizer-state maps and the truncation, which is why the file is long.
 """
 
 from __future__ import annotations

@@ -83,6 +83,9 @@ The model is the configured lorank MLP or CNN (``nn.Linear``/``nn.Conv2d`` layer
 method. The whole fit is logged as epoch 1 (``train.epochs`` and ``[optim]`` are ignored).
 Memory is :math:`O(N \cdot \max_l m_l)` float32 for one layer's cached outputs plus
 :math:`O(m^2)` float64 for the Gram matrices (``original``: :math:`O(N^2)` float64).
+
+One method, one file: both PIL variants and the convolution front end share the closed-form
+layer fits.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ half-written ``epoch-*`` folder; only the newest ``keep`` checkpoints are kept.
 
 The optimizer's state is stored by parameter *name*, not by position, because methods that
 change ranks replace parameters and so change the optimizer's parameter order.
+
+Long because a checkpoint holds the model, optimizer, schedule, method and RNG state, each
+with its exact restore.
 """
 
 from __future__ import annotations

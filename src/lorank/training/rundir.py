@@ -11,6 +11,9 @@ A run directory holds:
 
 Readers never raise on a half-written or foreign file: a killed run may leave a torn last
 line in ``metrics.jsonl``, and a directory may be a user's, not lorank's.
+
+Long because it is the one module that owns every file of a run directory: names, writers,
+readers, status, divergence and the overwrite guard.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """Reading run directories and aggregating them: runs grouped by settings, mean ± std over
-seeds, curves, best setting per method (the data behind every table and figure)."""
+seeds, curves, best setting per method (the data behind every table and figure).
+
+Long because it holds every aggregation the report needs (groups, curves, heat maps,
+ablations, FLOPs to a target), each small.
+"""
 
 from __future__ import annotations
 

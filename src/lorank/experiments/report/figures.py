@@ -1,4 +1,8 @@
-"""The report's figures (matplotlib, Agg backend), each from aggregated :class:`Group` s."""
+"""The report's figures (matplotlib, Agg backend), each from aggregated :class:`Group` s.
+
+Long because it holds one function per figure of the report; they share colours, axes and
+the group helpers.
+"""
 
 from __future__ import annotations
 

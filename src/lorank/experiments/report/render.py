@@ -1,4 +1,7 @@
-"""The report's tables (markdown and HTML) and :func:`report`, which writes ``OUT/``."""
+"""The report's tables (markdown and HTML) and :func:`report`, which writes ``OUT/``.
+
+Long because it renders every table of the report in markdown and HTML.
+"""
 
 from __future__ import annotations
 
