@@ -4,6 +4,8 @@ The public API::
 
     import lorank
     report = lorank.convert(model, lorank.LowRankConfig(method="svd", rank=0.25))
+    report = lorank.compress(model, lorank.CompressConfig(svd="activation",
+                             ranks=lorank.compress.BudgetRanks(budget=0.5)), calibration=batches)
     lorank.merge(model)                       # back to plain nn.Linear / nn.Conv2d
     lorank.save(model, "ckpt/model"); model = lorank.load("ckpt/model", model)
 
@@ -37,7 +39,21 @@ from lorank.core.layers import LowRankConv2d, LowRankLayer, LowRankLinear
 from lorank.core.rank import RankRule
 from lorank.errors import LorankError
 
+
+
+def __getattr__(name: str) -> object:
+    # lorank.compress (a callable package) and its config are imported on first use: they
+    # pull in the trainer, which ``import lorank`` alone should not.
+    if name in ("compress", "CompressConfig", "compress_model"):
+        import importlib
+
+        module = importlib.import_module("lorank.compress")
+        return module if name == "compress" else getattr(module, name)
+    raise AttributeError(f"module 'lorank' has no attribute {name!r}")
+
+
 __all__ = [
+    "CompressConfig",
     "ConversionReport",
     "LorankError",
     "LowRankConfig",
@@ -47,6 +63,8 @@ __all__ = [
     "LowRankMultiheadAttention",
     "RankRule",
     "__version__",
+    "compress",
+    "compress_model",
     "convert",
     "load",
     "low_rank_layers",
