@@ -72,6 +72,7 @@ from lorank.core.search import (
     TruncationLosses,
     bisect,
     check_search_options,
+    truncated,
 )
 from lorank.errors import LorankError
 

@@ -179,7 +179,13 @@ def compress_config(raw: CompressConfig | dict[str, Any] | None = None, **fields
 def describe(error: ValidationError) -> str:
     """One line for the first problem of a config: the field, what is wrong, the value."""
     err = error.errors()[0]
-    key = ".".join(str(p) for p in err["loc"] if p not in _TAGS)
+    loc = err["loc"]
+    # pydantic puts the union tag after the union field: ("ranks", "budget", "budget")
+    key = ".".join(
+        str(p)
+        for i, p in enumerate(loc)
+        if not (i > 0 and loc[i - 1] in ("ranks", "finetune") and p in _TAGS)
+    )
     message = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
     shown = "" if isinstance(value, dict) or not key else f" (got {value!r})"

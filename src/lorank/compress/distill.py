@@ -63,7 +63,7 @@ def split_holdout(batches: Sequence[Any], fraction: float) -> tuple[list[Any], l
     batches = list(batches)
     if len(batches) < 2:
         raise LorankError(
-            f"`finetune` distill needs at least 2 calibration batches (one held out), got "
+            f"distillation needs at least 2 calibration batches (one held out), got "
             f"{len(batches)}; give more `calibration` samples"
         )
     held = min(max(1, round(len(batches) * fraction)), len(batches) - 1)
@@ -141,7 +141,7 @@ def distill(
                 optim.step()
                 sched.step()
                 step += 1
-                train_loss = float(loss)
+                train_loss = float(loss.detach())
                 bar.update(1)
                 if step % options.eval_every == 0 or step == options.steps:
                     value = held_out()

@@ -101,10 +101,11 @@ class PairedMoments:
                 f"paired calibration rows differ in shape ({tuple(x.shape)} vs "
                 f"{tuple(xt.shape)}); does the model's forward depend on its weights' layout?"
             )
+        # products per chunk in float32 (float64 inputs stay float64), sums in float64
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         for s in range(0, x.shape[0], chunk_rows):
-            a = x[s : s + chunk_rows].detach().float()
-            t = xt[s : s + chunk_rows].detach().float()
-            # float32 products per chunk, float64 sums across chunks
+            a = x[s : s + chunk_rows].detach().to(dtype)
+            t = xt[s : s + chunk_rows].detach().to(dtype)
             self.xx += (a.T @ a).double()
             self.tt += (t.T @ t).double()
             self.xt += (a.T @ t).double()
