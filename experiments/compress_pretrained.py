@@ -108,8 +108,22 @@ def _sentences_docstrings(n: int) -> list[str]:
     import zipfile
 
     seen, out = set(), []
-    for module in (a, collections, csv, email, functools, http.client, j, logging, pathlib,
-                   subprocess, tarfile, threading, unittest, zipfile):
+    for module in (
+        a,
+        collections,
+        csv,
+        email,
+        functools,
+        http.client,
+        j,
+        logging,
+        pathlib,
+        subprocess,
+        tarfile,
+        threading,
+        unittest,
+        zipfile,
+    ):
         for _, obj in sorted(vars(module).items()):
             doc = inspect.getdoc(obj) if callable(obj) or inspect.ismodule(obj) else None
             if not doc:
@@ -125,8 +139,13 @@ def _embed(model: nn.Module, tok: Any, sentences: list[str], batch: int = 64) ->
     outs = []
     with torch.no_grad():
         for i in range(0, len(sentences), batch):
-            enc = tok(sentences[i : i + batch], padding=True, truncation=True, max_length=128,
-                      return_tensors="pt")
+            enc = tok(
+                sentences[i : i + batch],
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            )
             hidden = model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
@@ -136,10 +155,12 @@ def _embed(model: nn.Module, tok: Any, sentences: list[str], batch: int = 64) ->
 
 def _agreement(ref: torch.Tensor, emb: torch.Tensor) -> tuple[float, float]:
     cos = float((ref * emb).sum(-1).mean())
+
     def nn_of(e: torch.Tensor) -> torch.Tensor:
         sim = e @ e.T
         sim.fill_diagonal_(-2)
         return sim.argmax(1)
+
     return cos, float((nn_of(ref) == nn_of(emb)).float().mean())
 
 
@@ -153,7 +174,7 @@ def run_minilm(args: argparse.Namespace) -> None:
     text = (Path(args.data) / "tinyshakespeare" / "input.txt").read_text()
     cut = int(len(text) * 0.9)
     calib_text, held_text = text[:cut], text[cut:]
-    ids = tok(calib_text[: 200_000], add_special_tokens=False)["input_ids"]
+    ids = tok(calib_text[:200_000], add_special_tokens=False)["input_ids"]
     block = 126
     windows = [
         [tok.cls_token_id, *ids[i : i + block], tok.sep_token_id]
@@ -178,20 +199,40 @@ def run_minilm(args: argparse.Namespace) -> None:
             if label == "+ distill":
                 assert last is not None
                 model = copy.deepcopy(last)
-                info = distill(model, base, batches, _hf_forward, DistillFinetune(
-                    steps=args.distill_steps, lr=args.distill_lr, eval_every=20, patience=4,
-                ), progress=False)
+                info = distill(
+                    model,
+                    base,
+                    batches,
+                    _hf_forward,
+                    DistillFinetune(
+                        steps=args.distill_steps,
+                        lr=args.distill_lr,
+                        eval_every=20,
+                        patience=4,
+                    ),
+                    progress=False,
+                )
                 extra = {"distill": {k: v for k, v in info.items() if k != "history"}}
             else:
                 model = copy.deepcopy(base)
-                report = compress_model(model, _config(options, budget, None), batches,
-                                        forward=_hf_forward, progress=True)
+                report = compress_model(
+                    model,
+                    _config(options, budget, None),
+                    batches,
+                    forward=_hf_forward,
+                    progress=True,
+                )
                 extra = {"timings": report.timings}
                 last = model
             seconds = time.perf_counter() - t0
-            row = {"budget": budget, "method": label, "weights": _weights(model) / weights,
-                   "params_eval": parameter_counts(model)["params_eval"], "seconds": seconds,
-                   **extra}
+            row = {
+                "budget": budget,
+                "method": label,
+                "weights": _weights(model) / weights,
+                "params_eval": parameter_counts(model)["params_eval"],
+                "seconds": seconds,
+                **extra,
+            }
             for name, sentences in evals.items():
                 cos, agree = _agreement(ref[name], _embed(model, tok, sentences))
                 row[f"{name}_cos"], row[f"{name}_nn"] = cos, agree
@@ -204,8 +245,9 @@ def _hf_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
     return model(**batch)
 
 
-def _write_minilm(args: argparse.Namespace, rows: list[dict[str, Any]], sizes: dict[str, int],
-                  windows: int) -> None:
+def _write_minilm(
+    args: argparse.Namespace, rows: list[dict[str, Any]], sizes: dict[str, int], windows: int
+) -> None:
     lines = [
         "| budget | method | Linear weights kept | Shakespeare cos | Shakespeare NN | "
         "docstrings cos | docstrings NN | seconds |",
@@ -217,8 +259,10 @@ def _write_minilm(args: argparse.Namespace, rows: list[dict[str, Any]], sizes: d
             f"| {r['shakespeare_nn']:.3f} | {r['docstrings_cos']:.4f} | {r['docstrings_nn']:.3f} "
             f"| {r['seconds']:.0f} |"
         )
-    meta = (f"calibration: {windows} windows of 128 tokens of tiny Shakespeare (first 90%); "
-            f"held-out sentences: {sizes}")
+    meta = (
+        f"calibration: {windows} windows of 128 tokens of tiny Shakespeare (first 90%); "
+        f"held-out sentences: {sizes}"
+    )
     Path(args.out).write_text(meta + "\n\n" + "\n".join(lines) + "\n")
     Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
 
@@ -237,8 +281,16 @@ def run_char(args: argparse.Namespace) -> None:
     batches = data.train_subset_batches(args.calibration)
     dense = evaluate(base, data.eval_batches("test"))
     weights = _weights(base)
-    rows = [{"budget": 1.0, "method": "dense", "weights": 1.0, "test_loss": dense["loss"],
-             "params_eval": parameter_counts(base)["params_eval"], "seconds": 0.0}]
+    rows = [
+        {
+            "budget": 1.0,
+            "method": "dense",
+            "weights": 1.0,
+            "test_loss": dense["loss"],
+            "params_eval": parameter_counts(base)["params_eval"],
+            "seconds": 0.0,
+        }
+    ]
     print(json.dumps(rows[0]), flush=True)
     for budget in args.budgets:
         last = None
@@ -247,25 +299,48 @@ def run_char(args: argparse.Namespace) -> None:
             if label == "+ distill":
                 assert last is not None
                 model = copy.deepcopy(last)
-                info = distill(model, base, batches, lambda m, b: m(b[0]), DistillFinetune(
-                    steps=args.distill_steps, lr=args.distill_lr, eval_every=20, patience=4,
-                ), progress=False)
+                info = distill(
+                    model,
+                    base,
+                    batches,
+                    lambda m, b: m(b[0]),
+                    DistillFinetune(
+                        steps=args.distill_steps,
+                        lr=args.distill_lr,
+                        eval_every=20,
+                        patience=4,
+                    ),
+                    progress=False,
+                )
                 extra = {"distill": {k: v for k, v in info.items() if k != "history"}}
             else:
                 model = copy.deepcopy(base)
-                report = compress_model(model, _config(options, budget, None), batches,
-                                        loss_fn=task_loss, progress=False)
+                report = compress_model(
+                    model,
+                    _config(options, budget, None),
+                    batches,
+                    loss_fn=task_loss,
+                    progress=False,
+                )
                 extra = {"timings": report.timings}
                 last = model
             seconds = time.perf_counter() - t0
             test = evaluate(model, data.eval_batches("test"))
-            row = {"budget": budget, "method": label, "weights": _weights(model) / weights,
-                   "params_eval": parameter_counts(model)["params_eval"],
-                   "test_loss": test["loss"], "seconds": seconds, **extra}
+            row = {
+                "budget": budget,
+                "method": label,
+                "weights": _weights(model) / weights,
+                "params_eval": parameter_counts(model)["params_eval"],
+                "test_loss": test["loss"],
+                "seconds": seconds,
+                **extra,
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
-    lines = ["| budget | method | Linear weights kept | params_eval | test loss | ppl | seconds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| budget | method | Linear weights kept | params_eval | test loss | ppl | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['budget']} | {r['method']} | {r['weights']:.3f} | {r['params_eval']} | "
@@ -284,8 +359,9 @@ def main() -> None:
     p.add_argument("--sentences", type=int, default=400)
     p.add_argument("--distill-steps", type=int, default=200)
     p.add_argument("--distill-lr", type=float, default=1e-4)
-    p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")],
-                   default=[0.75, 0.5, 0.25])
+    p.add_argument(
+        "--budgets", type=lambda s: [float(x) for x in s.split(",")], default=[0.75, 0.5, 0.25]
+    )
     p.add_argument("--data", default=os.environ.get("LORANK_DATA", "../shared/datasets"))
     p.set_defaults(func=run_minilm)
     p = sub.add_parser("char")
@@ -294,8 +370,9 @@ def main() -> None:
     p.add_argument("--calibration", type=int, default=256)
     p.add_argument("--distill-steps", type=int, default=200)
     p.add_argument("--distill-lr", type=float, default=3e-4)
-    p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")],
-                   default=[0.75, 0.5, 0.25])
+    p.add_argument(
+        "--budgets", type=lambda s: [float(x) for x in s.split(",")], default=[0.75, 0.5, 0.25]
+    )
     p.add_argument("--data", default=os.environ.get("LORANK_DATA", "../shared/datasets"))
     p.set_defaults(func=run_char)
     args = parser.parse_args()

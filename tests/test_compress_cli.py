@@ -440,8 +440,10 @@ def test_cli_and_in_memory_api_give_identical_factors(dense_run, capsys, extra):
         (["--loss-tolerance", "0.1", "--allocation", "measured"], "--allocation"),
         (["--budget", "0.5", "--distill", "--distill-steps", "0"], "--distill-steps"),
         # a calibration set of one batch (128 samples) leaves nothing to hold out
-        (["--budget", "0.5", "--svd", "activation", "--calibration", "100", "--distill"],
-         "--calibration"),
+        (
+            ["--budget", "0.5", "--svd", "activation", "--calibration", "100", "--distill"],
+            "--calibration",
+        ),
     ],
 )
 def test_impossible_compress_options_are_one_line_errors_naming_flags(

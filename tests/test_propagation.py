@@ -110,8 +110,14 @@ def test_refit_never_increases_the_objective(layer, data):
 def _mlp(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Linear(20, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 64), nn.GELU(),
-        nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 10),
+        nn.Linear(20, 64),
+        nn.GELU(),
+        nn.LayerNorm(64),
+        nn.Linear(64, 64),
+        nn.GELU(),
+        nn.Linear(64, 64),
+        nn.GELU(),
+        nn.Linear(64, 10),
     )
 
 
@@ -150,10 +156,15 @@ def test_first_layer_with_propagation_equals_the_activation_svd():
     """Nothing upstream of the first layer is compressed: its factors are the independent ones."""
     batches = _batches()
     a, b = _mlp(), _mlp()
-    compress_model(a, CompressConfig(svd="activation", ranks=BudgetRanks(budget=0.4)), batches,
-                   progress=False)
-    compress_model(b, CompressConfig(svd="activation", ranks=BudgetRanks(budget=0.4),
-                                     error_propagation=True), batches, progress=False)
+    compress_model(
+        a, CompressConfig(svd="activation", ranks=BudgetRanks(budget=0.4)), batches, progress=False
+    )
+    compress_model(
+        b,
+        CompressConfig(svd="activation", ranks=BudgetRanks(budget=0.4), error_propagation=True),
+        batches,
+        progress=False,
+    )
     wa, wb = a[0].weight_matrix(), b[0].weight_matrix()
     torch.testing.assert_close(wa, wb, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(a[3].weight_matrix(), b[3].weight_matrix(), atol=1e-4)
@@ -229,7 +240,8 @@ def test_bad_in_memory_configs_are_one_line_errors():
     with pytest.raises(LorankError, match="`ranks.budget`"):
         compress_model(model, {"ranks": {"kind": "budget", "budget": 0}}, _batches())
     with pytest.raises(LorankError, match="loss"):
-        compress_model(model, {"ranks": {"kind": "loss_tolerance", "loss_tolerance": 0.1}},
-                       _batches())
+        compress_model(
+            model, {"ranks": {"kind": "loss_tolerance", "loss_tolerance": 0.1}}, _batches()
+        )
     with pytest.raises(LorankError, match="`svd`"):
         compress_model(model, {"error_propagation": True}, _batches())

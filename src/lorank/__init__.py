@@ -40,7 +40,6 @@ from lorank.core.rank import RankRule
 from lorank.errors import LorankError
 
 
-
 def __getattr__(name: str) -> object:
     # lorank.compress (a callable package) and its config are imported on first use: they
     # pull in the trainer, which ``import lorank`` alone should not.

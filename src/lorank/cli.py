@@ -218,16 +218,33 @@ def _parser() -> argparse.ArgumentParser:
         help="distil the original model's outputs into the compressed one on the calibration "
         "data (no labels; factors, norms and biases train)",
     )
-    p.add_argument("--distill-steps", type=int, default=200, metavar="N",
-                   help="--distill: at most N steps (default 200)")
-    p.add_argument("--distill-lr", type=float, default=1e-4, metavar="LR",
-                   help="--distill: AdamW learning rate (default 1e-4)")
-    p.add_argument("--distill-holdout", type=float, default=0.1, metavar="F",
-                   help="--distill: fraction of the calibration batches held out to stop on "
-                   "(default 0.1)")
-    p.add_argument("--distill-loss", choices=("auto", "kl", "cosine", "mse"), default="auto",
-                   help="--distill: output distance (default auto: KL for logits, cosine for "
-                   "hidden states)")
+    p.add_argument(
+        "--distill-steps",
+        type=int,
+        default=200,
+        metavar="N",
+        help="--distill: at most N steps (default 200)",
+    )
+    p.add_argument(
+        "--distill-lr",
+        type=float,
+        default=1e-4,
+        metavar="LR",
+        help="--distill: AdamW learning rate (default 1e-4)",
+    )
+    p.add_argument(
+        "--distill-holdout",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="--distill: fraction of the calibration batches held out to stop on (default 0.1)",
+    )
+    p.add_argument(
+        "--distill-loss",
+        choices=("auto", "kl", "cosine", "mse"),
+        default="auto",
+        help="--distill: output distance (default auto: KL for logits, cosine for hidden states)",
+    )
     p.add_argument(
         "--damping",
         type=float,

@@ -117,9 +117,7 @@ def allocate(
     if not 0 < budget <= 1:
         raise LorankError(f"`ranks.budget` {budget} must be in (0, 1], e.g. 0.5")
     if method not in ALLOCATIONS:
-        raise LorankError(
-            f"`ranks.allocation` {method!r}: choose one of {', '.join(ALLOCATIONS)}"
-        )
+        raise LorankError(f"`ranks.allocation` {method!r}: choose one of {', '.join(ALLOCATIONS)}")
     before = {s.name: weight_params(s, _current_rank(s)) for s in spectra}
     target = budget * sum(before.values())
     if method == "uniform":
@@ -176,7 +174,8 @@ def _greedy(
     tails = [torch.cat([e.flip(0).cumsum(0).flip(0), e.new_zeros(1)]) for e in energy]
     totals = [max(float(t[0]), 1e-300) for t in tails]
     if weights is not None:  # errors relative to the layer's energy, times its sensitivity
-        totals = [t / max(weights.get(s.name, 1.0), 1e-300) for t, s in zip(totals, spectra)]
+        scale = [max(weights.get(s.name, 1.0), 1e-300) for s in spectra]
+        totals = [t / w for t, w in zip(totals, scale, strict=True)]
     tail_lists = [t.tolist() for t in tails]  # scalar reads in the loops below
     start = [_current_rank(s) for s in spectra]
     ranks = list(start)
@@ -383,8 +382,7 @@ def measured_allocation(
     greedy = allocate(spectra, budget, "greedy")
     uniform = allocate(spectra, budget, "uniform")
     probe = {
-        s.name: greedy[s.name] if greedy[s.name] < s.full_rank else uniform[s.name]
-        for s in spectra
+        s.name: greedy[s.name] if greedy[s.name] < s.full_rank else uniform[s.name] for s in spectra
     }
     measured = sensitivities(model, spectra, probe, batches, forward, kind, progress)
     weights = {name: row["sensitivity"] for name, row in measured.items()}

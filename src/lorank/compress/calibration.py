@@ -112,7 +112,9 @@ def gram(x: Tensor, chunk_rows: int = 4096, device: Any = None) -> Tensor:
 
 def _geometry_key(module: nn.Module) -> Any:
     if hasattr(module, "kernel_size"):
-        return tuple(str(getattr(module, a, None)) for a in ("kernel_size", "stride", "padding", "dilation"))
+        return tuple(
+            str(getattr(module, a, None)) for a in ("kernel_size", "stride", "padding", "dilation")
+        )
     return "rows"
 
 

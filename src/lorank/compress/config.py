@@ -161,7 +161,9 @@ class CompressConfig(_Strict):
 _TAGS = {"rule", "budget", "loss_tolerance", "distill", "epochs"}
 
 
-def compress_config(raw: CompressConfig | dict[str, Any] | None = None, **fields: Any) -> CompressConfig:
+def compress_config(
+    raw: CompressConfig | dict[str, Any] | None = None, **fields: Any
+) -> CompressConfig:
     """A validated :class:`CompressConfig` from a config, a dict or keyword fields; a bad one
     is a one-line :class:`~lorank.errors.LorankError` naming the field in backquotes."""
     if isinstance(raw, CompressConfig) and not fields:

@@ -71,7 +71,9 @@ def distance(student: Tensor, teacher: Tensor, kind: str) -> Tensor:
 
 
 @torch.no_grad()
-def mean_distance(student: Any, teacher_outputs: list[Tensor], batches: list[Any], forward: Any, kind: str) -> float:
+def mean_distance(
+    student: Any, teacher_outputs: list[Tensor], batches: list[Any], forward: Any, kind: str
+) -> float:
     """The distance averaged over ``batches`` with precomputed teacher outputs."""
     was = student.training
     student.eval()

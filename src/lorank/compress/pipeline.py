@@ -157,7 +157,9 @@ def options_config(
     if finetune_epochs:
         finetune = {"kind": "epochs", "epochs": finetune_epochs}
     elif distill is not None:
-        finetune = distill if isinstance(distill, DistillFinetune) else {"kind": "distill", **distill}
+        finetune = (
+            distill if isinstance(distill, DistillFinetune) else {"kind": "distill", **distill}
+        )
     return compress_config(
         {
             "svd": svd,

@@ -17,8 +17,9 @@ the expectation over calibration rows, λ the damping of :mod:`lorank.compress.c
 **Truncation with error propagation** (``error_propagation``, bias kept: :math:`\hat b = b`).
 With :math:`\tilde C_\lambda = \tilde C + \lambda I = \tilde L \tilde L^\top` and
 :math:`M_\lambda = M + \lambda I`,
-:math:`J = \operatorname{tr}(W_r \tilde C_\lambda W_r^\top) - 2\operatorname{tr}(W M_\lambda W_r^\top)
-+ \text{const} = \|W_r \tilde L - W M_\lambda \tilde L^{-\top}\|_F^2 + \text{const}`, so by
+:math:`J = \operatorname{tr}(W_r \tilde C_\lambda W_r^\top)
+- 2\operatorname{tr}(W M_\lambda W_r^\top) + \text{const}
+= \|W_r \tilde L - W M_\lambda \tilde L^{-\top}\|_F^2 + \text{const}`, so by
 Eckart–Young the best rank-r :math:`W_r` comes from the SVD
 :math:`A = W M_\lambda \tilde L^{-\top} = P \Sigma Q^\top`:
 :math:`W_r = P_r \Sigma_r (\tilde L^{-\top} Q_r)^\top` (one triangular solve each way). When
@@ -338,8 +339,13 @@ def propagate(
             for name in group:
                 rows.append(
                     _compress_one(
-                        model, by_name[name], chosen[name], stats[name], error_propagation,
-                        refit_factors, damping,
+                        model,
+                        by_name[name],
+                        chosen[name],
+                        stats[name],
+                        error_propagation,
+                        refit_factors,
+                        damping,
                     )
                 )
                 bar.update(1)
