@@ -248,7 +248,9 @@ def compress_model(
     plain = spectra
     activation = None
     rows_seen = None
-    if batches:
+    # Activation-aware spectra: for svd="activation", or to compare plain vs activation-aware
+    # factors on the loss (which needs a loss); a plain compression does not need them.
+    if batches and (config.svd == "activation" or loss_fn is not None):
         start = time.perf_counter()
         moments = collect_second_moments(
             model, {s.name: s.module for s in spectra}, batches, forward
