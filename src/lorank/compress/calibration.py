@@ -34,8 +34,10 @@ the calibration data never excites.
 
 **Collecting C.** :func:`collect_second_moments` registers forward pre-hooks on the target
 layers, runs the calibration batches once (eval mode, no gradient) and accumulates
-:math:`X^\top X` in float64, chunk by chunk (at most ``chunk_rows`` rows are cast to float64 at
-a time, so memory is O(n² + chunk·n) whatever N is). A Linear (and Hugging Face ``Conv1D``)
+:math:`X^\top X` chunk by chunk: the product of at most ``chunk_rows`` rows in float32 (float64
+inputs stay float64), the sum across chunks in float64, so memory is O(n² + chunk·n) whatever N
+is. Layers fed the very same tensor in one forward (q, k and v after one LayerNorm) share one
+product per batch. A Linear (and Hugging Face ``Conv1D``)
 sees the rows of its input flattened over every leading dimension (tokens count as rows);
 a Conv2d sees its unfolded patches (``F.unfold`` orders them as C_in × kh × kw, the same order
 as ``weight.flatten(1)``). The hooks are removed afterwards, even on error.
