@@ -455,3 +455,36 @@ def test_impossible_compress_options_are_one_line_errors_naming_flags(
     assert err.startswith("lorank: error:") and len(err.strip().splitlines()) == 1
     assert flag in err and "`" not in err
     assert not (base / "bad").exists()
+
+
+def test_distill_flag_lowers_the_held_out_distance_and_keeps_the_parameter_count(dense_run, capsys):
+    run, base = dense_run
+    out = base / "distill"
+    code, _, err = compress(
+        [
+            run,
+            "--svd",
+            "activation",
+            "--budget",
+            "0.05",
+            "--calibration",
+            "768",
+            "--distill",
+            "--distill-steps",
+            "50",
+            "--distill-lr",
+            "3e-4",
+            "--distill-holdout",
+            "0.2",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    s = summary_of(out)
+    d = s["distill"]
+    assert d["loss"] == "kl" and d["held_out_batches"] == 1 and d["train_batches"] == 5
+    assert d["held_out_after"] < d["held_out_before"]
+    assert s["params_eval"] == s["params_eval_after"]
+    assert evaluate_checkpoint(out)["test_acc"] == pytest.approx(s["test_acc_after"])
