@@ -195,6 +195,8 @@ def run_minilm(args: argparse.Namespace) -> None:
     for budget in args.budgets:
         last = None
         for label, options in ROWS:
+            if args.rows and label not in args.rows and label != "+ measured allocation":
+                continue
             t0 = time.perf_counter()
             if label == "+ distill":
                 assert last is not None
@@ -357,6 +359,12 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--calibration", type=int, default=128, help="windows of 128 tokens")
     p.add_argument("--sentences", type=int, default=400)
+    p.add_argument(
+        "--rows",
+        type=lambda t: t.split(","),
+        default=None,
+        help="only these rows (labels, comma-separated; the measured row always runs)",
+    )
     p.add_argument("--distill-steps", type=int, default=200)
     p.add_argument("--distill-lr", type=float, default=1e-4)
     p.add_argument(
