@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -68,19 +67,3 @@ def distance(student: Tensor, teacher: Tensor, kind: str) -> Tensor:
         t = teacher.float()
         return (student.float() - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
     raise LorankError(f"unknown output distance {kind!r}; choose one of {', '.join(DISTANCES)}")
-
-
-@torch.no_grad()
-def mean_distance(
-    student: Any, teacher_outputs: list[Tensor], batches: list[Any], forward: Any, kind: str
-) -> float:
-    """The distance averaged over ``batches`` with precomputed teacher outputs."""
-    was = student.training
-    student.eval()
-    try:
-        total = 0.0
-        for batch, t in zip(batches, teacher_outputs, strict=True):
-            total += float(distance(output_tensor(forward(student, batch)), t, kind))
-        return total / max(len(batches), 1)
-    finally:
-        student.train(was)
