@@ -248,9 +248,9 @@ def test_greedy_takes_rank_from_the_layer_with_the_flat_spectrum_last():
 
 def test_bad_budget_is_an_error():
     spectra = _spectra([(4, 4)], 0)
-    with pytest.raises(LorankError, match="--budget"):
+    with pytest.raises(LorankError, match="budget"):
         allocate(spectra, 0.0)
-    with pytest.raises(LorankError, match="--allocation"):
+    with pytest.raises(LorankError, match="allocation"):
         allocate(spectra, 0.5, "random")  # type: ignore[arg-type]
 
 

@@ -397,3 +397,108 @@ def test_text_calibration_file_of_a_char_transformer(tmp_path, capsys):
         [*args, "--calibration-file", tmp_path / "odd.txt", "--out", tmp_path / "o2"], capsys
     )
     assert code == 2 and "'€'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--svd", "activation", "--budget", "0.4", "--error-propagation", "--refit"],
+        ["--svd", "activation", "--budget", "0.4", "--allocation", "measured"],
+    ],
+)
+def test_cli_and_in_memory_api_give_identical_factors(dense_run, capsys, extra):
+    import tomllib
+
+    from lorank.compress import compress_model
+    from lorank.compress.pipeline import options_config
+    from lorank.data import load_dataset
+    from lorank.training.evaluate import task_loss
+
+    run, base = dense_run
+    out = base / ("api-" + "-".join(e.strip("-") for e in extra))
+    code, _, err = compress([run, *extra, "--calibration", "256", "--out", out], capsys)
+    assert code == 0, err
+    config = options_config(
+        svd="activation",
+        budget=0.4,
+        calibration=256,
+        allocation="measured" if "measured" in extra else "greedy",
+        error_propagation="--error-propagation" in extra,
+        refit="--refit" in extra,
+    )
+    model = lorank.load(run / "model")
+    data = load_dataset(validate_config(tomllib.loads(CONFIG)).data)
+    report = lorank.compress(
+        model,
+        config,
+        calibration=data.train_subset_batches(256),
+        loss_fn=task_loss,
+        loss_batches=data.train_subset_batches(config.samples),
+        progress=False,
+    )
+    assert report is not None and isinstance(report, lorank.compress.CompressionReport)
+    saved = lorank.load(out / "model").state_dict()
+    mine = model.state_dict()
+    assert saved.keys() == mine.keys()
+    for key, value in saved.items():
+        torch.testing.assert_close(mine[key], value, rtol=0, atol=0, msg=key)
+    assert summary_of(out)["ranks"] == report.ranks
+    assert compress_model is not None
+
+
+@pytest.mark.parametrize(
+    ("extra", "flag"),
+    [
+        (["--budget", "0.5", "--loss-tolerance", "0.1"], "--budget"),
+        (["--budget", "0.5", "--error-propagation"], "--svd"),
+        (["--loss-tolerance", "0.1", "--allocation", "measured"], "--allocation"),
+        (["--budget", "0.5", "--distill", "--distill-steps", "0"], "--distill-steps"),
+        # a calibration set of one batch (128 samples) leaves nothing to hold out
+        (
+            ["--budget", "0.5", "--svd", "activation", "--calibration", "100", "--distill"],
+            "--calibration",
+        ),
+    ],
+)
+def test_impossible_compress_options_are_one_line_errors_naming_flags(
+    dense_run, capsys, extra, flag
+):
+    run, base = dense_run
+    code, _, err = compress([run, *extra, "--out", base / "bad"], capsys)
+    assert code == 2, err
+    assert err.startswith("lorank: error:") and len(err.strip().splitlines()) == 1
+    assert flag in err and "`" not in err
+    assert not (base / "bad").exists()
+
+
+def test_distill_flag_lowers_the_held_out_distance_and_keeps_the_parameter_count(dense_run, capsys):
+    run, base = dense_run
+    out = base / "distill"
+    code, _, err = compress(
+        [
+            run,
+            "--svd",
+            "activation",
+            "--budget",
+            "0.05",
+            "--calibration",
+            "768",
+            "--distill",
+            "--distill-steps",
+            "50",
+            "--distill-lr",
+            "3e-4",
+            "--distill-holdout",
+            "0.2",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    s = summary_of(out)
+    d = s["distill"]
+    assert d["loss"] == "kl" and d["held_out_batches"] == 1 and d["train_batches"] == 5
+    assert d["held_out_after"] < d["held_out_before"]
+    assert s["params_eval"] == s["params_eval_after"]
+    assert evaluate_checkpoint(out)["test_acc"] == pytest.approx(s["test_acc_after"])

@@ -78,7 +78,8 @@ def test_conv1d_calibration_weights_the_transposed_weight(gpt2_dir):
     handle.remove()
     x = captured[0].reshape(-1, 64).double()
     assert moments["fc"].rows == 6 * 64
-    assert torch.allclose(moments["fc"].xtx, x.T @ x, rtol=1e-9, atol=1e-9)
+    # float32 products per chunk, summed in float64
+    assert torch.allclose(moments["fc"].xtx, x.T @ x, rtol=1e-5, atol=1e-4)
     # Activation-aware truncation of W = weightᵀ beats plain truncation on these inputs.
     w = dense_weight_matrix(layer).double()
     c = moments["fc"].mean
@@ -90,7 +91,7 @@ def test_conv1d_calibration_weights_the_transposed_weight(gpt2_dir):
     plain_err = w - (pu[:, :r] * ps[:r]) @ pvh[:r]
     act, plain = (torch.trace(e @ c @ e.T) for e in (act_err, plain_err))
     assert act < plain
-    assert act == pytest.approx(float(s[r:].pow(2).sum()), rel=1e-6)
+    assert act == pytest.approx(float(s[r:].pow(2).sum()), rel=1e-5)
 
 
 def test_activation_svd_compress_save_reload(gpt2_dir, tmp_path):

@@ -4,6 +4,8 @@ The public API::
 
     import lorank
     report = lorank.convert(model, lorank.LowRankConfig(method="svd", rank=0.25))
+    report = lorank.compress(model, lorank.CompressConfig(svd="activation",
+                             ranks=lorank.compress.BudgetRanks(budget=0.5)), calibration=batches)
     lorank.merge(model)                       # back to the original dense layers
     lorank.save(model, "ckpt/model"); model = lorank.load("ckpt/model", model)
 
@@ -46,7 +48,20 @@ from lorank.errors import LorankError
 
 _compat.install()  # old module paths (lorank.optim, lorank.calibration, ...) keep working
 
+
+def __getattr__(name: str) -> object:
+    # lorank.compress (a callable package) and its config are imported on first use: they
+    # pull in the trainer, which ``import lorank`` alone should not.
+    if name in ("compress", "CompressConfig", "compress_model"):
+        import importlib
+
+        module = importlib.import_module("lorank.compress")
+        return module if name == "compress" else getattr(module, name)
+    raise AttributeError(f"module 'lorank' has no attribute {name!r}")
+
+
 __all__ = [
+    "CompressConfig",
     "ConversionReport",
     "LorankError",
     "LowRankConfig",
@@ -58,6 +73,8 @@ __all__ = [
     "LowRankMultiheadAttention",
     "RankRule",
     "__version__",
+    "compress",
+    "compress_model",
     "convert",
     "load",
     "low_rank_layers",

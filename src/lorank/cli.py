@@ -17,6 +17,7 @@ import errno
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -215,10 +216,57 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--allocation",
-        choices=("uniform", "greedy"),
+        choices=("uniform", "greedy", "measured"),
         default="greedy",
-        help="--budget/--loss-tolerance: same fraction in every layer, or greedy removal of "
-        "the rank-1 component with the least output error per parameter saved (default greedy)",
+        help="--budget/--loss-tolerance: same fraction in every layer, greedy removal of "
+        "the rank-1 component with the least output error per parameter saved (default "
+        "greedy), or (--budget only) measured: greedy weighted by each layer's measured "
+        "effect on the model's outputs",
+    )
+    p.add_argument(
+        "--error-propagation",
+        action="store_true",
+        help="--svd activation: truncate layers in forward order, each from the inputs the "
+        "already-compressed layers before it produce (closed form)",
+    )
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="after truncation, refit each layer's output factor and bias by least squares "
+        "on the calibration inputs (closed form)",
+    )
+    p.add_argument(
+        "--distill",
+        action="store_true",
+        help="distil the original model's outputs into the compressed one on the calibration "
+        "data (no labels; factors, norms and biases train)",
+    )
+    p.add_argument(
+        "--distill-steps",
+        type=int,
+        default=200,
+        metavar="N",
+        help="--distill: at most N steps (default 200)",
+    )
+    p.add_argument(
+        "--distill-lr",
+        type=float,
+        default=1e-4,
+        metavar="LR",
+        help="--distill: AdamW learning rate (default 1e-4)",
+    )
+    p.add_argument(
+        "--distill-holdout",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="--distill: fraction of the calibration batches held out to stop on (default 0.1)",
+    )
+    p.add_argument(
+        "--distill-loss",
+        choices=("auto", "kl", "cosine", "mse"),
+        default="auto",
+        help="--distill: output distance (default auto: KL for logits, cosine for hidden states)",
     )
     p.add_argument(
         "--damping",
@@ -501,29 +549,79 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# Config fields (as library errors name them, in backquotes) and the flags that set them.
+COMPRESS_FLAGS = {
+    "ranks.rule": "--rule",
+    "ranks.budget": "--budget",
+    "ranks.loss_tolerance": "--loss-tolerance",
+    "ranks.allocation": "--allocation",
+    "ranks.precision": "--precision",
+    "precision": "--precision",
+    "svd": "--svd",
+    "calibration": "--calibration",
+    "calibration_file": "--calibration-file",
+    "samples": "--samples",
+    "damping": "--damping",
+    "error_propagation": "--error-propagation",
+    "refit": "--refit",
+    "finetune.epochs": "--finetune-epochs",
+    "finetune.steps": "--distill-steps",
+    "finetune.lr": "--distill-lr",
+    "finetune.holdout": "--distill-holdout",
+    "finetune.loss": "--distill-loss",
+    "finetune": "--finetune-epochs/--distill",
+    "out": "--out",
+    "overwrite": "--overwrite",
+    "model_config": "--model-config",
+}
+
+
+def flags_for_fields(message: str, flags: dict[str, str] = COMPRESS_FLAGS) -> str:
+    """A library message with its `config.field` names replaced by the CLI's flags."""
+    return re.sub(r"`([a-z_.]+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
     from lorank.compress import compress
+    from lorank.compress.pipeline import options_config
 
-    path = compress(
-        args.path,
-        args.rule,
-        args.out,
-        finetune_epochs=args.finetune_epochs,
-        model_config=args.model_config,
-        data_dir=args.data_dir,
-        overrides=args.overrides,
-        samples=args.samples,
-        precision=args.precision,
-        overwrite=args.overwrite,
-        quiet=args.quiet,
-        svd=args.svd,
-        calibration=args.calibration,
-        budget=args.budget,
-        allocation=args.allocation,
-        damping=args.damping,
-        calibration_file=args.calibration_file,
-        loss_tolerance=args.loss_tolerance,
-    )
+    try:
+        distill = None
+        if args.distill:
+            distill = {
+                "steps": args.distill_steps,
+                "lr": args.distill_lr,
+                "holdout": args.distill_holdout,
+                "loss": args.distill_loss,
+            }
+        config = options_config(
+            args.rule,
+            svd=args.svd,
+            budget=args.budget,
+            loss_tolerance=args.loss_tolerance,
+            allocation=args.allocation,
+            precision=args.precision,
+            calibration=args.calibration,
+            samples=args.samples,
+            damping=args.damping,
+            error_propagation=args.error_propagation,
+            refit=args.refit,
+            finetune_epochs=args.finetune_epochs,
+            distill=distill,
+        )
+        path = compress(
+            args.path,
+            config,
+            args.out,
+            model_config=args.model_config,
+            data_dir=args.data_dir,
+            overrides=args.overrides,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+            calibration_file=args.calibration_file,
+        )
+    except LorankError as e:
+        raise type(e)(flags_for_fields(str(e))) from None
     summary = json.loads((path / SUMMARY).read_text())
     keys = (
         "test_acc_before",

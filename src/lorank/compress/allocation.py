@@ -32,6 +32,19 @@ or ``mn`` while it stays dense; a dense layer is only factorized at ranks that s
   parameter) removes more error than the cheapest other component whose removal pays for it
   adds, the two are swapped; then a last refill.
 
+* ``measured``: the greedy above, with each layer's relative error weighted by the measured
+  end-to-end effect of truncating that layer. For every layer l, only l is truncated (in
+  place, then restored) to a probe rank :math:`k_l` (the rank greedy gives it, or the uniform
+  rank when greedy keeps it whole), and the distance :math:`D_l` of the model's outputs from
+  the original's is measured on a calibration subset (:mod:`lorank.compress.outputs`: KL of
+  logits, or 1 − cosine of hidden states). Its sensitivity is
+  :math:`s_l = D_l / e_l(k_l)`, with :math:`e_l(k) = \sum_{i>k}\sigma_i^2 / \sum_i \sigma_i^2` the
+  layer's own relative error, and greedy then removes the component with the smallest
+  :math:`s_l\,\sigma_i^2 / \sum_j \sigma_j^2` per parameter saved: a first-order model
+  of the output distance as a sum of per-layer terms, each linear in the layer's own error.
+  A layer whose truncation does not change the outputs measurably gets the smallest positive
+  sensitivity measured.
+
 **Budget from a loss tolerance.** :func:`budget_search` (``--loss-tolerance ε``) finds the
 global budget instead of taking it: a bisection on b ∈ (0, 1] for the smallest budget whose
 allocation (uniform or greedy, as above) changes the loss on a fixed calibration subset by
@@ -59,13 +72,21 @@ from lorank.core.search import (
     TruncationLosses,
     bisect,
     check_search_options,
+    truncated,
 )
 from lorank.errors import LorankError
 
 Allocation = Literal["uniform", "greedy"]
 ALLOCATIONS: tuple[str, ...] = ("uniform", "greedy")
 
-__all__ = ["ALLOCATIONS", "allocate", "budget_search", "weight_params"]
+__all__ = [
+    "ALLOCATIONS",
+    "allocate",
+    "budget_search",
+    "measured_allocation",
+    "sensitivities",
+    "weight_params",
+]
 
 
 def weight_params(spec: LayerSpectrum, rank: int) -> int:
@@ -83,23 +104,30 @@ def _current_rank(spec: LayerSpectrum) -> int:
 
 
 def allocate(
-    spectra: Sequence[LayerSpectrum], budget: float, method: Allocation = "greedy"
+    spectra: Sequence[LayerSpectrum],
+    budget: float,
+    method: Allocation = "greedy",
+    weights: dict[str, float] | None = None,
 ) -> dict[str, int]:
-    """``{layer: rank}`` keeping at most ``budget`` of the layers' weights (see module doc)."""
+    """``{layer: rank}`` keeping at most ``budget`` of the layers' weights (see module doc).
+
+    ``weights`` (greedy only) multiply each layer's relative error: the sensitivities of the
+    ``measured`` allocation.
+    """
     if not 0 < budget <= 1:
-        raise LorankError(f"--budget {budget} must be in (0, 1], e.g. --budget 0.5")
+        raise LorankError(f"`ranks.budget` {budget} must be in (0, 1], e.g. 0.5")
     if method not in ALLOCATIONS:
-        raise LorankError(f"--allocation {method!r}: choose one of {', '.join(ALLOCATIONS)}")
+        raise LorankError(f"`ranks.allocation` {method!r}: choose one of {', '.join(ALLOCATIONS)}")
     before = {s.name: weight_params(s, _current_rank(s)) for s in spectra}
     target = budget * sum(before.values())
     if method == "uniform":
         ranks = _uniform(spectra, budget, before, target)
     else:
-        ranks = _greedy(spectra, target)
+        ranks = _greedy(spectra, target, weights)
     total = sum(weight_params(s, ranks[s.name]) for s in spectra)
     if total > target + 1e-9:
         raise LorankError(
-            f"--budget {budget} cannot be met even at rank 1 in every layer "
+            f"`ranks.budget` {budget} cannot be met even at rank 1 in every layer "
             f"({total} > {target:.0f} weights); choose a larger budget"
         )
     return ranks
@@ -138,11 +166,16 @@ def _uniform(
     return best
 
 
-def _greedy(spectra: Sequence[LayerSpectrum], target: float) -> dict[str, int]:
+def _greedy(
+    spectra: Sequence[LayerSpectrum], target: float, weights: dict[str, float] | None = None
+) -> dict[str, int]:
     energy = [s.sigma.double().pow(2) for s in spectra]
     # tail[l][k] = sum of sigma_i^2 for i >= k (0-based): the error of layer l at rank k.
     tails = [torch.cat([e.flip(0).cumsum(0).flip(0), e.new_zeros(1)]) for e in energy]
     totals = [max(float(t[0]), 1e-300) for t in tails]
+    if weights is not None:  # errors relative to the layer's energy, times its sensitivity
+        scale = [max(weights.get(s.name, 1.0), 1e-300) for s in spectra]
+        totals = [t / w for t, w in zip(totals, scale, strict=True)]
     tail_lists = [t.tolist() for t in tails]  # scalar reads in the loops below
     start = [_current_rank(s) for s in spectra]
     ranks = list(start)
@@ -281,3 +314,76 @@ def budget_search(
         trials,
         allocation=str(method),
     )
+
+
+def relative_error(spec: LayerSpectrum, k: int) -> float:
+    """The layer's own relative squared error at rank k: Σ_{i≥k} σ_i² / Σ σ_i²."""
+    energy = spec.sigma.double().pow(2)
+    return float(energy[k:].sum() / energy.sum().clamp_min(1e-300))
+
+
+@torch.no_grad()
+def sensitivities(
+    model: nn.Module,
+    spectra: Sequence[LayerSpectrum],
+    probe: dict[str, int],
+    batches: Sequence[Any],
+    forward: Any,
+    kind: str = "auto",
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Per layer: the output distance with only that layer truncated to ``probe[name]``, the
+    layer's relative error there, and their ratio (see the module doc); the model is left as
+    it was."""
+    from tqdm.auto import tqdm
+
+    from lorank.compress.outputs import distance, output_kind, output_tensor
+
+    was = model.training
+    model.eval()
+    try:
+        outs = [forward(model, b) for b in batches]
+        kind = output_kind(outs[0], kind)
+        teacher = [output_tensor(o).detach() for o in outs]
+        del outs
+        result: dict[str, dict[str, float]] = {}
+        for spec in tqdm(spectra, desc="measure", unit="layer", disable=not progress):
+            k = probe.get(spec.name, spec.full_rank)
+            err = relative_error(spec, k) if k < spec.full_rank else 0.0
+            if err <= 0:
+                result[spec.name] = {"probe_rank": k, "distance": 0.0, "relative_error": 0.0}
+                continue
+            with truncated([spec], {spec.name: k}):
+                d = sum(
+                    float(distance(output_tensor(forward(model, b)), t, kind))
+                    for b, t in zip(batches, teacher, strict=True)
+                ) / len(batches)
+            result[spec.name] = {"probe_rank": k, "distance": d, "relative_error": err}
+    finally:
+        model.train(was)
+    ratios = [r["distance"] / r["relative_error"] for r in result.values() if r["distance"] > 0]
+    floor = min(ratios) if ratios else 1.0
+    for row in result.values():
+        ok = row["distance"] > 0 and row["relative_error"] > 0
+        row["sensitivity"] = row["distance"] / row["relative_error"] if ok else floor
+    return result
+
+
+def measured_allocation(
+    model: nn.Module,
+    spectra: Sequence[LayerSpectrum],
+    budget: float,
+    batches: Sequence[Any],
+    forward: Any,
+    kind: str = "auto",
+    progress: bool = True,
+) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
+    """The ``measured`` allocation at ``budget`` and the per-layer measurements behind it."""
+    greedy = allocate(spectra, budget, "greedy")
+    uniform = allocate(spectra, budget, "uniform")
+    probe = {
+        s.name: greedy[s.name] if greedy[s.name] < s.full_rank else uniform[s.name] for s in spectra
+    }
+    measured = sensitivities(model, spectra, probe, batches, forward, kind, progress)
+    weights = {name: row["sensitivity"] for name, row in measured.items()}
+    return allocate(spectra, budget, "greedy", weights), measured

@@ -34,9 +34,11 @@ the calibration data never excites.
 
 **Collecting C.** :func:`collect_second_moments` registers forward pre-hooks on the target
 layers, runs the calibration batches once (eval mode, no gradient) and accumulates
-:math:`X^\top X` in float64, chunk by chunk (at most ``chunk_rows`` rows are cast to float64 at
-a time, so memory is O(n² + chunk·n) whatever N is). Each layer's adapter
-(:mod:`lorank.core.adapters`) says what its rows are: a Linear (and Hugging Face ``Conv1D``)
+:math:`X^\top X` chunk by chunk: the product of at most ``chunk_rows`` rows in float32 (float64
+inputs stay float64), the sum across chunks in float64, so memory is O(n² + chunk·n) whatever N
+is. Layers fed the very same tensor in one forward (q, k and v after one LayerNorm) share one
+product per batch. Each layer's adapter (:mod:`lorank.core.adapters`) says what its rows are:
+a Linear (and Hugging Face ``Conv1D``)
 sees the rows of its input flattened over every leading dimension (tokens count as rows);
 a convolution sees its unfolded patches (``F.unfold`` orders them as C_in × kh × kw, the same
 order as ``weight.flatten(1)``); an embedding sees one-hot rows.
@@ -93,10 +95,31 @@ class SecondMoment:
         return self.xtx / max(self.rows, 1)
 
     def add(self, x: Tensor, chunk_rows: int = 4096) -> None:
-        for start in range(0, x.shape[0], chunk_rows):
-            chunk = x[start : start + chunk_rows].detach().to(self.xtx.device, torch.float64)
-            self.xtx.addmm_(chunk.T, chunk)
-        self.rows += x.shape[0]
+        self.add_product(gram(x, chunk_rows, self.xtx.device), x.shape[0])
+
+    def add_product(self, xtx: Tensor, rows: int) -> None:
+        """Add a precomputed ``XᵀX`` of ``rows`` rows (shared by layers with the same input)."""
+        self.xtx += xtx
+        self.rows += rows
+
+
+def gram(x: Tensor, chunk_rows: int = 4096, device: Any = None) -> Tensor:
+    """``XᵀX`` in float64: float32 products per chunk of rows (float64 inputs stay float64),
+    summed in float64 across chunks."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=device or x.device)
+    for start in range(0, x.shape[0], chunk_rows):
+        chunk = x[start : start + chunk_rows].detach().to(out.device, dtype)
+        out += (chunk.T @ chunk).double()
+    return out
+
+
+def _geometry_key(module: nn.Module) -> Any:
+    if hasattr(module, "kernel_size"):
+        return tuple(
+            str(getattr(module, a, None)) for a in ("kernel_size", "stride", "padding", "dilation")
+        )
+    return "rows"
 
 
 def layer_input_rows(module: nn.Module, x: Tensor) -> Tensor:
@@ -121,15 +144,21 @@ def collect_second_moments(
     """
     stats: dict[str, SecondMoment] = {}
     handles = []
+    # Layers fed the very same tensor (q, k, v after one norm) share one XᵀX per batch.
+    shared: dict[Any, tuple[Tensor, Tensor, int]] = {}
 
     def hook_for(name: str, module: nn.Module) -> Callable[..., None]:
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            rows = layer_input_rows(mod, args[0])
+            key = (id(args[0]), _geometry_key(mod))
+            hit = shared.get(key)
+            if hit is None or hit[0] is not args[0]:
+                rows = layer_input_rows(mod, args[0])
+                hit = (args[0], gram(rows, chunk_rows), rows.shape[0])
+                shared[key] = hit
+            _, xtx, count = hit
             if name not in stats:
-                n = rows.shape[1]
-                zeros = torch.zeros(n, n, dtype=torch.float64, device=rows.device)
-                stats[name] = SecondMoment(zeros)
-            stats[name].add(rows, chunk_rows)
+                stats[name] = SecondMoment(torch.zeros_like(xtx))
+            stats[name].add_product(xtx, count)
 
         return hook
 
@@ -141,6 +170,7 @@ def collect_second_moments(
         model.eval()
         for batch in batches:
             run(model, batch)
+            shared.clear()
     finally:
         for handle in handles:
             handle.remove()
