@@ -60,8 +60,9 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'lorank' has no attribute {name!r}")
 
 
+# lorank.compress, lorank.CompressConfig and lorank.compress_model are public too, imported on
+# first use (module __getattr__ below), so they are not listed for `import *`.
 __all__ = [
-    "CompressConfig",
     "ConversionReport",
     "LorankError",
     "LowRankConfig",
@@ -73,8 +74,6 @@ __all__ = [
     "LowRankMultiheadAttention",
     "RankRule",
     "__version__",
-    "compress",
-    "compress_model",
     "convert",
     "load",
     "low_rank_layers",
