@@ -9,9 +9,8 @@ its tokenizer, rebuilding a compressed model from a run directory) is the block 
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,21 +156,6 @@ def _is_hf_directory(path: Path) -> bool:
     return isinstance(config, dict) and "model_type" in config
 
 
-@contextlib.contextmanager
-def _quiet_transformers(transformers: Any) -> Iterator[None]:
-    # Loading bars and config warnings on stderr would bury lorank's one-line errors.
-    logging = transformers.utils.logging
-    bars, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -193,7 +177,7 @@ def _hf_tokenizer(source: Path) -> Any:
             f"encode a text --calibration-file; {fix}"
         )
     try:
-        with _quiet_transformers(transformers):
+        with huggingface.quiet_transformers(transformers):
             tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     except Exception as e:  # noqa: BLE001 - no/unreadable tokenizer files: one user error
         reason = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
