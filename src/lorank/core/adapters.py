@@ -187,6 +187,20 @@ class _ConvAdapter(LayerAdapter):
         patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
+    def build(self, module: nn.Module, rank: int | float, core: CoreKind) -> LowRankLayer:
+        # Random factors of the dense layer's geometry; the caller loads the SVD.
+        return self.low_rank_type(  # type: ignore[call-arg]
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            rank,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.bias is not None,
+            core,
+        )
+
 
 class Conv2dAdapter(_ConvAdapter):
     name = "conv2d"
@@ -196,19 +210,6 @@ class Conv2dAdapter(_ConvAdapter):
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Conv2d)
 
-    def build(self, module: nn.Module, rank: int | float, core: CoreKind) -> LowRankLayer:
-        return LowRankConv2d(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            rank,
-            module.stride,
-            module.padding,
-            module.dilation,
-            module.bias is not None,
-            core,
-        )
-
 
 class Conv1dAdapter(_ConvAdapter):
     name = "conv1d"
@@ -217,19 +218,6 @@ class Conv1dAdapter(_ConvAdapter):
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, nn.Conv1d)
-
-    def build(self, module: nn.Module, rank: int | float, core: CoreKind) -> LowRankLayer:
-        return LowRankConv1d(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            rank,
-            module.stride,
-            module.padding,
-            module.dilation,
-            module.bias is not None,
-            core,
-        )
 
 
 class EmbeddingAdapter(LayerAdapter):

@@ -40,7 +40,7 @@ them would scatter one abstraction over several files.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -406,7 +406,54 @@ class LowRankHFConv1D(LowRankLinear):
         return dense
 
 
-class LowRankConv2d(LowRankLayer):
+class _ChannelFactorizedConv:
+    """What a convolution factorized over channels (Conv1d, Conv2d) shares: built from the
+    dense layer's flattened weight ``C_out × (C_in·kernel)``, merged back by reshaping it."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+
+    @classmethod
+    def _from_dense_conv(cls, conv: nn.Module, rank: int | float, core: CoreKind) -> Any:
+        layer = cls(  # type: ignore[call-arg]
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            rank,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.bias is not None,
+            core,
+        )
+        weight = conv.weight.detach()
+        layer.to(device=weight.device, dtype=weight.dtype)
+        layer.init_from_matrix_(weight.flatten(1), conv.bias)
+        return layer
+
+    def dense_weight(self, matrix: Tensor) -> Tensor:
+        return matrix.reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    @torch.no_grad()
+    def _to_dense_conv(self, dense_class: type[nn.Module]) -> nn.Module:
+        dense = dense_class(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,  # type: ignore[attr-defined]
+            self.padding,  # type: ignore[attr-defined]
+            self.dilation,  # type: ignore[attr-defined]
+            bias=self.bias is not None,  # type: ignore[attr-defined]
+        )
+        dense.to(device=self.U.device, dtype=self.U.dtype)  # type: ignore[attr-defined]
+        dense.weight.copy_(self.weight_matrix().reshape(dense.weight.shape))  # type: ignore[attr-defined]
+        if self.bias is not None:  # type: ignore[attr-defined]
+            dense.bias.copy_(self.bias)  # type: ignore[attr-defined]
+        return dense
+
+
+class LowRankConv2d(_ChannelFactorizedConv, LowRankLayer):
     """A Conv2d factorized over channels: k×k conv C_in→r (Vᵀ), then 1×1 conv r→C_out (U S).
 
     The matrix view is ``W ∈ ℝ^{C_out × (C_in·kh·kw)}``, i.e. ``conv.weight.flatten(1)``.
@@ -461,42 +508,11 @@ class LowRankConv2d(LowRankLayer):
                 f"Conv2d with padding_mode={conv.padding_mode!r} is not supported; "
                 "exclude it from conversion or use padding_mode='zeros'"
             )
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            rank,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.bias is not None,
-            core,
-        )
-        weight = conv.weight.detach()
-        layer.to(device=weight.device, dtype=weight.dtype)
-        layer.init_from_matrix_(weight.flatten(1), conv.bias)
-        return layer
+        return cls._from_dense_conv(conv, rank, core)
 
-    def dense_weight(self, matrix: Tensor) -> Tensor:
-        return matrix.reshape(self.out_channels, self.in_channels, *self.kernel_size)
-
-    @torch.no_grad()
     def to_dense(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` with weight U S Vᵀ reshaped to (C_out, C_in, kh, kw)."""
-        dense = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            bias=self.bias is not None,
-        )
-        dense.to(device=self.U.device, dtype=self.U.dtype)
-        dense.weight.copy_(self.weight_matrix().reshape(dense.weight.shape))
-        if self.bias is not None:
-            dense.bias.copy_(self.bias)
-        return dense
+        return self._to_dense_conv(nn.Conv2d)  # type: ignore[return-value]
 
     def spec(self) -> dict:
         return {
@@ -536,7 +552,7 @@ class LowRankConv2d(LowRankLayer):
         )
 
 
-class LowRankConv1d(LowRankLayer):
+class LowRankConv1d(_ChannelFactorizedConv, LowRankLayer):
     """A Conv1d factorized over channels, like :class:`LowRankConv2d`: a size-k conv
     C_in→r (Vᵀ), then a size-1 conv r→C_out (U S). Matrix view ``C_out × (C_in·k)``."""
 
@@ -578,41 +594,11 @@ class LowRankConv1d(LowRankLayer):
                 f"Conv1d with groups={conv.groups}, padding_mode={conv.padding_mode!r} cannot "
                 "be factorized over channels; exclude it (exclude_modules)"
             )
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            rank,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.bias is not None,
-            core,
-        )
-        weight = conv.weight.detach()
-        layer.to(device=weight.device, dtype=weight.dtype)
-        layer.init_from_matrix_(weight.flatten(1), conv.bias)
-        return layer
+        return cls._from_dense_conv(conv, rank, core)
 
-    def dense_weight(self, matrix: Tensor) -> Tensor:
-        return matrix.reshape(self.out_channels, self.in_channels, *self.kernel_size)
-
-    @torch.no_grad()
     def to_dense(self) -> nn.Conv1d:
-        dense = nn.Conv1d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            bias=self.bias is not None,
-        )
-        dense.to(device=self.U.device, dtype=self.U.dtype)
-        dense.weight.copy_(self.weight)
-        if self.bias is not None:
-            dense.bias.copy_(self.bias)
-        return dense
+        """A plain ``nn.Conv1d`` with weight U S Vᵀ reshaped to (C_out, C_in, k)."""
+        return self._to_dense_conv(nn.Conv1d)  # type: ignore[return-value]
 
     def spec(self) -> dict:
         return {
