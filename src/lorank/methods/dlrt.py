@@ -358,13 +358,8 @@ class DLRT(Method):
         bases = _zero_kl_slots(layers)
         for p, g in zip(slots, grads, strict=True):
             p.grad = g
-        self.clip_gradients(model)
-        optimizer.step()  # K₁ - K₀ and L₁ - L₀ (only the U and V slots carry gradients)
-        with torch.no_grad():
-            for layer, (U0, S0, V0) in zip(layers, bases, strict=True):
-                dK, dL = layer.U.detach(), layer.V.detach()
-                self._augment_and_install(layer, optimizer, U0, S0, V0, dK, dL, adapt, False)
-        self._s_step(model, layers, optimizer, batch, loss_fn, adapt)
+        # The slots carry K₁ - K₀ and L₁ - L₀ after the optimizer step.
+        self._kl_step(model, layers, optimizer, batch, loss_fn, bases, adapt, slots_hold_k1=False)
         return loss
 
     def _kls_step(
@@ -402,16 +397,31 @@ class DLRT(Method):
             for layer, (U0, S0, _), gk, gl in zip(layers, start, grad_k, grad_l, strict=True):
                 layer.U.copy_(U0 @ S0)
                 layer.U.grad, layer.V.grad = gk, gl
-        self.clip_gradients(model)
-        optimizer.step()  # K₁ and L₁ (only the U and V slots carry gradients)
-        with torch.no_grad():
-            for layer, (U0, S0, V0) in zip(layers, start, strict=True):
-                K1, L1 = layer.U.detach(), layer.V.detach()
-                # The slots hold K₁, L₁ themselves: their parts outside span(U₀), span(V₀)
-                # are those of K₁ - K₀, L₁ - L₀ (projected twice, so no cancellation).
-                self._augment_and_install(layer, optimizer, U0, S0, V0, K1, L1, adapt, True)
-        self._s_step(model, layers, optimizer, batch, loss_fn, adapt)
+        # The slots hold K₁, L₁ themselves after the step: their parts outside span(U₀),
+        # span(V₀) are those of K₁ - K₀, L₁ - L₀ (projected twice, so no cancellation).
+        self._kl_step(model, layers, optimizer, batch, loss_fn, start, adapt, slots_hold_k1=True)
         return loss
+
+    def _kl_step(
+        self,
+        model: nn.Module,
+        layers: list[LowRankLayer],
+        optimizer: torch.optim.Optimizer,
+        batch: Any,
+        loss_fn: LossFn,
+        bases: list[tuple[Tensor, Tensor, Tensor]],
+        adapt: bool,
+        slots_hold_k1: bool,
+    ) -> None:
+        """BUG and KLS from the K/L gradients in the U/V slots: one optimizer step, the
+        augmented bases installed, then the Galerkin S-step at the augmented point."""
+        self.clip_gradients(model)
+        optimizer.step()  # only the U and V slots carry gradients
+        with torch.no_grad():
+            for layer, (U0, S0, V0) in zip(layers, bases, strict=True):
+                K, L = layer.U.detach(), layer.V.detach()
+                self._augment_and_install(layer, optimizer, U0, S0, V0, K, L, adapt, slots_hold_k1)
+        self._s_step(model, layers, optimizer, batch, loss_fn, adapt)
 
     def _augment_and_install(
         self,
