@@ -73,6 +73,8 @@ def flatten_record(record: dict[str, Any]) -> dict[str, float]:
 class Sink:
     """A destination for scalars; the base class drops everything."""
 
+    wants_spectra = False  # histograms cost an SVD per layer: computed only if a sink draws them
+
     def log_step(self, step: int, scalars: dict[str, float]) -> None:
         pass
 
@@ -87,6 +89,8 @@ class Sink:
 
 
 class TensorBoardSink(Sink):
+    wants_spectra = True
+
     def __init__(self, path: Path) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -141,6 +145,8 @@ class CsvSink(Sink):
 
 
 class WandbSink(Sink):
+    wants_spectra = True
+
     def __init__(self, path: Path, name: str, config: dict[str, Any]) -> None:
         try:
             import wandb
@@ -220,7 +226,8 @@ class Sinks:
         epoch = int(record["epoch"])
         scalars = flatten_record(record)
         every = self.config.spectra_every
-        spectra = low_rank_spectra(model) if every and epoch % every == 0 else {}
+        drawn = every and epoch % every == 0 and any(sink.wants_spectra for sink in self.sinks)
+        spectra = low_rank_spectra(model) if drawn else {}
         for sink in self.sinks:
             sink.log_epoch(epoch, scalars)
             if spectra:
