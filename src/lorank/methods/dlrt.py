@@ -119,6 +119,9 @@ _SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
 
 Integrator = Literal["parallel", "bug", "kls", "retraction"]
 PASSES: dict[str, int] = {"parallel": 1, "bug": 2, "kls": 3, "retraction": 1}
+# How often the parallel step's fast path re-orthonormalises its bases by an explicit
+# Cholesky-QR pass (between passes, only GEMM rounding accumulates: ~1e-7 per step in float32).
+REORTHONORMALIZE_EVERY = 16
 
 
 class DLRTConfig(MethodConfig):
@@ -320,7 +323,7 @@ class DLRT(Method):
         su, sv = _gram_residual(U0, dK), _gram_residual(V0, dL)
         if su is None or sv is None:
             return False
-        (cu, Ru), (cv, Rv) = su, sv
+        (cu, Ru, _), (cv, Rv, _) = su, sv
         core = S1.new_zeros(2 * r, 2 * r)
         core[:r, :r] = S1
         core[:r, r:] = Rv.T
@@ -333,8 +336,12 @@ class DLRT(Method):
             self.last_spectra[self._names.get(id(layer), str(id(layer)))] = (sigma, r1)
         r1 = min(r1, sigma.numel())
         Pu, Pv = P[:, :r1], Qt[:r1].T
-        U1, Au, Xu = _lean_basis(U0, dK, cu, Ru, Pu)
-        V1, Bv, Xv = _lean_basis(V0, dL, cv, Rv, Pv)
+        # The kept bases are orthonormal by construction; their rounding error is reset by
+        # an explicit Cholesky-QR pass every REORTHONORMALIZE_EVERY steps (two more m×r×r
+        # GEMMs per basis), and between those passes grows only by the GEMMs' rounding.
+        exact = self.step % REORTHONORMALIZE_EVERY == 0
+        U1, Au, Xu = _lean_basis(U0, dK, cu, Ru, Pu, su[2], exact)
+        V1, Bv, Xv = _lean_basis(V0, dL, cv, Rv, Pv, sv[2], exact)
         core = (Xu * sigma[:r1]) @ Xv.T
         self._put(layer, optimizer, U1, core, V1, Au, Bv)
         return True
@@ -816,8 +823,9 @@ def _full_rank(module: nn.Module) -> int:
     return min(matrix_shape(module))
 
 
-def _gram_residual(basis: Tensor, step: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``c = basisᵀ step`` and the R factor of ``step - basis c`` from Gram matrices alone,
+def _gram_residual(basis: Tensor, step: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``c = basisᵀ step``, the R factor of ``step - basis c`` and ``stepᵀ step``, from Gram
+    matrices alone,
     or ``None`` when that is not accurate (the residual is small or ill-conditioned next to
     the step: the Gram difference would cancel) or there is no room for r new directions."""
     rows, r = basis.shape
@@ -835,21 +843,39 @@ def _gram_residual(basis: Tensor, step: Tensor) -> tuple[Tensor, Tensor] | None:
     # be at least 1/10 of the step's largest column, so its relative error stays ~100·eps.
     if bool(diag.min() ** 2 < 1e-2 * torch.diagonal(gram).max()):
         return None
-    return c, R
+    return c, R, gram
 
 
 def _lean_basis(
-    basis: Tensor, step: Tensor, c: Tensor, R: Tensor, P: Tensor
+    basis: Tensor, step: Tensor, c: Tensor, R: Tensor, P: Tensor, gram: Tensor, exact: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``Q``, ``A = basisᵀ Q`` and ``X`` with ``Q X = [basis | Ũ] P`` orthonormal, where
-    ``Ũ R = step - basis c`` (see :meth:`DLRT._parallel_lean`)."""
+    ``Ũ R = step - basis c`` (see :meth:`DLRT._parallel_lean`).
+
+    ``Q₀ = basis X₀ + step Y`` equals ``[basis | Ũ] P`` in exact arithmetic. Its Gram matrix
+    follows from r×r matrices (``basisᵀ basis = I``, ``basisᵀ step = c``, ``stepᵀ step =
+    gram``), so the Cholesky factor ``X`` of that Gram is folded into ``X₀``, ``Y`` before the
+    one tall product: this corrects the rounding of the small factors at no m×r×r cost. With
+    ``exact``, one Cholesky-QR pass on the tall result instead also removes the drift of
+    ``basis`` itself (two more GEMMs)."""
     r = basis.shape[1]
     Y = torch.linalg.solve_triangular(R, P[r:], upper=True)  # R⁻¹ P₂
-    X = P[:r] - c @ Y
-    Q, Rq = _qr(basis @ X + step @ Y)
-    # basisᵀ Q = (X + c Y) Rq⁻¹ = P₁ Rq⁻¹ (basis orthonormal up to the drift Q just removed)
-    A = torch.linalg.solve_triangular(Rq, P[:r], upper=True, left=False)
-    return Q, A, Rq
+    X0 = P[:r] - c @ Y
+    if exact:
+        Q, X = _qr(torch.addmm(basis @ X0, step, Y))
+    else:
+        cross = X0.T @ c @ Y
+        small_gram = X0.T @ X0 + cross + cross.T + Y.T @ gram @ Y
+        chol, info = torch.linalg.cholesky_ex(0.5 * (small_gram + small_gram.T))
+        if int(info) != 0:
+            Q, X = _qr(torch.addmm(basis @ X0, step, Y))
+        else:
+            X = chol.T
+            X_inv = torch.linalg.solve_triangular(X, _eye(X.shape[0], X.shape[0], X), upper=True)
+            Q = torch.addmm(basis @ (X0 @ X_inv), step, Y @ X_inv)
+    # basisᵀ Q = (X₀ + c Y) X⁻¹ = P₁ X⁻¹ (basis orthonormal up to its drift)
+    A = torch.linalg.solve_triangular(X, P[:r], upper=True, left=False)
+    return Q, A, X
 
 
 @contextmanager
