@@ -101,3 +101,18 @@ def run_config(tmp_path):
         return TrainedRun(path, read_json(path / SUMMARY) or {}, read_records(path))
 
     return run
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny steps: extra threads only contend with each other on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def orth_error(factor: torch.Tensor) -> float:
+    """max |QᵀQ − I| of a basis that should be orthonormal."""
+    gram = factor.detach().T @ factor.detach()
+    return float((gram - torch.eye(gram.shape[0], dtype=gram.dtype)).abs().max())

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import orth_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -23,18 +24,7 @@ INTEGRATORS = ["parallel", "bug", "kls", "retraction"]
 DLRT_INTEGRATORS = ["parallel", "bug", "kls"]  # the ones that integrate the DLRT flow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These steps are tiny; extra threads only contend with each other on a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def orth_error(factor: torch.Tensor) -> float:
-    gram = factor.detach().T @ factor.detach()
-    return float((gram - torch.eye(gram.shape[0])).abs().max())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ce_loss(model: nn.Module, batch) -> torch.Tensor:

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import orth_error
 from torch import nn
 
 import lorank.methods as methods
@@ -24,17 +25,7 @@ from lorank.models import LeNet5
 DLRT = ["parallel", "bug", "kls"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def orth_error(factor: torch.Tensor) -> float:
-    gram = factor.detach().T @ factor.detach()
-    return float((gram - torch.eye(gram.shape[0], dtype=gram.dtype)).abs().max())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(integrator: str, model: nn.Module, **options) -> methods.Method:
