@@ -80,6 +80,9 @@ class LowRankLayer(nn.Module):
     """When true (set by DLRT around its passes; full core only), the backward writes
     ``∇_K = ∇W V``, ``∇_S = Uᵀ ∇W V`` and ``∇_L = ∇Wᵀ U`` into the ``U``, ``S`` and ``V``
     gradients instead of the factors' own gradients (see :class:`_KLSLinear`)."""
+    kls_stash: list[tuple[Any, ...]] | None = None
+    """In K/L/S gradient mode, a list the backward appends the layer's input and output
+    gradient to (one entry per call), for :func:`kls_cross_gradient`; None: keep nothing."""
     spec_type: str = ""  # the "type" of :meth:`spec`; set by each concrete class
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -338,7 +341,7 @@ class LowRankLinear(LowRankLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kls_gradients and self.core == "full":
-            return _KLSLinear.apply(x, self.U, self.S, self.V, self.bias)
+            return _KLSLinear.apply(x, self.U, self.S, self.V, self.bias, self.kls_stash)
         return F.linear(F.linear(x, self.V.T), self.output_factor(), self.bias)
 
     @classmethod
@@ -486,7 +489,7 @@ class LowRankConv2d(_ChannelFactorizedConv, LowRankLayer):
         if self.kls_gradients and self.core == "full":
             x, padding = _explicit_padding(x, self.padding, self.kernel_size, self.dilation)
             geometry = (self.in_channels, self.kernel_size, self.stride, padding, self.dilation)
-            return _KLSConv2d.apply(x, self.U, self.S, self.V, self.bias, geometry)
+            return _KLSConv2d.apply(x, self.U, self.S, self.V, self.bias, geometry, self.kls_stash)
         r = self.rank
         spatial = self.V.T.reshape(r, self.in_channels, *self.kernel_size)
         h = F.conv2d(x, spatial, None, self.stride, self.padding, self.dilation)
@@ -764,10 +767,10 @@ def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
 
 class _KLSLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, U, S, V, bias):  # noqa: ANN001, ANN205
+    def forward(ctx, x, U, S, V, bias, stash=None):  # noqa: ANN001, ANN205
         h = F.linear(x, V.T)
         ctx.save_for_backward(x, h, U, S, V)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.stash = bias is not None, stash
         return F.linear(h, U @ S, bias)
 
     @staticmethod
@@ -784,7 +787,9 @@ class _KLSLinear(torch.autograd.Function):
         grad_s = gu.T @ h2 if ctx.needs_input_grad[2] else None
         grad_l = x2.T @ gu if ctx.needs_input_grad[3] else None
         grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
-        return grad_x, grad_k, grad_s, grad_l, grad_b
+        if ctx.stash is not None:
+            ctx.stash.append(("linear", x2, g2))
+        return grad_x, grad_k, grad_s, grad_l, grad_b, None
 
 
 class _KLSConv2d(torch.autograd.Function):
@@ -793,13 +798,13 @@ class _KLSConv2d(torch.autograd.Function):
     the output gradient g U."""
 
     @staticmethod
-    def forward(ctx, x, U, S, V, bias, geometry):  # noqa: ANN001, ANN205
+    def forward(ctx, x, U, S, V, bias, geometry, stash=None):  # noqa: ANN001, ANN205
         c_in, kernel, stride, padding, dilation = geometry
         r = U.shape[1]
         spatial = V.T.reshape(r, c_in, *kernel)
         h = F.conv2d(x, spatial, None, stride, padding, dilation)
         ctx.save_for_backward(x, h, U, S, V)
-        ctx.geometry, ctx.has_bias = geometry, bias is not None
+        ctx.geometry, ctx.has_bias, ctx.stash = geometry, bias is not None, stash
         return F.conv2d(h, (U @ S).reshape(U.shape[0], r, 1, 1), bias)
 
     @staticmethod
@@ -825,7 +830,31 @@ class _KLSConv2d(torch.autograd.Function):
             )
         if ctx.has_bias and ctx.needs_input_grad[4]:
             grad_b = g.sum((0, 2, 3))
-        return grad_x, grad_k, grad_s, grad_l, grad_b, None
+        if ctx.stash is not None:
+            ctx.stash.append(("conv2d", x, g, ctx.geometry))
+        return grad_x, grad_k, grad_s, grad_l, grad_b, None, None
+
+
+def kls_cross_gradient(stash: list[tuple[Any, ...]], left: Tensor, right: Tensor) -> Tensor:
+    """``leftᵀ ∇W right`` (k×l) from the inputs and output gradients a K/L/S backward
+    stashed (summed over the layer's calls), without forming the m×n ``∇W = Σ gᵀ x``: two
+    products at rank k and l, as in the factorized backward. ``left`` is m×k, ``right`` n×l
+    (Conv2d: W viewed as C_out × C_in·kh·kw)."""
+    total = left.new_zeros(left.shape[1], right.shape[1])
+    for entry in stash:
+        if entry[0] == "linear":
+            _, x, g = entry
+            total += (g @ left).T @ (x @ right)
+        else:
+            _, x, g, (c_in, kernel, stride, padding, dilation) = entry
+            k, m = left.shape[1], left.shape[0]
+            filters = right.T.reshape(right.shape[1], c_in, *kernel)
+            xr = F.conv2d(x, filters, None, stride, padding, dilation)
+            gl = F.conv2d(g, left.T.reshape(k, m, 1, 1))
+            total += (
+                gl.transpose(0, 1).reshape(k, -1) @ xr.transpose(0, 1).reshape(xr.shape[1], -1).T
+            )
+    return total
 
 
 def _explicit_padding(

@@ -97,16 +97,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from lorank.core.adapters import matrix_shape
 from lorank.core.convert import ConversionReport, LowRankConfig, candidate_layers, convert
 from lorank.core.convert import low_rank_layers as find_low_rank_layers
-from lorank.core.layers import LowRankLayer
+from lorank.core.layers import LowRankLayer, kls_cross_gradient
 from lorank.core.optim import swap_parameters
 from lorank.core.rank import RankRule, RankSpec, resolve_rank, tolerance
 from lorank.errors import LorankError
@@ -184,6 +185,9 @@ class DLRT(Method):
         """Per layer, the singular values of the core the last step truncated and the rank
         kept (a diagnostic: tests check the tolerance rule on it)."""
         self._names: dict[int, str] = {}
+        self.one_pass_bug = True
+        """Adaptive BUG: take the S-step's gradient from the first backward (exact; False
+        runs the second forward/backward, the reference form the tests compare with)."""
 
     # ------------------------------------------------------------------ setup
     def prepare(self, model: nn.Module) -> ConversionReport:
@@ -284,7 +288,7 @@ class DLRT(Method):
                 core[:r, :r] = S1
                 core[:r, r:] = Rv.T
                 core[r:, :r] = Ru
-                A, B = _eye(r, r + ku, S1), _eye(r, r + kv, S1)
+                A, B = _Extension(r, ku), _Extension(r, kv)
                 self._install(
                     layer,
                     optimizer,
@@ -354,20 +358,98 @@ class DLRT(Method):
         batch: Any,
         loss_fn: LossFn,
         adapt: bool,
-    ) -> Tensor:
-        with _kls_gradients(layers):
-            loss = loss_fn(model, batch)
-        if self.skip_nonfinite and not torch.isfinite(loss):
-            return None  # train.nonfinite = "skip": leave the weights as they are
-        slots = [p for layer in layers for p in (layer.U, layer.V)]
-        grads = torch.autograd.grad(loss, slots)
-        optimizer.zero_grad(set_to_none=True)
+    ) -> Tensor | None:
+        # Adaptive: the augmented point Û S̃₀ V̂ᵀ = [U₀|Ũ] diag(S₀, 0) [V₀|Ṽ]ᵀ is W₀ itself, so
+        # the S-step's gradient Ûᵀ ∇W V̂ comes from this one backward: ∇_S, ∇_Lᵀ Ṽ, Ũᵀ ∇_K and
+        # Ũᵀ ∇W Ṽ from the stashed inputs and output gradients (see _bug_one_pass).
+        stashes: list[list[tuple[Any, ...]]] = [[] for _ in layers] if adapt else []
+        for layer, stash in zip(layers, stashes, strict=False):
+            layer.kls_stash = stash
+        try:
+            with _kls_gradients(layers):
+                loss = loss_fn(model, batch)
+            if self.skip_nonfinite and not torch.isfinite(loss):
+                return None  # train.nonfinite = "skip": leave the weights as they are
+            slots = [p for layer in layers for p in (layer.U, layer.V)]
+            if adapt:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # ∇_K, ∇_S, ∇_L in the U, S, V slots; all other gradients
+            else:
+                grads = torch.autograd.grad(loss, slots)
+                optimizer.zero_grad(set_to_none=True)
+                for p, g in zip(slots, grads, strict=True):
+                    p.grad = g
+        finally:
+            for layer in layers:
+                layer.kls_stash = None
+        if adapt and self.one_pass_bug and all(stashes):
+            self._bug_one_pass(model, layers, optimizer, batch, loss_fn, stashes)
+            return loss
+        if adapt:  # a layer kind without a stash: the S-step takes its own pass
+            slot_ids = {id(p) for p in slots}
+            for p in model.parameters():
+                if id(p) not in slot_ids:
+                    p.grad = None
         bases = _zero_kl_slots(layers)
-        for p, g in zip(slots, grads, strict=True):
-            p.grad = g
         # The slots carry K₁ - K₀ and L₁ - L₀ after the optimizer step.
         self._kl_step(model, layers, optimizer, batch, loss_fn, bases, adapt, slots_hold_k1=False)
         return loss
+
+    def _bug_one_pass(
+        self,
+        model: nn.Module,
+        layers: list[LowRankLayer],
+        optimizer: torch.optim.Optimizer,
+        batch: Any,
+        loss_fn: LossFn,
+        stashes: list[list[tuple[Any, ...]]],
+    ) -> None:
+        """The adaptive BUG step after its one backward: K- and L-steps, augmented bases, the
+        Galerkin S-step on S̃ with the gradient assembled block by block, truncation. The
+        same update as the two-pass form (whose second pass evaluates the same W₀), for the
+        cost of two rank-r products per layer instead of a forward/backward at rank 2r.
+        Falls back to a second pass when a layer's augmented basis does not keep its old one
+        (near full rank)."""
+        factors = {id(p) for layer in layers for p in (layer.U, layer.V, layer.S)}
+        held = {
+            p: p.grad for p in model.parameters() if p.grad is not None and id(p) not in factors
+        }
+        grad_s = [layer.S.grad.clone() for layer in layers]
+        grad_k = [layer.U.grad.clone() for layer in layers]
+        grad_l = [layer.V.grad.clone() for layer in layers]
+        for p in (*held, *(layer.S for layer in layers)):
+            p.grad = None
+        self.clip_gradients(model)  # the K/L gradients alone, as in the two-pass form
+        bases = _zero_kl_slots(layers)
+        optimizer.step()  # only the U and V slots carry gradients: K₁ - K₀, L₁ - L₀
+        cores = []
+        with torch.no_grad():
+            for layer, (U0, S0, V0) in zip(layers, bases, strict=True):
+                K, L = layer.U.detach(), layer.V.detach()
+                cores.append(
+                    self._augment_and_install(layer, optimizer, U0, S0, V0, K, L, True, False)
+                )
+        if any(new is None for new in cores):
+            # Some layer's augmented point is not W₀: take the S-step's own pass instead.
+            self._s_step(model, layers, optimizer, batch, loss_fn, True)
+            return
+        with torch.no_grad():
+            for layer, (Nu, Nv), gs, gk, gl, stash in zip(
+                layers, cores, grad_s, grad_k, grad_l, stashes, strict=True
+            ):
+                layer.U.grad = layer.V.grad = None
+                layer.S.grad = torch.cat(
+                    [
+                        torch.cat([gs, gl.T @ Nv], 1),
+                        torch.cat([Nu.T @ gk, kls_cross_gradient(stash, Nu, Nv)], 1),
+                    ],
+                    0,
+                )
+            for p, g in held.items():
+                p.grad = g
+        self.clip_gradients(model)
+        optimizer.step()  # the Galerkin S-step; biases and dense layers step here
+        self._truncate(layers, optimizer)
 
     def _kls_step(
         self,
@@ -441,15 +523,18 @@ class DLRT(Method):
         L: Tensor,
         adapt: bool,
         absolute: bool,
-    ) -> None:
+    ) -> tuple[Tensor, Tensor] | None:
         """BUG/KLS basis update: install ``Û``, ``S̃₀``, ``V̂`` from the K- and L-steps (``K``,
-        ``L``: K₁, L₁ when ``absolute``, else K₁ - K₀, L₁ - L₀)."""
+        ``L``: K₁, L₁ when ``absolute``, else K₁ - K₀, L₁ - L₀). Returns the new directions
+        ``(Ũ, Ṽ)`` when ``Û = [U₀ | Ũ]``, ``V̂ = [V₀ | Ṽ]`` (then ``Û S̃₀ V̂ᵀ = W₀``), else None."""
         r = S0.shape[0]
+        new = None
         if adapt:
             Nu, Nv = _new_directions(U0, K)[0], _new_directions(V0, L)[0]
             ku, kv = Nu.shape[1], Nv.shape[1]
             Uh, Vh = torch.cat([U0, Nu], 1), torch.cat([V0, Nv], 1)
-            A, B = _eye(r, r + ku, S0), _eye(r, r + kv, S0)
+            A, B = _Extension(r, ku), _Extension(r, kv)
+            new = (Nu, Nv) if ku == kv else None
             if ku != kv:
                 # Near full rank one side has fewer new directions, and the core must stay
                 # square for the S-step: that side's basis spans K₁ (or L₁) first, then as
@@ -463,7 +548,10 @@ class DLRT(Method):
                     L1 = L if absolute else V0 @ S0.T + L
                     Vh = torch.linalg.qr(torch.cat([L1, V0], 1))[0][:, :k]
                     B = V0.T @ Vh
-            core = A.T @ S0 @ B
+            if isinstance(A, _Extension) and isinstance(B, _Extension):
+                core = F.pad(S0, (0, B.new, 0, A.new))  # Ûᵀ U₀ S₀ V₀ᵀ V̂ = diag(S₀, 0)
+            else:
+                core = _as_matrix(A, S0).T @ S0 @ _as_matrix(B, S0)
         else:
             K1 = K if absolute else U0 @ S0 + K
             L1 = L if absolute else V0 @ S0.T + L
@@ -471,6 +559,7 @@ class DLRT(Method):
             A, B = U0.T @ Uh, V0.T @ Vh
             core = A.T @ S0 @ B
         self._install(layer, optimizer, Uh, core, Vh, A, B, rank=None, truncate=False)
+        return new
 
     def _s_step(
         self,
@@ -492,11 +581,15 @@ class DLRT(Method):
         self.clip_gradients(model)
         optimizer.step()
         if adapt:
-            with torch.no_grad():
-                for layer in layers:
-                    U, S, V = layer.U.detach(), layer.S.detach(), layer.V.detach()
-                    e = torch.eye(layer.rank, dtype=S.dtype, device=S.device)
-                    self._install(layer, optimizer, U, S.clone(), V, e, e, None, truncate=True)
+            self._truncate(layers, optimizer)
+
+    @torch.no_grad()
+    def _truncate(self, layers: list[LowRankLayer], optimizer: torch.optim.Optimizer) -> None:
+        """Truncate every layer's core by the tolerance rule (after a Galerkin S-step)."""
+        for layer in layers:
+            U, S, V = layer.U.detach(), layer.S.detach(), layer.V.detach()
+            e = torch.eye(layer.rank, dtype=S.dtype, device=S.device)
+            self._install(layer, optimizer, U, S.clone(), V, e, e, None, truncate=True)
 
     def _install(
         self,
@@ -505,8 +598,8 @@ class DLRT(Method):
         Uh: Tensor,
         core: Tensor,
         Vh: Tensor,
-        A: Tensor,
-        B: Tensor,
+        A: Tensor | _Extension,
+        B: Tensor | _Extension,
         rank: int | None,
         truncate: bool,
     ) -> None:
@@ -529,8 +622,8 @@ class DLRT(Method):
             # step to step: one Cholesky-QR pass resets it (W unchanged: R goes to the core).
             (Uh, Ru), (Vh, Rv) = _qr(Uh @ Pu), _qr(Vh @ Pv)
             core = (Ru * sigma[:r]) @ Rv.T
-            A = A @ torch.linalg.solve_triangular(Ru, Pu, upper=True, left=False)
-            B = B @ torch.linalg.solve_triangular(Rv, Pv, upper=True, left=False)
+            A = _as_matrix(A, core) @ torch.linalg.solve_triangular(Ru, Pu, upper=True, left=False)
+            B = _as_matrix(B, core) @ torch.linalg.solve_triangular(Rv, Pv, upper=True, left=False)
         self._put(layer, optimizer, Uh, core, Vh, A, B)
 
     def _put(
@@ -552,7 +645,7 @@ class DLRT(Method):
             mapping = {p: p for p in (layer.U, layer.S, layer.V)}
         else:
             mapping = layer.set_factors(Uh, core, Vh)
-        maps = {"U": B, "V": A, "S": (A.T, B)}
+        maps = {"U": B, "V": A, "S": (A if isinstance(A, _Extension) else A.T, B)}
         swap_parameters(optimizer, mapping, _state_map(layer, mapping, maps))
 
     def _retraction_step(
@@ -639,6 +732,10 @@ class DLRT(Method):
 
     # ------------------------------------------------------------------ reporting
     def passes_per_batch(self) -> int:
+        """Forward/backward passes per batch (adaptive BUG: one, unless a layer kind keeps
+        no stash or a layer is near full rank, when the S-step takes a second)."""
+        if self.config.integrator == "bug" and self.config.adaptive and self.one_pass_bug:
+            return 1
         return PASSES[self.config.integrator]
 
     def epoch_metrics(self, model: nn.Module) -> dict[str, Any]:
@@ -800,6 +897,16 @@ def _state_map(
 def _apply_map(maps: dict[str, Any], slot: str, value: Tensor, square: bool) -> Tensor:
     if slot == "S":
         left, right = maps["S"]
+        if isinstance(left, _Extension) and isinstance(right, _Extension):
+            # [I 0]ᵀ m [I 0]: the old block in place; new entries 0 (first moments) or the
+            # mean (second moments, as below).
+            out = value.new_zeros(left.old + left.new, right.old + right.new)
+            if square:
+                out += value.mean()
+            out[: left.old, : right.old] = value
+            return out
+        left = left.matrix(value).T if isinstance(left, _Extension) else left
+        right = right.matrix(value) if isinstance(right, _Extension) else right
         if not square:
             return left @ value @ right
         left, right = left * left, right * right
@@ -807,6 +914,9 @@ def _apply_map(maps: dict[str, Any], slot: str, value: Tensor, square: bool) -> 
         cover = left.sum(1).clamp(max=1)[:, None] * right.sum(0).clamp(max=1)[None, :]
         return moved + (1 - cover) * value.mean()
     m = maps[slot]
+    if isinstance(m, _Extension):  # value @ [I 0]: no product, the new columns appended
+        fill = value.mean(1, keepdim=True) if square else value.new_zeros(value.shape[0], 1)
+        return torch.cat([value, fill.expand(-1, m.new)], 1)
     if not square:
         return value @ m
     m = m * m
@@ -817,6 +927,21 @@ def _apply_map(maps: dict[str, Any], slot: str, value: Tensor, square: bool) -> 
     # in the old span and 0 for a new one.
     cover = m.sum(0).clamp(max=1)[None, :]
     return value @ m + (1 - cover) * value.mean(1, keepdim=True)
+
+
+class _Extension(NamedTuple):
+    """The change of basis ``[I | 0]`` (old × (old + new)) from a basis to the same basis
+    with ``new`` directions appended: the state maps pad instead of multiplying."""
+
+    old: int
+    new: int
+
+    def matrix(self, like: Tensor) -> Tensor:
+        return _eye(self.old, self.old + self.new, like)
+
+
+def _as_matrix(x: Tensor | _Extension, like: Tensor) -> Tensor:
+    return x.matrix(like) if isinstance(x, _Extension) else x
 
 
 def _full_rank(module: nn.Module) -> int:
@@ -925,8 +1050,10 @@ def _new_directions(basis: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
     """``N``, ``R`` with ``(I - basis basisᵀ) step = N R``: ``N`` orthonormal, orthogonal to
     ``basis``, with min(r, rows - r) columns (none at full rank).
 
-    The residual is projected twice ("twice is enough" for orthogonality to ``basis`` in
-    floating point), then factored by two Cholesky-QR passes: only m×r×r GEMMs. A
+    When the step is well separated from ``basis`` (see :func:`_gram_residual`), ``R`` comes
+    from Gram matrices and one projection. Otherwise the residual is projected twice ("twice
+    is enough" for orthogonality to ``basis`` in floating point), then factored by two
+    Cholesky-QR passes: only m×r×r GEMMs. A
     rank-deficient step (e.g. from a batch of one sample) makes the Gram matrix singular; then
     Householder QR of ``[basis | residual]`` completes the basis with arbitrary orthonormal
     directions, whose rows of R are ≈ 0 (and which truncation drops)."""
@@ -934,6 +1061,14 @@ def _new_directions(basis: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
     k = min(r, rows - r)
     if k <= 0:
         return basis.new_zeros(rows, 0), basis.new_zeros(0, step.shape[1])
+    if k == step.shape[1]:
+        # Well separated from the old span (checked on the Gram matrices): one projection
+        # suffices, and N = (step - basis c) R⁻¹ costs four m×r×r products instead of eight.
+        lean = _gram_residual(basis, step)
+        if lean is not None:
+            c, R, _ = lean
+            R_inv = torch.linalg.solve_triangular(R, _eye(k, k, R), upper=True)
+            return torch.addmm(step @ R_inv, basis, c @ R_inv, alpha=-1), R
     residual = step - basis @ (basis.T @ step)
     residual = residual - basis @ (basis.T @ residual)
     if k == step.shape[1]:
