@@ -33,14 +33,20 @@ Adaptive: truncate by the tolerance (below); fixed rank: truncate to r (the 2r×
 small singular values are O(h²), so this stays first order).
 
 **bug** (the rank-adaptive augmented basis-update & Galerkin integrator of Ceruti, Kusch and
-Lubich, BIT 2022; two forward/backward passes). K- and L-steps from the same point as above
-(only the U and V slots step), :math:`\hat U = \mathrm{orth}([U_0 \mid K_1])`, :math:`\hat V =
-\mathrm{orth}([L_1 \mid V_0])` (the same :math:`[U_0 \mid \tilde U]` construction),
-:math:`\tilde S_0 = (\hat U^\top U_0) S_0 (\hat V^\top V_0)^\top = \mathrm{diag}(S_0, 0)`; then a
-Galerkin S-step at the augmented point (second forward/backward; biases and dense layers take
-their step here) and truncation of :math:`\tilde S_1`. Fixed rank: the unconventional BUG
-integrator, :math:`\hat U = \mathrm{orth}(K_1)`, :math:`\hat V = \mathrm{orth}(L_1)` (r
-columns), :math:`\tilde S_0 = (\hat U^\top U_0) S_0 (\hat V^\top V_0)^\top`, S-step.
+Lubich, BIT 2022). K- and L-steps from the same point as above (only the U and V slots step),
+:math:`\hat U = \mathrm{orth}([U_0 \mid K_1])`, :math:`\hat V = \mathrm{orth}([L_1 \mid V_0])`
+(the same :math:`[U_0 \mid \tilde U]` construction), :math:`\tilde S_0 = (\hat U^\top U_0) S_0
+(\hat V^\top V_0)^\top = \mathrm{diag}(S_0, 0)`; then a Galerkin S-step at the augmented point
+(biases and dense layers take their step here) and truncation of :math:`\tilde S_1`. The
+augmented point :math:`\hat U \tilde S_0 \hat V^\top` is :math:`W_0` itself, so its gradient
+:math:`\hat U^\top \nabla W \hat V` comes from the one backward: the blocks
+:math:`\nabla_S`, :math:`\nabla_L^\top \tilde V`, :math:`\tilde U^\top \nabla_K` and
+:math:`\tilde U^\top \nabla W \tilde V = (g\tilde U)^\top (x\tilde V)` from the input and
+output gradient each layer stashes (one forward/backward per batch; layer kinds without a
+stash, and layers whose augmented basis cannot keep the old one near full rank, take a
+second pass). Fixed rank: the unconventional BUG integrator, :math:`\hat U =
+\mathrm{orth}(K_1)`, :math:`\hat V = \mathrm{orth}(L_1)` (r columns), :math:`\tilde S_0 =
+(\hat U^\top U_0) S_0 (\hat V^\top V_0)^\top`, S-step at that new point (a second pass).
 
 **kls** (the DLRT paper's presentation; three forward/backward passes): the same algorithm as
 ``bug``, with :math:`\nabla_K` from a forward at :math:`W = K V_0^\top` and :math:`\nabla_L` from
@@ -132,8 +138,9 @@ class DLRTConfig(MethodConfig):
     name: Literal["dlrt"] = "dlrt"
     integrator: Integrator = Field(
         "parallel",
-        description="parallel: rank-adaptive, one pass per batch; bug: augmented BUG, two "
-        "passes; kls: the paper's three passes; retraction: one step on U, S, V plus QR "
+        description="parallel: rank-adaptive, one pass per batch; bug: augmented BUG (one "
+        "pass adaptive, two fixed-rank); kls: the paper's three passes; retraction: one step "
+        "on U, S, V plus QR "
         "(fast, cannot raise a rank, not scale-invariant)",
     )
     adaptive: bool = Field(True, description="augment to 2r and truncate by the tolerance")
