@@ -215,9 +215,14 @@ class CostModel:
         atomic_write_json(self.cache_file, self.cache)
 
 
-def layer_input_shapes(model: nn.Module, example: object) -> dict[str, tuple[int, ...]]:
+def layer_input_shapes(
+    model: nn.Module,
+    example: object,
+    forward: Callable[[nn.Module, object], object] | None = None,
+) -> dict[str, tuple[int, ...]]:
     """``{layer name: input shape}`` of every Linear/Conv2d/low-rank layer, from one forward
-    of ``example`` (a tensor or a tuple of model arguments)."""
+    of ``example`` (a tensor or a tuple of model arguments; or whatever ``forward(model,
+    example)`` takes)."""
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = []
     for name, module in model.named_modules():
@@ -229,7 +234,12 @@ def layer_input_shapes(model: nn.Module, example: object) -> dict[str, tuple[int
             hooks.append(module.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            model(*example) if isinstance(example, tuple) else model(example)
+            if forward is not None:
+                forward(model, example)
+            elif isinstance(example, tuple):
+                model(*example)
+            else:
+                model(example)
     finally:
         for h in hooks:
             h.remove()
