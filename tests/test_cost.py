@@ -305,3 +305,49 @@ def test_compress_latency_needs_a_batch():
 
     with pytest.raises(LorankError, match="objective.*calibration"):
         compress_model(mlp4(), {"objective": "latency"}, progress=False)
+
+
+class Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.conv = nn.Conv1d(32, 32, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = self.attn(x, x, x, need_weights=False)[0]
+        return self.head(self.conv(h.transpose(1, 2)).mean(-1))
+
+
+def test_latency_convert_times_attention_projections_and_keeps_untimed_kinds_dense():
+    import warnings
+
+    x = torch.randn(4, 6, 32)
+    never = FakeCosts(lambda key: 1.0 if key.rank is None else 2.0)
+    config = lorank.LowRankConfig(rank=4, objective="latency")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = lorank.convert(Attn(), config, example_input=x, cost_model=never)
+    assert report.layers and not report.converted
+    timed = [e for e in report.layers if e.dense_ms is not None]
+    assert {e.name for e in timed} >= {"attn.in_proj", "attn.out_proj"}
+    always = FakeCosts(lambda key: 2.0 if key.rank is None else 1.0)
+    report = lorank.convert(Attn(), config, example_input=x, cost_model=always)
+    status = {e.name: (e.status, e.reason) for e in report.layers}
+    assert status["attn.in_proj"][0] == "converted" and status["attn.out_proj"][0] == "converted"
+    assert status["conv"][0] == "skipped" and "not timed" in status["conv"][1]
+
+
+def test_compress_latency_keeps_layers_it_cannot_time_dense():
+    from lorank.compress import compress_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(8, 32, 3), nn.Flatten(), nn.Linear(32 * 6, 64))
+    batches = [(torch.randn(4, 8, 8),)]
+    always = FakeCosts(lambda key: 2.0 if key.rank is None else 1.0, core="diag")
+    config = {"objective": "latency", "ranks": {"kind": "rule", "rule": "rank=4"}}
+    report = compress_model(model, config, batches, progress=False, cost_model=always)
+    rows = {r["name"]: r for r in report.layers}
+    assert rows["0"]["form"] == "dense" and "not timed" in rows["0"]["latency"]
+    assert isinstance(model[0], nn.Conv1d)
+    assert rows["2"]["form"] == "low-rank" and isinstance(model[2], lorank.LowRankLinear)

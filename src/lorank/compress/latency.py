@@ -21,11 +21,12 @@ every dense Linear/Conv2d the compression would factorize, at the input shape on
   ranks are rounded up to faster sizes where the measurement says so and the budget still
   holds, the largest time saving first.
 
-Existing low-rank layers (truncated further) and layer kinds the cost model cannot time
-(Hugging Face ``Conv1D``) are compressed as with ``objective = "params"``, and their rows say
-so. The report gives, per layer, the measured dense and low-rank ms, and for the whole model
-the predicted speed-up (sum of the per-layer times) and the measured one (the model's forward,
-or forward+backward, timed before and after compression on the same batch).
+Existing low-rank layers are truncated as with ``objective = "params"`` (fewer columns never
+cost time); dense layers of a kind the cost model cannot time (Hugging Face ``Conv1D``) stay
+dense, since nothing says low rank would be faster there. Their rows say so. The report gives,
+per layer, the measured dense and low-rank ms, and for the whole model the predicted speed-up
+(sum of the per-layer times) and the measured one (the model's forward, or forward+backward,
+timed before and after compression on the same batch).
 """
 
 from __future__ import annotations
@@ -72,6 +73,12 @@ class LatencyPlanner:
             and isinstance(s.module, nn.Linear | nn.Conv2d)
             and not isinstance(s.module, LowRankLayer)
         }
+        #: dense layers the cost model cannot time: kept dense
+        self.untimed = {
+            s.name: type(s.module).__name__
+            for s in spectra
+            if s.name not in self.timed and not isinstance(s.module, LowRankLayer)
+        }
         self.caps: dict[str, int] = {}
 
     # ------------------------------------------------------------------ measurements
@@ -98,6 +105,7 @@ class LatencyPlanner:
         for name in self.timed:
             if name not in self.caps:
                 self.caps[name] = self.break_even(name) or 0
+        self.caps |= dict.fromkeys(self.untimed, 0)
         return [
             dataclasses.replace(s, max_rank=min(s.max_rank, self.caps[s.name]))
             if s.name in self.caps
@@ -117,9 +125,11 @@ class LatencyPlanner:
             ranks = choose(self.capped(spectra))
         except LorankError as e:
             faster = sum(1 for n in self.timed if self.caps[n])
+            untimed = f", {len(self.untimed)} untimed kept dense" if self.untimed else ""
             raise LorankError(
                 f"{e} (objective latency factorizes only layers measured faster: "
-                f"{faster} of the {len(self.timed)} timed layers have a faster rank here)"
+                f"{faster} of the {len(self.timed)} timed layers have a faster rank here"
+                f"{untimed})"
             ) from None
         for _ in range(MAX_REALLOCATIONS):
             slow = [
@@ -164,8 +174,15 @@ class LatencyPlanner:
         rows: dict[str, dict[str, Any]] = {}
         for spec in spectra:
             name, k = spec.name, ranks.get(spec.name, spec.full_rank)
+            if name in self.untimed:
+                ranks[name] = spec.full_rank
+                rows[name] = {
+                    "form": "dense",
+                    "latency": f"a {self.untimed[name]} is not timed here: kept dense",
+                }
+                continue
             if name not in self.timed:
-                rows[name] = {"latency": "not timed: compressed as for objective params"}
+                rows[name] = {"latency": "already low-rank: truncated as for objective params"}
                 continue
             dense = self.ms(name, None)
             row: dict[str, Any] = {"dense_ms": dense, "form": "dense"}
