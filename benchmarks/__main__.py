@@ -11,9 +11,11 @@ Sections: ``layer`` (one layer's training step per method vs dense, beside the F
 ``step`` (whole-model steps: MNIST MLP, LeNet-5, VGG on CIFAR-10 shapes, MLP width 4096),
 ``tta`` (time to 97%/98% MNIST test accuracy, data loading alone), ``memory`` (training state
 and measured peak at width 4096), ``inference`` (latency/throughput, dense vs low-rank vs
-merged), and, only when asked for, ``peers`` (lorank beside GaLore, tensorly-torch, LoRA
-via peft and fasterai's ASVD; each needs the ``peers`` extra and is skipped with a note when
-missing). Every figure is a ratio measured in the same run, never a timed test assertion.
+merged), ``zoo`` (latency-aware conversion vs dense, forward and training step, for every
+model of ``lorank.models`` at the ranks and budgets it accepts), and, only when asked for,
+``peers`` (lorank beside GaLore, tensorly-torch, LoRA via peft and fasterai's ASVD; each needs
+the ``peers`` extra and is skipped with a note when missing). Every figure is a ratio measured
+in the same run, never a timed test assertion.
 
 Results go to ``benchmarks/results/<UTC date>.json``; a full (non ``--quick``) run also
 rewrites ``benchmarks/results/latest.md``, the committed summary with the targets checked
@@ -33,11 +35,20 @@ from typing import Any
 
 import torch
 
-from benchmarks import common, inference, layer_cost, memory, peers, step_cost, time_to_accuracy
+from benchmarks import (
+    common,
+    inference,
+    layer_cost,
+    memory,
+    peers,
+    step_cost,
+    time_to_accuracy,
+    zoo_latency,
+)
 from benchmarks.common import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_SECTIONS = ("layer", "step", "tta", "memory", "inference")
+DEFAULT_SECTIONS = ("layer", "step", "tta", "memory", "inference", "zoo")
 SECTIONS = (*DEFAULT_SECTIONS, "peers")  # peers: only on request (optional dependencies)
 
 
@@ -175,6 +186,9 @@ def run_section(
     if section == "inference":
         print(inference.HEADER)
         return inference.run(steps * 10, device, quick)
+    if section == "zoo":
+        print(zoo_latency.HEADER)
+        return zoo_latency.run(device, quick, repeats=args.steps)
     if section == "peers":
         return peers.run(
             quick,
@@ -254,6 +268,35 @@ def targets(sections: dict[str, Any]) -> list[dict[str, str]]:
             f"{slowest['rank']}: {slowest['x_dense']:.3f}x dense",
         )
     speedup_target("vgg", "VGG CIFAR-10, convs at 1/4 rank: step >= 2x faster than dense", 2)
+    zoo = sections.get("zoo", [])
+    if zoo:
+        w = zoo_latency.worst(zoo)
+        measured = [r for r in zoo if r.get("status") == "measured"]
+        above = sum(r["x_dense"] > 1.0 for r in measured)
+        noisy = sum(r["x_dense"] > 1.05 for r in measured)
+        refused = sum(r.get("status") == "refused" for r in zoo)
+        check(
+            "latency-aware conversion never slower than dense (every zoo model, every rank and "
+            "budget it accepts, forward and training step)",
+            None if w is None else w["x_dense"] <= 1.0,
+            "no case measured"
+            if w is None
+            else f"worst {w['x_dense']:.3f}x ({w['model']}, {w['mode']}, {w['case']}); "
+            f"{above} of {len(measured)} measured cases above 1.0x, {noisy} above 1.05x; "
+            f"{len(zoo) - len(measured) - refused} unchanged, {refused} refused",
+        )
+        lenet = [
+            r
+            for r in zoo
+            if r["model"] == "lenet5" and r["case"] == "rank 0.25" and r.get("x_dense")
+        ]
+        if lenet:
+            slow = max(lenet, key=lambda r: r["x_dense"])
+            check(
+                "LeNet-5 rank 1/4, latency-aware conversion: <= 1.0x dense (forward and step)",
+                slow["x_dense"] <= 1.0,
+                ", ".join(f"{r['mode']} {r['x_dense']:.3f}x" for r in lenet),
+            )
     tta = sections.get("tta")
     if tta:
         d = _find(tta["rows"], method="dense")
@@ -292,6 +335,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "tta": "3. Time to accuracy (MNIST, 784-500×4-10)",
         "memory": "4. Training memory (MLP 784-4096×4-10, rank 64, batch 256)",
         "inference": "5. Inference",
+        "zoo": "6. Never slower: latency-aware conversion vs dense, every zoo model",
     }
     for name, title in titles.items():
         if name not in s:
@@ -310,6 +354,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 "step": step_cost,
                 "memory": memory,
                 "inference": inference,
+                "zoo": zoo_latency,
             }[name].markdown(s[name])
         lines += ["", f"## {title}", "", env_line, body]
     analysis = Path(__file__).resolve().parent / "analysis.md"
