@@ -143,7 +143,7 @@ def run(
     budgets = BUDGETS
     repeats = repeats or (5 if quick else 15)
     # The cost model's timer: fewer repeats when quick (its decisions are cached per shape).
-    timer = clock_timer(3, 1, device) if quick else clock_timer(7, 2, device)
+    timer = clock_timer(5, 1, device) if quick else clock_timer(7, 2, device)
     rows = []
     for name in names:
         info, batch = CASES[name]
