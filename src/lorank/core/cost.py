@@ -9,7 +9,8 @@ model *faster* is taken from measurements, not from the FLOP count:
 
 * :meth:`CostModel.time` times one layer kind at one shape: the median of ``repeats`` runs
   after ``warmup`` runs (``torch.cuda.synchronize`` around each on CUDA), of the forward pass
-  (``mode="forward"``) or the forward and backward passes (``mode="train"``). Results are
+  (``mode="forward"``) or the forward and backward passes (``mode="train"``; the backward
+  computes the input gradient too, as for every layer but the first inside a network). Results are
   cached by a :class:`CostKey` covering device, dtype, layer kind, shape, input shape, rank and
   mode, in memory and optionally in a JSON file, so a profile is measured once per device.
 * :meth:`CostModel.break_even_rank` is the largest rank whose low-rank time is below the
@@ -54,6 +55,9 @@ class CostKey:
     input_shape: tuple[int, ...]
     rank: int | None  # None: the dense layer
     mode: str
+    #: mode "train": the backward computes the input gradient (keys of caches written before
+    #: it was timed differ, so an old cache is not read for new measurements)
+    input_grad: bool = False
 
     def text(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -125,7 +129,7 @@ class CostModel:
         m, n = _dims(module)
         return CostKey(
             str(weight.device), str(weight.dtype).removeprefix("torch."), _kind(module),
-            m, n, tuple(int(s) for s in input_shape), rank, mode,
+            m, n, tuple(int(s) for s in input_shape), rank, mode, mode == "train",
         )  # fmt: skip
 
     def time(
@@ -191,6 +195,8 @@ class CostModel:
     def _call(layer: nn.Module, input_shape: Sequence[int], mode: Mode) -> Callable[[], object]:
         ref = next(layer.parameters())
         x = torch.randn(*input_shape, device=ref.device, dtype=ref.dtype)
+        if mode == "train":
+            x.requires_grad_(True)  # a layer inside a network passes its input gradient on
         if mode == "forward":
 
             def forward() -> object:
@@ -201,6 +207,7 @@ class CostModel:
 
         def train_step() -> object:
             layer.zero_grad(set_to_none=True)
+            x.grad = None
             out = layer(x)
             out.backward(torch.ones_like(out))
             return out
