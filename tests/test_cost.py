@@ -351,3 +351,26 @@ def test_compress_latency_keeps_layers_it_cannot_time_dense():
     assert rows["0"]["form"] == "dense" and "not timed" in rows["0"]["latency"]
     assert isinstance(model[0], nn.Conv1d)
     assert rows["2"]["form"] == "low-rank" and isinstance(model[2], lorank.LowRankLinear)
+
+
+def test_train_timings_know_which_layers_pass_an_input_gradient_on():
+    from lorank.core.cost import layer_inputs
+
+    model, x = net(), torch.randn(8, 64)
+    inputs = layer_inputs(model, x)
+    assert inputs == {"0": ((8, 64), False), "2": ((8, 64), True), "4": ((8, 256), True)}
+    assert model.training  # restored
+    costs = FakeCosts(lambda key: 1.0)
+    assert costs.key(model[0], (8, 64), 4, "train", False) != costs.key(
+        model[0], (8, 64), 4, "train", True
+    )
+    assert costs.key(model[0], (8, 64), 4, "forward", True).input_grad is False
+
+    # low rank is faster only where the backward also computes the input gradient
+    def formula(key):
+        return 100.0 if key.rank is None else (50.0 if key.input_grad else 150.0)
+
+    config = lorank.LowRankConfig(rank=8, objective="latency", latency_mode="train")
+    report = lorank.convert(model, config, example_input=x, cost_model=FakeCosts(formula))
+    status = {e.name: e.status for e in report.layers}
+    assert status == {"0": "skipped", "2": "converted", "4": "kept"}

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from lorank.compress.allocation import weight_params
-from lorank.core.cost import CostModel, Mode, layer_input_shapes
+from lorank.core.cost import CostModel, Mode, layer_inputs
 from lorank.core.layers import LowRankLayer
 from lorank.core.search import LayerSpectrum
 from lorank.errors import LorankError
@@ -65,7 +65,9 @@ class LatencyPlanner:
         self.mode: Mode = mode
         self.costs = costs or CostModel(core="diag")
         self.example, self.forward = example, forward
-        self.shapes = layer_input_shapes(model, example, forward)
+        inputs = layer_inputs(model, example, forward)
+        self.shapes = {name: shape for name, (shape, _) in inputs.items()}
+        self.input_grad = {name: grad for name, (_, grad) in inputs.items()}
         self.timed = {
             s.name: s
             for s in spectra
@@ -85,7 +87,9 @@ class LatencyPlanner:
     def ms(self, name: str, rank: int | None) -> float:
         """Milliseconds of layer ``name`` dense (``rank=None``) or at ``rank``."""
         spec = self.timed[name]
-        return 1e3 * self.costs.time(spec.module, self.shapes[name], rank, self.mode)
+        return 1e3 * self.costs.time(
+            spec.module, self.shapes[name], rank, self.mode, self.input_grad[name]
+        )
 
     def faster(self, name: str, rank: int) -> bool:
         return self.ms(name, rank) < self.ms(name, None)
@@ -96,7 +100,9 @@ class LatencyPlanner:
 
     def break_even(self, name: str) -> int | None:
         spec = self.timed[name]
-        return self.costs.break_even_rank(spec.module, self.shapes[name], self.mode)
+        return self.costs.break_even_rank(
+            spec.module, self.shapes[name], self.mode, self.input_grad[name]
+        )
 
     # ------------------------------------------------------------------ rank choice
     def capped(self, spectra: Sequence[LayerSpectrum]) -> list[LayerSpectrum]:
@@ -163,7 +169,9 @@ class LatencyPlanner:
             k = ranks.get(spec.name, spec.full_rank)
             if not self.factorized(spec, k):
                 continue
-            best = self.costs.fastest_rank_near(spec.module, self.shapes[spec.name], k, self.mode)
+            best = self.costs.fastest_rank_near(
+                spec.module, self.shapes[spec.name], k, self.mode, self.input_grad[spec.name]
+            )
             if best != k and best <= spec.max_rank:
                 proposals.append((self.ms(spec.name, k) - self.ms(spec.name, best), spec, best))
         for _, spec, best in sorted(proposals, key=lambda p: -p[0]):

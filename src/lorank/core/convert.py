@@ -441,11 +441,11 @@ def convert(
     report = ConversionReport(model_params_before=unique_parameter_count(model))
     planned = plan(model, config)
     if config.objective == "latency":
-        from lorank.core.cost import CostModel, layer_input_shapes
+        from lorank.core.cost import CostModel, layer_inputs
 
         # After plan(): it re-expresses targeted attention as Linear projections, which are
         # then timed like any Linear.
-        latency = (cost_model or CostModel(core=core), layer_input_shapes(model, example_input))
+        latency = (cost_model or CostModel(core=core), layer_inputs(model, example_input))
     if config.target_modules is not None and not planned:
         raise LorankError(
             f"target_modules {config.target_modules!r} matched no layer lorank can convert; "
@@ -480,13 +480,14 @@ def convert(
             )
             continue
         if latency is not None:
-            costs, shapes = latency
-            fastest = costs.fastest_rank_near(module, shapes[name], rank, config.latency_mode)
+            costs, (shape, grad) = latency[0], latency[1][name]
+            mode = config.latency_mode
+            fastest = costs.fastest_rank_near(module, shape, rank, mode, grad)
             fast_cost = fastest * (m + n) + (fastest * fastest if core == "full" else 0)
             if not (config.skip_if_no_savings and fast_cost >= m * n):
                 rank = fastest
-            entry.dense_ms = 1e3 * costs.time(module, shapes[name], None, config.latency_mode)
-            entry.low_rank_ms = 1e3 * costs.time(module, shapes[name], rank, config.latency_mode)
+            entry.dense_ms = 1e3 * costs.time(module, shape, None, mode, grad)
+            entry.low_rank_ms = 1e3 * costs.time(module, shape, rank, mode, grad)
             if entry.low_rank_ms >= entry.dense_ms:
                 entry.rank, entry.status = rank, "skipped"
                 entry.reason = (

@@ -10,7 +10,9 @@ model *faster* is taken from measurements, not from the FLOP count:
 * :meth:`CostModel.time` times one layer kind at one shape: the median of ``repeats`` runs
   after ``warmup`` runs (``torch.cuda.synchronize`` around each on CUDA), of the forward pass
   (``mode="forward"``) or the forward and backward passes (``mode="train"``; the backward
-  computes the input gradient too, as for every layer but the first inside a network). Results are
+  computes the input gradient too unless ``input_grad=False``: inside a network every layer
+  whose input depends on a trainable parameter does, the first layer does not —
+  :func:`layer_inputs` tells which). Results are
   cached by a :class:`CostKey` covering device, dtype, layer kind, shape, input shape, rank and
   mode, in memory and optionally in a JSON file, so a profile is measured once per device.
 * :meth:`CostModel.break_even_rank` is the largest rank whose low-rank time is below the
@@ -56,7 +58,7 @@ class CostKey:
     rank: int | None  # None: the dense layer
     mode: str
     #: mode "train": the backward computes the input gradient (keys of caches written before
-    #: it was timed differ, so an old cache is not read for new measurements)
+    #: it was recorded differ, so an old cache is not read for new measurements)
     input_grad: bool = False
 
     def text(self) -> str:
@@ -123,26 +125,33 @@ class CostModel:
                 self.cache = {}  # a corrupt cache is only a cache: measure again
 
     def key(
-        self, module: nn.Module, input_shape: Sequence[int], rank: int | None, mode: Mode
+        self,
+        module: nn.Module,
+        input_shape: Sequence[int],
+        rank: int | None,
+        mode: Mode,
+        input_grad: bool = True,
     ) -> CostKey:
         weight = next(module.parameters())
         m, n = _dims(module)
         return CostKey(
             str(weight.device), str(weight.dtype).removeprefix("torch."), _kind(module),
-            m, n, tuple(int(s) for s in input_shape), rank, mode, mode == "train",
+            m, n, tuple(int(s) for s in input_shape), rank, mode,
+            mode == "train" and input_grad,
         )  # fmt: skip
 
     def time(
         self, module: nn.Module, input_shape: Sequence[int], rank: int | None = None,
-        mode: Mode = "forward",
+        mode: Mode = "forward", input_grad: bool = True,
     ) -> float:  # fmt: skip
         """Seconds per call of ``module`` (``rank=None``) or of its rank-``rank`` replacement
         (random factors: time does not depend on the values) on inputs of ``input_shape``."""
-        key = self.key(module, input_shape, rank, mode)
+        key = self.key(module, input_shape, rank, mode, input_grad)
         text = key.text()
         if text not in self.cache:
             layer = module if rank is None else self._low_rank(module, rank)
-            self.cache[text] = self.measure(key, self._call(layer, input_shape, mode))
+            run = self._call(layer, input_shape, mode, key.input_grad)
+            self.cache[text] = self.measure(key, run)
             self._save()
         return self.cache[text]
 
@@ -151,21 +160,30 @@ class CostModel:
         return self.timer(run)
 
     def break_even_rank(
-        self, module: nn.Module, input_shape: Sequence[int], mode: Mode = "forward"
+        self,
+        module: nn.Module,
+        input_shape: Sequence[int],
+        mode: Mode = "forward",
+        input_grad: bool = True,
     ) -> int | None:
         """The largest rank whose low-rank layer is faster than the dense one, or None."""
-        dense = self.time(module, input_shape, None, mode)
+        dense = self.time(module, input_shape, None, mode, input_grad)
         lo, hi = 0, min(_dims(module))
         while lo < hi:  # invariant: ranks ≤ lo are faster (0 trivially), ranks > hi are not
             mid = (lo + hi + 1) // 2
-            if self.time(module, input_shape, mid, mode) < dense:
+            if self.time(module, input_shape, mid, mode, input_grad) < dense:
                 lo = mid
             else:
                 hi = mid - 1
         return lo or None
 
     def fastest_rank_near(
-        self, module: nn.Module, input_shape: Sequence[int], rank: int, mode: Mode = "forward"
+        self,
+        module: nn.Module,
+        input_shape: Sequence[int],
+        rank: int,
+        mode: Mode = "forward",
+        input_grad: bool = True,
     ) -> int:
         """``rank``, or the multiple of 8, 16 or 64 just above it when that measures faster
         (never below ``rank``, so rounding never costs accuracy; at most 1/8 more rank, or
@@ -175,7 +193,10 @@ class CostModel:
         candidates = {rank} | {
             r for step in (8, 16, 64) for r in range(-(-rank // step) * step, ceiling + 1, step)
         }
-        return min(sorted(candidates), key=lambda r: (self.time(module, input_shape, r, mode), r))
+        return min(
+            sorted(candidates),
+            key=lambda r: (self.time(module, input_shape, r, mode, input_grad), r),
+        )
 
     # ------------------------------------------------------------------ internals
     def _low_rank(self, module: nn.Module, rank: int) -> nn.Module:
@@ -192,10 +213,12 @@ class CostModel:
         return layer.to(next(module.parameters()))
 
     @staticmethod
-    def _call(layer: nn.Module, input_shape: Sequence[int], mode: Mode) -> Callable[[], object]:
+    def _call(
+        layer: nn.Module, input_shape: Sequence[int], mode: Mode, input_grad: bool = False
+    ) -> Callable[[], object]:
         ref = next(layer.parameters())
         x = torch.randn(*input_shape, device=ref.device, dtype=ref.dtype)
-        if mode == "train":
+        if mode == "train" and input_grad:
             x.requires_grad_(True)  # a layer inside a network passes its input gradient on
         if mode == "forward":
 
@@ -220,6 +243,42 @@ class CostModel:
         from lorank.core.io import atomic_write_json
 
         atomic_write_json(self.cache_file, self.cache)
+
+
+def layer_inputs(
+    model: nn.Module,
+    example: object,
+    forward: Callable[[nn.Module, object], object] | None = None,
+) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """``{layer name: (input shape, input needs a gradient)}`` of every Linear/Conv2d/low-rank
+    layer, from one forward of ``example`` (a tensor or a tuple of model arguments; or
+    whatever ``forward(model, example)`` takes) with autograd on: the first layer's input
+    needs none, a layer after a trainable one does (its backward then computes it)."""
+    found: dict[str, tuple[tuple[int, ...], bool]] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.Conv2d | LowRankLinear | LowRankConv2d):
+
+            def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
+                x = args[0]
+                found.setdefault(name, (tuple(x.shape), bool(x.requires_grad)))
+
+            hooks.append(module.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()  # no BatchNorm statistics change; shapes and autograd are the same
+    try:
+        with torch.enable_grad():
+            if forward is not None:
+                forward(model, example)
+            elif isinstance(example, tuple):
+                model(*example)
+            else:
+                model(example)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return found
 
 
 def layer_input_shapes(
