@@ -374,3 +374,18 @@ def test_train_timings_know_which_layers_pass_an_input_gradient_on():
     report = lorank.convert(model, config, example_input=x, cost_model=FakeCosts(formula))
     status = {e.name: e.status for e in report.layers}
     assert status == {"0": "skipped", "2": "converted", "4": "kept"}
+
+
+def test_compress_latency_in_train_mode_times_the_backward_too():
+    costs = FakeCosts(flop_like(slow={(64, 64)}), core="diag")
+    report = compress_latency(
+        mlp4(), costs, latency_mode="train", ranks={"kind": "rule", "rule": "rank=8"}
+    )
+    assert report.latency["mode"] == "train" and report.latency["model_ms"] > 0
+    assert {k.mode for k in costs.calls} == {"train"}
+    # the first layer's input needs no gradient inside the network, the others' do
+    assert {k.input_grad for k in costs.calls if k.in_features == 64 and k.out_features == 64} == {
+        False
+    }
+    assert {k.input_grad for k in costs.calls if k.out_features == 128} == {True}
+    assert "latency (train)" in str(report)

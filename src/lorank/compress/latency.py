@@ -226,7 +226,8 @@ class LatencyPlanner:
                 with torch.no_grad():
                     return self.forward(model, self.example)
             out = output_tensor(self.forward(model, self.example))
-            out.float().sum().backward()
+            if out.requires_grad:  # a frozen model has no backward to time
+                out.float().sum().backward()
             for p in params:
                 p.grad = None
             return out
