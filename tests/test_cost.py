@@ -358,7 +358,11 @@ def test_train_timings_know_which_layers_pass_an_input_gradient_on():
 
     model, x = net(), torch.randn(8, 64)
     inputs = layer_inputs(model, x)
-    assert inputs == {"0": ((8, 64), False), "2": ((8, 64), True), "4": ((8, 256), True)}
+    assert {n: (i.shape, i.needs_grad) for n, i in inputs.items()} == {
+        "0": ((8, 64), False),
+        "2": ((8, 64), True),
+        "4": ((8, 256), True),
+    }
     assert model.training  # restored
     costs = FakeCosts(lambda key: 1.0)
     assert costs.key(model[0], (8, 64), 4, "train", False) != costs.key(
@@ -389,3 +393,21 @@ def test_compress_latency_in_train_mode_times_the_backward_too():
     }
     assert {k.input_grad for k in costs.calls if k.out_features == 128} == {True}
     assert "latency (train)" in str(report)
+
+
+def test_a_channels_last_input_is_timed_in_channels_last():
+    from lorank.core.cost import layer_inputs
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    x = torch.randn(2, 3, 12, 12)
+    assert not any(i.channels_last for i in layer_inputs(model, x).values())
+    model.to(memory_format=torch.channels_last)
+    inputs = layer_inputs(model, x.contiguous(memory_format=torch.channels_last))
+    assert inputs["0"].channels_last and inputs["2"].channels_last
+    costs = FakeCosts(lambda key: 1.0)
+    conv = nn.Conv2d(16, 16, 3)
+    keys = {costs.key(conv, (2, 16, 10, 10), 4, "forward", channels_last=c) for c in (0, 1)}
+    assert len(keys) == 2
+    costs.time(conv, (2, 16, 10, 10), None, "train", channels_last=True)
+    assert conv.weight.is_contiguous()  # the caller's layer is not changed
+    assert CostModel().time(conv, (2, 16, 10, 10), 4, "train", channels_last=True) > 0

@@ -65,9 +65,8 @@ class LatencyPlanner:
         self.mode: Mode = mode
         self.costs = costs or CostModel(core="diag")
         self.example, self.forward = example, forward
-        inputs = layer_inputs(model, example, forward)
-        self.shapes = {name: shape for name, (shape, _) in inputs.items()}
-        self.input_grad = {name: grad for name, (_, grad) in inputs.items()}
+        self.inputs = layer_inputs(model, example, forward)
+        self.shapes = {name: inp.shape for name, inp in self.inputs.items()}
         self.timed = {
             s.name: s
             for s in spectra
@@ -87,9 +86,8 @@ class LatencyPlanner:
     def ms(self, name: str, rank: int | None) -> float:
         """Milliseconds of layer ``name`` dense (``rank=None``) or at ``rank``."""
         spec = self.timed[name]
-        return 1e3 * self.costs.time(
-            spec.module, self.shapes[name], rank, self.mode, self.input_grad[name]
-        )
+        how = self.inputs[name].options()
+        return 1e3 * self.costs.time(spec.module, self.shapes[name], rank, self.mode, **how)
 
     def faster(self, name: str, rank: int) -> bool:
         return self.ms(name, rank) < self.ms(name, None)
@@ -100,9 +98,8 @@ class LatencyPlanner:
 
     def break_even(self, name: str) -> int | None:
         spec = self.timed[name]
-        return self.costs.break_even_rank(
-            spec.module, self.shapes[name], self.mode, self.input_grad[name]
-        )
+        how = self.inputs[name].options()
+        return self.costs.break_even_rank(spec.module, self.shapes[name], self.mode, **how)
 
     # ------------------------------------------------------------------ rank choice
     def capped(self, spectra: Sequence[LayerSpectrum]) -> list[LayerSpectrum]:
@@ -169,8 +166,9 @@ class LatencyPlanner:
             k = ranks.get(spec.name, spec.full_rank)
             if not self.factorized(spec, k):
                 continue
+            how = self.inputs[spec.name].options()
             best = self.costs.fastest_rank_near(
-                spec.module, self.shapes[spec.name], k, self.mode, self.input_grad[spec.name]
+                spec.module, self.shapes[spec.name], k, self.mode, **how
             )
             if best != k and best <= spec.max_rank:
                 proposals.append((self.ms(spec.name, k) - self.ms(spec.name, best), spec, best))

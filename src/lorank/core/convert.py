@@ -480,14 +480,14 @@ def convert(
             )
             continue
         if latency is not None:
-            costs, (shape, grad) = latency[0], latency[1][name]
-            mode = config.latency_mode
-            fastest = costs.fastest_rank_near(module, shape, rank, mode, grad)
+            costs, layer_input = latency[0], latency[1][name]
+            shape, mode, how = layer_input.shape, config.latency_mode, layer_input.options()
+            fastest = costs.fastest_rank_near(module, shape, rank, mode, **how)
             fast_cost = fastest * (m + n) + (fastest * fastest if core == "full" else 0)
             if not (config.skip_if_no_savings and fast_cost >= m * n):
                 rank = fastest
-            entry.dense_ms = 1e3 * costs.time(module, shape, None, mode, grad)
-            entry.low_rank_ms = 1e3 * costs.time(module, shape, rank, mode, grad)
+            entry.dense_ms = 1e3 * costs.time(module, shape, None, mode, **how)
+            entry.low_rank_ms = 1e3 * costs.time(module, shape, rank, mode, **how)
             if entry.low_rank_ms >= entry.dense_ms:
                 entry.rank, entry.status = rank, "skipped"
                 entry.reason = (

@@ -77,7 +77,7 @@ def profile(
     x, _ = data.train_subset_batches(size, size)[0]
     model.eval()
     inputs = layer_inputs(model, x)
-    shapes = {name: shape for name, (shape, _) in inputs.items()}
+    shapes = {name: inp.shape for name, inp in inputs.items()}
     costs = costs or CostModel()
     trained = low_rank_layers(model)
     default_rank = rank if rank is not None else getattr(config.method, "rank", 0.25)
@@ -102,9 +102,9 @@ def profile(
                 (m, n),
                 shapes[name],
                 r,
-                1e3 * costs.time(dense, shapes[name], None, mode, inputs[name][1]),
-                1e3 * costs.time(dense, shapes[name], r, mode, inputs[name][1]),
-                costs.break_even_rank(dense, shapes[name], mode, inputs[name][1]),
+                1e3 * costs.time(dense, shapes[name], None, mode, **inputs[name].options()),
+                1e3 * costs.time(dense, shapes[name], r, mode, **inputs[name].options()),
+                costs.break_even_rank(dense, shapes[name], mode, **inputs[name].options()),
             )
         )
     if not rows:
