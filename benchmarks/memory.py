@@ -4,7 +4,9 @@ Two figures per method: the bytes of the training state (parameters + gradients 
 state, counted from the tensors after a few steps) and the measured peak resident memory of
 a fresh process while it runs those steps, above the process's resident memory before the
 model existed (torch itself); the peak mark is reset after the model is built and converted,
-so the dense weights a conversion starts from do not count. Each method runs in its own process so
+so the dense weights a conversion starts from do not count. On CUDA (``--device cuda``) the
+peak is the CUDA caching allocator's peak of allocated memory above what was allocated after
+the conversion (``torch.cuda.max_memory_allocated``). Each method runs in its own process so
 the peaks do not mask each other.
 """
 
@@ -61,15 +63,23 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure_one(variant: str, width: int, rank: int) -> dict[str, Any]:
+def measure_one(variant: str, width: int, rank: int, device: str = "cpu") -> dict[str, Any]:
     """Run in a fresh process: build, train STEPS steps, count the state and the peak."""
     torch.manual_seed(0)
-    x, y = torch.randn(BATCH, 784), torch.randint(0, 10, (BATCH,))
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    x = torch.randn(BATCH, 784, device=dev)
+    y = torch.randint(0, 10, (BATCH,), device=dev)
     before = _current_rss_mb()
-    model = mlp(width)
+    model = mlp(width).to(dev)
     method = prepare(model, variant, rank, last_dense=True)
+    model.to(dev)
     gc.collect()
     _reset_peak()
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev) / 2**20
     optimizer = torch.optim.Adam(method.parameters(model), lr=1e-4)
     method.attach(loss_fn=cross_entropy)
     for _ in range(STEPS):
@@ -92,14 +102,19 @@ def measure_one(variant: str, width: int, rank: int) -> dict[str, Any]:
         "grads_mb": grads / 2**20,
         "optimizer_mb": state / 2**20,
         "state_mb": (params + grads + state) / 2**20,
-        "peak_mb": _peak_rss_mb() - before,
+        "peak_mb": (torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else _peak_rss_mb())
+        - before,
+        "device": dev.type,
     }
 
 
-def run(width: int, rank: int, threads: int | None) -> list[dict[str, Any]]:
+def run(
+    width: int, rank: int, threads: int | None, device: torch.device | str = "cpu"
+) -> list[dict[str, Any]]:
     rows = []
     for variant in VARIANTS:
         cmd = [sys.executable, "-m", "benchmarks.memory", variant, str(width), str(rank)]
+        cmd += ["--device", str(device)]
         if threads:
             cmd.append(str(threads))
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -142,7 +157,8 @@ if __name__ == "__main__":
     parser.add_argument("width", type=int)
     parser.add_argument("rank", type=int)
     parser.add_argument("threads", type=int, nargs="?")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(json.dumps(measure_one(args.variant, args.width, args.rank)))
+    print(json.dumps(measure_one(args.variant, args.width, args.rank, args.device)))

@@ -36,26 +36,39 @@ METHODS = (
 THRESHOLDS = (0.97, 0.98)
 
 
-def data_epoch_seconds(data_dir: str | None, threads: int | None) -> float:
+def data_epoch_seconds(
+    data_dir: str | None, threads: int | None, device: torch.device | str = "cpu"
+) -> float:
     config = load_config(CONFIGS / "mnist-mlp-dense.toml")
-    data = load_dataset(config.data, "cpu", data_dir)
+    data = load_dataset(config.data, device, data_dir)
     gen = torch.Generator().manual_seed(0)
     for _ in data.train_batches(gen):  # warm-up
         pass
     start = time.perf_counter()
     for x, y in data.train_batches(gen):
         x.sum(), y.sum()  # touch the batch, as a model would
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
 def run(
-    methods: list[str], epochs: int | None, threads: int | None, data_dir: str | None
+    methods: list[str],
+    epochs: int | None,
+    threads: int | None,
+    data_dir: str | None,
+    device: torch.device | str = "cpu",
 ) -> tuple[list[dict[str, Any]], float]:
-    data_seconds = data_epoch_seconds(data_dir, threads)
+    device = torch.device(device)
+    data_seconds = data_epoch_seconds(data_dir, threads, device)
     print(f"data loading alone: {data_seconds:.3f} s per MNIST epoch (batch 256)", flush=True)
     rows = []
     for name in methods:
-        overrides = ["train.eval_every=1", "train.checkpoint_every=0"]
+        overrides = [
+            "train.eval_every=1",
+            "train.checkpoint_every=0",
+            f"train.device={device.type}",
+        ]
         if epochs:
             overrides.append(f"train.epochs={epochs}")
         if threads:

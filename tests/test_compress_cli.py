@@ -502,3 +502,29 @@ def test_distill_flag_lowers_the_held_out_distance_and_keeps_the_parameter_count
     assert d["held_out_after"] < d["held_out_before"]
     assert s["params_eval"] == s["params_eval_after"]
     assert evaluate_checkpoint(out)["test_acc"] == pytest.approx(s["test_acc_after"])
+
+
+def test_objective_latency_flag_reports_measured_times(dense_run, capsys):
+    # Real timers: only what holds whatever the timings are is asserted (a rule, not a
+    # budget, which a machine where no layer measures faster would refuse).
+    run, base = dense_run
+    out = base / "latency"
+    code, stdout, err = compress(
+        [run, "--rule", "rank=8", "--objective", "latency", "--out", out], capsys
+    )
+    assert code == 0, err
+    s = summary_of(out)
+    assert s["objective"] == "latency" and "latency (forward)" in s["rule"]
+    t = s["latency"]
+    assert t["mode"] == "forward" and t["model_dense_ms"] > 0 and t["model_ms"] > 0
+    assert json.loads(stdout)["latency"]["predicted_speedup"] == t["predicted_speedup"]
+    for row in s["layers"]:
+        assert row["form"] in ("dense", "low-rank") and row["dense_ms"] > 0
+        if row["form"] == "low-rank":
+            assert row["status"] == "converted" and row["low_rank_ms"] < row["dense_ms"]
+        else:
+            assert row["status"] == "kept"
+    code, _, err = compress(
+        [run, "--objective", "fastest", "--out", base / "bad-objective"], capsys
+    )
+    assert code == 2 and "--objective" in err

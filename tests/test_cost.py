@@ -167,3 +167,247 @@ def test_export_keeps_the_faster_form_of_each_layer_and_the_same_function(tmp_pa
     torch.testing.assert_close(after(x), before(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(LorankError, match="another --out"):
         export(run.path, run.path)
+
+
+# ---------------------------------------------------------------- CompressConfig(objective=...)
+def mlp4():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 256), nn.ReLU(),
+        nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10),
+    )  # fmt: skip
+
+
+def calibration():
+    return [(torch.randn(16, 64), torch.zeros(16, dtype=torch.long))]
+
+
+def flop_like(slow=(), slow_ranks=()):
+    """Dense m·n, low rank r·(m+n): faster below mn/(m+n), except layers whose shape is in
+    ``slow`` (never faster) and ranks in ``slow_ranks`` (slower than dense)."""
+
+    def formula(key):
+        dense = float(key.out_features * key.in_features)
+        if key.rank is None:
+            return dense
+        if (key.out_features, key.in_features) in slow or key.rank in slow_ranks:
+            return 2 * dense
+        return float(key.rank * (key.out_features + key.in_features))
+
+    return formula
+
+
+def compress_latency(model, costs, **fields):
+    from lorank.compress import compress_model
+
+    config = {"objective": "latency", **fields}
+    return compress_model(model, config, calibration(), progress=False, cost_model=costs)
+
+
+def test_compress_latency_keeps_a_layer_dense_where_low_rank_measures_slower():
+    costs = FakeCosts(flop_like(slow={(64, 64)}), core="diag")
+    model = mlp4()
+    report = compress_latency(model, costs, ranks={"kind": "rule", "rule": "rank=8"})
+    rows = {r["name"]: r for r in report.layers}
+    assert rows["0"]["form"] == "dense" and "not faster" in rows["0"]["latency"]
+    assert isinstance(model[0], nn.Linear) and rows["0"]["rank"] == 64
+    for name in ("2", "4"):
+        assert rows[name]["form"] == "low-rank" and rows[name]["rank"] == 8
+        assert rows[name]["low_rank_ms"] < rows[name]["dense_ms"]
+    assert isinstance(model[2], lorank.LowRankLinear)
+    # the output layer (10x128): rank 8 is faster in this fake world too
+    assert rows["6"]["form"] == "low-rank"
+    assert report.latency["layers_kept_dense"] == ["0"]
+    assert report.latency["predicted_speedup"] > 1
+    assert report.latency["model_dense_ms"] > 0 and report.latency["model_ms"] > 0
+    # the same rule with objective params converts the slow layer too
+    from lorank.compress import compress_model
+
+    params = compress_model(mlp4(), {"ranks": {"kind": "rule", "rule": "rank=8"}}, progress=False)
+    assert {r["name"]: r["status"] for r in params.layers}["0"] == "converted"
+
+
+def test_compress_latency_rounds_a_rank_only_when_measured_faster():
+    def aligned(key):
+        if key.rank is None:
+            return 1e6
+        return float(key.rank) if key.rank % 16 else key.rank / 2  # multiples of 16 fast
+
+    rows = {
+        r["name"]: r
+        for r in compress_latency(
+            mlp4(), FakeCosts(aligned, core="diag"), ranks={"kind": "rule", "rule": "rank=13"}
+        ).layers
+    }
+    assert rows["2"]["rank"] == 16 and rows["4"]["rank"] == 16
+    flat = FakeCosts(flop_like(), core="diag")
+    rows = {
+        r["name"]: r
+        for r in compress_latency(mlp4(), flat, ranks={"kind": "rule", "rule": "rank=13"}).layers
+    }
+    assert rows["2"]["rank"] == 13 and rows["4"]["rank"] == 13
+
+
+def budget_weights(model):
+    return sum(
+        m.params_eval - (m.bias.numel() if m.bias is not None else 0)
+        if isinstance(m, lorank.LowRankLinear)
+        else m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, nn.Linear | lorank.LowRankLinear)
+    )
+
+
+@pytest.mark.parametrize("allocation", ["greedy", "uniform"])
+def test_compress_latency_spends_a_budget_on_the_layers_where_low_rank_is_faster(allocation):
+    full = budget_weights(mlp4())
+    ranks = {"kind": "budget", "budget": 0.5, "allocation": allocation}
+    costs = FakeCosts(flop_like(slow={(256, 64)}), core="diag")
+    model = mlp4()
+    report = compress_latency(model, costs, ranks=ranks)
+    rows = {r["name"]: r for r in report.layers}
+    assert rows["2"]["form"] == "dense" and isinstance(model[2], nn.Linear)
+    assert "no rank measured faster" in rows["2"]["latency"]
+    assert budget_weights(model) <= 0.5 * full  # the slow layer's share cut elsewhere
+    for row in report.layers:
+        if row["form"] == "low-rank":
+            assert row["low_rank_ms"] < row["dense_ms"]
+            assert row["rank"] <= row["break_even_rank"]
+    # objective params may cut the slow layer, and cuts the others no deeper
+    from lorank.compress import compress_model
+
+    params = compress_model(mlp4(), {"ranks": ranks}, progress=False)
+    by_name = {r["name"]: r for r in params.layers}
+    if allocation == "uniform":  # every layer keeps the same fraction
+        assert by_name["2"]["status"] == "converted"
+    assert by_name["4"]["rank"] >= rows["4"]["rank"]
+
+
+def test_compress_latency_reallocates_when_a_chosen_rank_measures_slower():
+    ranks = {"kind": "budget", "budget": 0.5, "allocation": "uniform"}
+    first = compress_latency(mlp4(), FakeCosts(flop_like(), core="diag"), ranks=ranks)
+    chosen = {r["name"]: r["rank"] for r in first.layers}
+    costs = FakeCosts(flop_like(slow_ranks={chosen["2"]}), core="diag")
+    report = compress_latency(mlp4(), costs, ranks=ranks)
+    rows = {r["name"]: r for r in report.layers}
+    assert rows["2"]["rank"] != chosen["2"]
+    assert all(r["low_rank_ms"] < r["dense_ms"] for r in rows.values() if r["form"] == "low-rank")
+
+
+def test_compress_latency_refuses_a_budget_only_slow_layers_could_meet():
+    never = FakeCosts(lambda key: 1.0 if key.rank is None else 2.0, core="diag")
+    with pytest.raises(LorankError, match="objective latency.*0 of the 4"):
+        compress_latency(mlp4(), never, ranks={"kind": "budget", "budget": 0.5})
+
+
+def test_compress_latency_needs_a_batch():
+    from lorank.compress import compress_model
+
+    with pytest.raises(LorankError, match="objective.*calibration"):
+        compress_model(mlp4(), {"objective": "latency"}, progress=False)
+
+
+class Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.conv = nn.Conv1d(32, 32, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = self.attn(x, x, x, need_weights=False)[0]
+        return self.head(self.conv(h.transpose(1, 2)).mean(-1))
+
+
+def test_latency_convert_times_attention_projections_and_keeps_untimed_kinds_dense():
+    import warnings
+
+    x = torch.randn(4, 6, 32)
+    never = FakeCosts(lambda key: 1.0 if key.rank is None else 2.0)
+    config = lorank.LowRankConfig(rank=4, objective="latency")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = lorank.convert(Attn(), config, example_input=x, cost_model=never)
+    assert report.layers and not report.converted
+    timed = [e for e in report.layers if e.dense_ms is not None]
+    assert {e.name for e in timed} >= {"attn.in_proj", "attn.out_proj"}
+    always = FakeCosts(lambda key: 2.0 if key.rank is None else 1.0)
+    report = lorank.convert(Attn(), config, example_input=x, cost_model=always)
+    status = {e.name: (e.status, e.reason) for e in report.layers}
+    assert status["attn.in_proj"][0] == "converted" and status["attn.out_proj"][0] == "converted"
+    assert status["conv"][0] == "skipped" and "not timed" in status["conv"][1]
+
+
+def test_compress_latency_keeps_layers_it_cannot_time_dense():
+    from lorank.compress import compress_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(8, 32, 3), nn.Flatten(), nn.Linear(32 * 6, 64))
+    batches = [(torch.randn(4, 8, 8),)]
+    always = FakeCosts(lambda key: 2.0 if key.rank is None else 1.0, core="diag")
+    config = {"objective": "latency", "ranks": {"kind": "rule", "rule": "rank=4"}}
+    report = compress_model(model, config, batches, progress=False, cost_model=always)
+    rows = {r["name"]: r for r in report.layers}
+    assert rows["0"]["form"] == "dense" and "not timed" in rows["0"]["latency"]
+    assert isinstance(model[0], nn.Conv1d)
+    assert rows["2"]["form"] == "low-rank" and isinstance(model[2], lorank.LowRankLinear)
+
+
+def test_train_timings_know_which_layers_pass_an_input_gradient_on():
+    from lorank.core.cost import layer_inputs
+
+    model, x = net(), torch.randn(8, 64)
+    inputs = layer_inputs(model, x)
+    assert {n: (i.shape, i.needs_grad) for n, i in inputs.items()} == {
+        "0": ((8, 64), False),
+        "2": ((8, 64), True),
+        "4": ((8, 256), True),
+    }
+    assert model.training  # restored
+    costs = FakeCosts(lambda key: 1.0)
+    assert costs.key(model[0], (8, 64), 4, "train", False) != costs.key(
+        model[0], (8, 64), 4, "train", True
+    )
+    assert costs.key(model[0], (8, 64), 4, "forward", True).input_grad is False
+
+    # low rank is faster only where the backward also computes the input gradient
+    def formula(key):
+        return 100.0 if key.rank is None else (50.0 if key.input_grad else 150.0)
+
+    config = lorank.LowRankConfig(rank=8, objective="latency", latency_mode="train")
+    report = lorank.convert(model, config, example_input=x, cost_model=FakeCosts(formula))
+    status = {e.name: e.status for e in report.layers}
+    assert status == {"0": "skipped", "2": "converted", "4": "kept"}
+
+
+def test_compress_latency_in_train_mode_times_the_backward_too():
+    costs = FakeCosts(flop_like(slow={(64, 64)}), core="diag")
+    report = compress_latency(
+        mlp4(), costs, latency_mode="train", ranks={"kind": "rule", "rule": "rank=8"}
+    )
+    assert report.latency["mode"] == "train" and report.latency["model_ms"] > 0
+    assert {k.mode for k in costs.calls} == {"train"}
+    # the first layer's input needs no gradient inside the network, the others' do
+    assert {k.input_grad for k in costs.calls if k.in_features == 64 and k.out_features == 64} == {
+        False
+    }
+    assert {k.input_grad for k in costs.calls if k.out_features == 128} == {True}
+    assert "latency (train)" in str(report)
+
+
+def test_a_channels_last_input_is_timed_in_channels_last():
+    from lorank.core.cost import layer_inputs
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    x = torch.randn(2, 3, 12, 12)
+    assert not any(i.channels_last for i in layer_inputs(model, x).values())
+    model.to(memory_format=torch.channels_last)
+    inputs = layer_inputs(model, x.contiguous(memory_format=torch.channels_last))
+    assert inputs["0"].channels_last and inputs["2"].channels_last
+    costs = FakeCosts(lambda key: 1.0)
+    conv = nn.Conv2d(16, 16, 3)
+    keys = {costs.key(conv, (2, 16, 10, 10), 4, "forward", channels_last=c) for c in (0, 1)}
+    assert len(keys) == 2
+    costs.time(conv, (2, 16, 10, 10), None, "train", channels_last=True)
+    assert conv.weight.is_contiguous()  # the caller's layer is not changed
+    assert CostModel().time(conv, (2, 16, 10, 10), 4, "train", channels_last=True) > 0

@@ -274,6 +274,21 @@ def _parser() -> argparse.ArgumentParser:
         default=1e-4,
         help="--svd activation: Cholesky damping relative to mean(diag C) (default 1e-4)",
     )
+    p.add_argument(
+        "--objective",
+        choices=("params", "latency"),
+        default="params",
+        help="params: factorize every layer the ranks make smaller (default); latency: only "
+        "where the low-rank layer measures faster on this device at its real input shape, "
+        "a --budget spent on those layers, ranks rounded to faster sizes when measured "
+        "faster (summary.json: per-layer ms, predicted and measured speed-up)",
+    )
+    p.add_argument(
+        "--latency-mode",
+        choices=("forward", "train"),
+        default="forward",
+        help="--objective latency: time the forward pass (default) or forward+backward",
+    )
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--data-dir", help="dataset root")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -573,6 +588,8 @@ COMPRESS_FLAGS = {
     "out": "--out",
     "overwrite": "--overwrite",
     "model_config": "--model-config",
+    "objective": "--objective",
+    "latency_mode": "--latency-mode",
 }
 
 
@@ -608,6 +625,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
             refit=args.refit,
             finetune_epochs=args.finetune_epochs,
             distill=distill,
+            objective=args.objective,
+            latency_mode=args.latency_mode,
         )
         path = compress(
             args.path,
@@ -640,6 +659,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     for key in ("calibration_loss_before", "calibration_loss_after"):
         if key in summary:
             shown[key] = summary[key]
+    if "latency" in summary:  # --objective latency: predicted and measured speed-ups
+        shown["latency"] = summary["latency"]
     _print_json({"run_dir": str(path)} | shown)
     return 0
 

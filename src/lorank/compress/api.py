@@ -27,6 +27,12 @@ optional according to the config:
 5. **Distillation** (``finetune=DistillFinetune(...)``, :mod:`lorank.compress.distill`): the
    factors, norms and biases learn the original model's outputs on the calibration batches.
 
+With ``objective="latency"`` step 3 also measures each layer dense and low-rank at the input
+shape of the first calibration (or loss) batch (:mod:`lorank.compress.latency`): a layer stays
+dense where low rank is not measured faster, a budget goes to the layers where it buys time,
+ranks are rounded up to faster sizes where measured faster; ``report.latency`` has the
+predicted and measured speed-ups.
+
 A batch is what ``forward(model, batch)`` takes: by default an ``(inputs, ...)`` tuple runs
 ``model(inputs)``, a mapping runs ``model(**batch)`` (Hugging Face ``input_ids`` /
 ``attention_mask``), anything else ``model(batch)``. ``loss_fn(model, batch) -> Tensor``, when
@@ -54,6 +60,8 @@ from lorank.compress.config import (
     compress_config,
 )
 from lorank.compress.distill import distill, frozen_copy
+from lorank.compress.latency import LatencyPlanner
+from lorank.compress.latency import summary as latency_summary
 from lorank.compress.propagation import propagate
 from lorank.compress.rules import CompressionRule
 from lorank.compress.surgery import apply_ranks, is_truncated
@@ -136,6 +144,8 @@ class CompressionReport:
     svd_comparison: dict[str, dict[str, float]] | None = None
     allocation_measurements: dict[str, dict[str, float]] | None = None
     distill: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
+    """``objective="latency"``: predicted and measured speed-ups (compress/latency.py)."""
     timings: dict[str, float] = field(default_factory=dict)
     spectra: list[LayerSpectrum] = field(default_factory=list, repr=False)
     """The spectra the ranks were cut from (not serialised)."""
@@ -169,6 +179,18 @@ class CompressionReport:
                 f"distill ({d['loss']}): held-out {d['held_out_before']:.4g} -> "
                 f"{d['held_out_after']:.4g} in {d['steps']} steps"
             )
+        if self.latency is not None:
+            t = self.latency
+            line = (
+                f"latency ({t['mode']}): layers {t['layers_dense_ms']:.3g} -> "
+                f"{t['layers_ms']:.3g} ms predicted ({t['predicted_speedup']:.2f}x)"
+            )
+            if t.get("measured_speedup") is not None:
+                line += (
+                    f"; model {t['model_dense_ms']:.3g} -> {t['model_ms']:.3g} ms measured "
+                    f"({t['measured_speedup']:.2f}x)"
+                )
+            lines.append(line)
         return "\n".join(lines)
 
 
@@ -196,6 +218,7 @@ def compress_model(
     loss_batches: Sequence[Any] | None = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     progress: bool = True,
+    cost_model: Any = None,
 ) -> CompressionReport:
     """Compress ``model`` in place as ``config`` says (see the module doc); the report.
 
@@ -203,7 +226,8 @@ def compress_model(
     use (the first ``config.calibration`` samples of them). ``loss_batches`` (default: the
     calibration batches, first ``config.samples`` samples) are those ``loss_fn`` is measured
     on. ``evaluate(model)`` adds figures (e.g. a test loss) to the plain-vs-activation
-    comparison.
+    comparison. ``cost_model`` (``objective="latency"``): the
+    :class:`~lorank.core.cost.CostModel` to time layers with (default: a new one).
     """
     config = compress_config(config)
     forward = forward or default_forward
@@ -258,9 +282,23 @@ def compress_model(
         assert activation is not None
         spectra = activation
 
+    latency = None
+    model_dense_ms = None
+    if config.objective == "latency":
+        example = next(iter(batches or loss_batches or []), None)
+        if example is None:
+            raise LorankError(
+                "`objective` latency times each layer at its real input shape: pass "
+                "calibration (or loss) batches"
+            )
+        start = time.perf_counter()
+        latency = LatencyPlanner(model, spectra, example, forward, config.latency_mode, cost_model)
+        model_dense_ms = latency.model_ms(model)
+        timings["latency_s"] = time.perf_counter() - start
+
     start = time.perf_counter()
-    chosen, search, measured = _choose_ranks(
-        model, spectra, config, batches, loss_batches, loss_fn, forward, progress
+    chosen, search, measured, latency_rows = _choose_ranks(
+        model, spectra, config, batches, loss_batches, loss_fn, forward, progress, latency
     )
     timings["allocation_s"] = time.perf_counter() - start
 
@@ -300,12 +338,19 @@ def compress_model(
     for row, spec in zip(layers, spectra, strict=True):
         row["relative_error"] = relative_error(spec, row["rank"])
         row["relative_error_kind"] = config.svd
+        row |= latency_rows.get(spec.name, {})
 
     distilled = None
     if isinstance(config.finetune, DistillFinetune):
         assert original is not None
         distilled = distill(model, original, batches, forward, config.finetune, progress)
         timings["distill_s"] = distilled["time_s"]
+
+    latency_report = None
+    if latency is not None:
+        latency_report = latency_summary(
+            latency_rows, config.latency_mode, model_dense_ms, latency.model_ms(model)
+        )
 
     report = CompressionReport(
         config=config,
@@ -320,6 +365,7 @@ def compress_model(
         svd_comparison=comparison,
         allocation_measurements=measured,
         distill=distilled,
+        latency=latency_report,
         timings=timings,
         spectra=spectra,
     )
@@ -332,6 +378,46 @@ def compress_model(
 
 
 def _choose_ranks(
+    model: nn.Module,
+    spectra: list[LayerSpectrum],
+    config: CompressConfig,
+    batches: list[Any],
+    loss_batches: Sequence[Any] | None,
+    loss_fn: LossFn | None,
+    forward: Forward,
+    progress: bool,
+    latency: LatencyPlanner | None = None,
+) -> tuple[
+    dict[str, int],
+    dict[str, Any] | None,
+    dict[str, dict[str, float]] | None,
+    dict[str, dict[str, Any]],
+]:
+    """Ranks, the search record, the measured allocation's measurements and (latency
+    objective) the per-layer timing rows."""
+    r = config.ranks
+    extras: list[Any] = [None, None]  # the last choice's search record and measurements
+
+    def choose(specs: list[LayerSpectrum]) -> dict[str, int]:
+        chosen, extras[0], extras[1] = _ranks_for(
+            model, specs, config, batches, loss_batches, loss_fn, forward, progress
+        )
+        return chosen
+
+    if latency is None:
+        return choose(spectra), extras[0], extras[1], {}
+    budget = None
+    if isinstance(r, RuleRanks):
+        chosen = choose(spectra)
+    else:
+        # Budgets are spent only where low rank measures faster (compress/latency.py).
+        chosen = latency.allocate(spectra, choose)
+        budget = r.budget if isinstance(r, BudgetRanks) else extras[0]["budget"]
+    chosen, rows = latency.settle(spectra, chosen, budget)
+    return chosen, extras[0], extras[1], rows
+
+
+def _ranks_for(
     model: nn.Module,
     spectra: list[LayerSpectrum],
     config: CompressConfig,

@@ -8,6 +8,7 @@ builds from its flags)::
         ranks=BudgetRanks(budget=0.5),         # how ranks are chosen: a tagged union
         error_propagation=True, refit=True,    # closed-form corrections (compress/propagation.py)
         finetune=DistillFinetune(steps=200),   # optional distillation on the calibration data
+        objective="latency",                   # optional: factorize only where measured faster
     )
 
 **Rank choice** is one of three shapes (``kind`` is the tag), so impossible combinations (a
@@ -20,6 +21,11 @@ budget *and* a loss tolerance, a tolerance with a rule) cannot be written:
   effect of each layer's truncation, :mod:`lorank.compress.allocation`);
 * ``ToleranceRanks(loss_tolerance=ε, allocation=...)``: the smallest budget whose allocation
   changes the loss on the calibration data by less than ε.
+
+**Objective.** ``objective="latency"`` (default ``"params"``) keeps a layer dense where its
+low-rank form does not measure faster at the rank it would get, spends a budget on the layers
+where low rank buys time and rounds ranks to faster sizes only when measured faster
+(:mod:`lorank.compress.latency`); it needs a calibration or loss batch for the input shapes.
 
 Errors name the config fields (``ranks.budget``, ``finetune.steps``) in backquotes; the CLI
 rewrites them to its flags (``--budget``, ``--distill-steps``).
@@ -122,6 +128,12 @@ class CompressConfig(_Strict):
     """Samples of the calibration data the ``measured`` allocation probes each layer on."""
     damping: float = Field(DEFAULT_DAMPING, ge=0, allow_inf_nan=False)
     finetune: Finetune | None = None
+    objective: Literal["params", "latency"] = "params"
+    """``params``: factorize every layer the ranks make smaller; ``latency``: only where the
+    low-rank form measures faster on this device, with budgets spent on those layers and ranks
+    rounded to faster sizes when measured faster (:mod:`lorank.compress.latency`)."""
+    latency_mode: Literal["forward", "train"] = "forward"
+    """``objective = "latency"``: time inference (forward) or forward+backward."""
 
     @model_validator(mode="after")
     def _consistent(self) -> CompressConfig:
@@ -152,10 +164,14 @@ class CompressConfig(_Strict):
         """A short description of the rank choice, for summaries."""
         r = self.ranks
         if isinstance(r, BudgetRanks):
-            return f"budget={r.budget} ({r.allocation})"
-        if isinstance(r, ToleranceRanks):
-            return f"loss-tolerance={r.loss_tolerance} (budget search, {r.allocation})"
-        return r.rule
+            text = f"budget={r.budget} ({r.allocation})"
+        elif isinstance(r, ToleranceRanks):
+            text = f"loss-tolerance={r.loss_tolerance} (budget search, {r.allocation})"
+        else:
+            text = r.rule
+        if self.objective == "latency":
+            text += f", latency ({self.latency_mode})"
+        return text
 
 
 _TAGS = {"rule", "budget", "loss_tolerance", "distill", "epochs"}

@@ -137,6 +137,8 @@ def options_config(
     refit: bool = False,
     finetune_epochs: int = 0,
     distill: DistillFinetune | dict[str, Any] | None = None,
+    objective: str = "params",
+    latency_mode: str = "forward",
 ) -> CompressConfig:
     """The :class:`CompressConfig` of flat options (those of ``lorank compress``): a budget or
     a loss tolerance overrides the rule; one-line errors name the config fields."""
@@ -185,6 +187,8 @@ def options_config(
             "error_propagation": error_propagation,
             "refit": refit,
             "finetune": finetune,
+            "objective": objective,
+            "latency_mode": latency_mode,
         }
     )
 
@@ -276,6 +280,7 @@ def compress(
         "svd": config.svd,
         "error_propagation": config.error_propagation,
         "refit": config.refit,
+        "objective": config.objective,
     }
     if loss_kind is not None:
         summary["calibration_loss_kind"] = loss_kind
@@ -321,6 +326,8 @@ def compress(
         summary["allocation_measurements"] = report.allocation_measurements
     if report.distill is not None:
         summary["distill"] = {k: v for k, v in report.distill.items()}
+    if report.latency is not None:
+        summary["latency"] = report.latency
     summary["timings"] = report.timings
     if loss_batches is not None and report.calibration_loss_before is not None:
         summary["calibration_samples"] = sum(len(b[0]) for b in loss_batches)

@@ -143,8 +143,9 @@ class LowRankConfig(ConversionFields):
     objective: Literal["params", "latency"] = Field(
         "params",
         description="params: convert every layer the rank makes smaller; latency: only where "
-        "the low-rank layer measures faster on this device (needs example_input), with its "
-        "rank rounded up to a faster size when measured faster",
+        "the low-rank layer measures faster on this device (needs example_input; layers that "
+        "cannot be timed stay dense), with its rank rounded up to a faster size when measured "
+        "faster",
     )
     latency_mode: Literal["forward", "train"] = Field(
         "forward", description="latency objective: time inference (forward) or forward+backward"
@@ -437,11 +438,14 @@ def convert(
                 'objective = "latency" needs example_input (a batch as the model takes it) to '
                 "measure each layer at its real input shape"
             )
-        from lorank.core.cost import CostModel, layer_input_shapes
-
-        latency = (cost_model or CostModel(core=core), layer_input_shapes(model, example_input))
     report = ConversionReport(model_params_before=unique_parameter_count(model))
     planned = plan(model, config)
+    if config.objective == "latency":
+        from lorank.core.cost import CostModel, layer_inputs
+
+        # After plan(): it re-expresses targeted attention as Linear projections, which are
+        # then timed like any Linear.
+        latency = (cost_model or CostModel(core=core), layer_inputs(model, example_input))
     if config.target_modules is not None and not planned:
         raise LorankError(
             f"target_modules {config.target_modules!r} matched no layer lorank can convert; "
@@ -466,11 +470,24 @@ def convert(
             entry.rank = rank
             entry.reason = f"rank {rank} saves no parameters"
             continue
-        if latency is not None and name in latency[1] and isinstance(module, nn.Linear | nn.Conv2d):
-            costs, shapes = latency
-            rank = costs.fastest_rank_near(module, shapes[name], rank, config.latency_mode)
-            entry.dense_ms = 1e3 * costs.time(module, shapes[name], None, config.latency_mode)
-            entry.low_rank_ms = 1e3 * costs.time(module, shapes[name], rank, config.latency_mode)
+        if latency is not None and not (
+            name in latency[1] and isinstance(module, nn.Linear | nn.Conv2d)
+        ):
+            entry.rank = rank
+            entry.reason = (
+                f"objective latency: a {type(module).__name__} is not timed here (only "
+                "Linear/Conv2d layers the example input reaches are)"
+            )
+            continue
+        if latency is not None:
+            costs, layer_input = latency[0], latency[1][name]
+            shape, mode, how = layer_input.shape, config.latency_mode, layer_input.options()
+            fastest = costs.fastest_rank_near(module, shape, rank, mode, **how)
+            fast_cost = fastest * (m + n) + (fastest * fastest if core == "full" else 0)
+            if not (config.skip_if_no_savings and fast_cost >= m * n):
+                rank = fastest
+            entry.dense_ms = 1e3 * costs.time(module, shape, None, mode, **how)
+            entry.low_rank_ms = 1e3 * costs.time(module, shape, rank, mode, **how)
             if entry.low_rank_ms >= entry.dense_ms:
                 entry.rank, entry.status = rank, "skipped"
                 entry.reason = (

@@ -9,7 +9,12 @@ model *faster* is taken from measurements, not from the FLOP count:
 
 * :meth:`CostModel.time` times one layer kind at one shape: the median of ``repeats`` runs
   after ``warmup`` runs (``torch.cuda.synchronize`` around each on CUDA), of the forward pass
-  (``mode="forward"``) or the forward and backward passes (``mode="train"``). Results are
+  (``mode="forward"``) or the forward and backward passes (``mode="train"``; the backward
+  computes the input gradient too unless ``input_grad=False``: inside a network every layer
+  whose input depends on a trainable parameter does, the first layer does not —
+  :func:`layer_inputs` tells which), with the input in the memory format the network gives
+  the layer (``channels_last=True`` for a channels-last 4-D input: on a CPU it changes
+  which form is faster, e.g. for a first convolution with few channels). Results are
   cached by a :class:`CostKey` covering device, dtype, layer kind, shape, input shape, rank and
   mode, in memory and optionally in a JSON file, so a profile is measured once per device.
 * :meth:`CostModel.break_even_rank` is the largest rank whose low-rank time is below the
@@ -24,6 +29,7 @@ decision deterministic.
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -54,6 +60,11 @@ class CostKey:
     input_shape: tuple[int, ...]
     rank: int | None  # None: the dense layer
     mode: str
+    #: mode "train": the backward computes the input gradient (keys of caches written before
+    #: it was recorded differ, so an old cache is not read for new measurements)
+    input_grad: bool = False
+    #: a 4-D input in torch.channels_last memory format
+    channels_last: bool = False
 
     def text(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -119,26 +130,34 @@ class CostModel:
                 self.cache = {}  # a corrupt cache is only a cache: measure again
 
     def key(
-        self, module: nn.Module, input_shape: Sequence[int], rank: int | None, mode: Mode
+        self,
+        module: nn.Module,
+        input_shape: Sequence[int],
+        rank: int | None,
+        mode: Mode,
+        input_grad: bool = True,
+        channels_last: bool = False,
     ) -> CostKey:
         weight = next(module.parameters())
         m, n = _dims(module)
         return CostKey(
             str(weight.device), str(weight.dtype).removeprefix("torch."), _kind(module),
             m, n, tuple(int(s) for s in input_shape), rank, mode,
+            mode == "train" and input_grad, channels_last and len(input_shape) == 4,
         )  # fmt: skip
 
     def time(
         self, module: nn.Module, input_shape: Sequence[int], rank: int | None = None,
-        mode: Mode = "forward",
+        mode: Mode = "forward", input_grad: bool = True, channels_last: bool = False,
     ) -> float:  # fmt: skip
         """Seconds per call of ``module`` (``rank=None``) or of its rank-``rank`` replacement
         (random factors: time does not depend on the values) on inputs of ``input_shape``."""
-        key = self.key(module, input_shape, rank, mode)
+        key = self.key(module, input_shape, rank, mode, input_grad, channels_last)
         text = key.text()
         if text not in self.cache:
             layer = module if rank is None else self._low_rank(module, rank)
-            self.cache[text] = self.measure(key, self._call(layer, input_shape, mode))
+            run = self._call(layer, input_shape, mode, key.input_grad, key.channels_last)
+            self.cache[text] = self.measure(key, run)
             self._save()
         return self.cache[text]
 
@@ -147,21 +166,32 @@ class CostModel:
         return self.timer(run)
 
     def break_even_rank(
-        self, module: nn.Module, input_shape: Sequence[int], mode: Mode = "forward"
+        self,
+        module: nn.Module,
+        input_shape: Sequence[int],
+        mode: Mode = "forward",
+        input_grad: bool = True,
+        channels_last: bool = False,
     ) -> int | None:
         """The largest rank whose low-rank layer is faster than the dense one, or None."""
-        dense = self.time(module, input_shape, None, mode)
+        dense = self.time(module, input_shape, None, mode, input_grad, channels_last)
         lo, hi = 0, min(_dims(module))
         while lo < hi:  # invariant: ranks ≤ lo are faster (0 trivially), ranks > hi are not
             mid = (lo + hi + 1) // 2
-            if self.time(module, input_shape, mid, mode) < dense:
+            if self.time(module, input_shape, mid, mode, input_grad, channels_last) < dense:
                 lo = mid
             else:
                 hi = mid - 1
         return lo or None
 
     def fastest_rank_near(
-        self, module: nn.Module, input_shape: Sequence[int], rank: int, mode: Mode = "forward"
+        self,
+        module: nn.Module,
+        input_shape: Sequence[int],
+        rank: int,
+        mode: Mode = "forward",
+        input_grad: bool = True,
+        channels_last: bool = False,
     ) -> int:
         """``rank``, or the multiple of 8, 16 or 64 just above it when that measures faster
         (never below ``rank``, so rounding never costs accuracy; at most 1/8 more rank, or
@@ -171,7 +201,10 @@ class CostModel:
         candidates = {rank} | {
             r for step in (8, 16, 64) for r in range(-(-rank // step) * step, ceiling + 1, step)
         }
-        return min(sorted(candidates), key=lambda r: (self.time(module, input_shape, r, mode), r))
+        return min(
+            sorted(candidates),
+            key=lambda r: (self.time(module, input_shape, r, mode, input_grad, channels_last), r),
+        )
 
     # ------------------------------------------------------------------ internals
     def _low_rank(self, module: nn.Module, rank: int) -> nn.Module:
@@ -188,9 +221,21 @@ class CostModel:
         return layer.to(next(module.parameters()))
 
     @staticmethod
-    def _call(layer: nn.Module, input_shape: Sequence[int], mode: Mode) -> Callable[[], object]:
+    def _call(
+        layer: nn.Module,
+        input_shape: Sequence[int],
+        mode: Mode,
+        input_grad: bool = False,
+        channels_last: bool = False,
+    ) -> Callable[[], object]:
         ref = next(layer.parameters())
         x = torch.randn(*input_shape, device=ref.device, dtype=ref.dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+            # a copy: the dense layer timed may be the caller's own
+            layer = copy.deepcopy(layer).to(memory_format=torch.channels_last)
+        if mode == "train" and input_grad:
+            x.requires_grad_(True)  # a layer inside a network passes its input gradient on
         if mode == "forward":
 
             def forward() -> object:
@@ -201,6 +246,7 @@ class CostModel:
 
         def train_step() -> object:
             layer.zero_grad(set_to_none=True)
+            x.grad = None
             out = layer(x)
             out.backward(torch.ones_like(out))
             return out
@@ -215,9 +261,70 @@ class CostModel:
         atomic_write_json(self.cache_file, self.cache)
 
 
-def layer_input_shapes(model: nn.Module, example: object) -> dict[str, tuple[int, ...]]:
+@dataclass(frozen=True)
+class LayerInput:
+    """What a layer's time depends on besides the layer: its input as the network gives it."""
+
+    shape: tuple[int, ...]
+    #: the input depends on trainable parameters: a training backward computes its gradient
+    needs_grad: bool = True
+    #: a 4-D input in torch.channels_last memory format (and not also contiguous)
+    channels_last: bool = False
+
+    def options(self) -> dict[str, bool]:
+        """The keyword arguments of :meth:`CostModel.time` (and the other timings)."""
+        return {"input_grad": self.needs_grad, "channels_last": self.channels_last}
+
+
+def layer_inputs(
+    model: nn.Module,
+    example: object,
+    forward: Callable[[nn.Module, object], object] | None = None,
+) -> dict[str, LayerInput]:
+    """``{layer name: LayerInput}`` of every Linear/Conv2d/low-rank layer, from one forward
+    of ``example`` (a tensor or a tuple of model arguments; or whatever ``forward(model,
+    example)`` takes) with autograd on: the first layer's input needs no gradient, a layer
+    after a trainable one does (its backward then computes it)."""
+    found: dict[str, LayerInput] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.Conv2d | LowRankLinear | LowRankConv2d):
+
+            def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
+                x = args[0]
+                last = (
+                    x.dim() == 4
+                    and x.is_contiguous(memory_format=torch.channels_last)
+                    and not x.is_contiguous()
+                )
+                found.setdefault(name, LayerInput(tuple(x.shape), bool(x.requires_grad), last))
+
+            hooks.append(module.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()  # no BatchNorm statistics change; shapes and autograd are the same
+    try:
+        with torch.enable_grad():
+            if forward is not None:
+                forward(model, example)
+            elif isinstance(example, tuple):
+                model(*example)
+            else:
+                model(example)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def layer_input_shapes(
+    model: nn.Module,
+    example: object,
+    forward: Callable[[nn.Module, object], object] | None = None,
+) -> dict[str, tuple[int, ...]]:
     """``{layer name: input shape}`` of every Linear/Conv2d/low-rank layer, from one forward
-    of ``example`` (a tensor or a tuple of model arguments)."""
+    of ``example`` (a tensor or a tuple of model arguments; or whatever ``forward(model,
+    example)`` takes)."""
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = []
     for name, module in model.named_modules():
@@ -229,7 +336,12 @@ def layer_input_shapes(model: nn.Module, example: object) -> dict[str, tuple[int
             hooks.append(module.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            model(*example) if isinstance(example, tuple) else model(example)
+            if forward is not None:
+                forward(model, example)
+            elif isinstance(example, tuple):
+                model(*example)
+            else:
+                model(example)
     finally:
         for h in hooks:
             h.remove()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorank.core.convert import low_rank_layers
-from lorank.core.cost import CostModel, Mode, layer_input_shapes
+from lorank.core.cost import CostModel, Mode, layer_inputs
 from lorank.core.rank import resolve_rank
 from lorank.data import load_dataset
 from lorank.errors import LorankError
@@ -76,7 +76,8 @@ def profile(
     size = batch or config.data.batch_size
     x, _ = data.train_subset_batches(size, size)[0]
     model.eval()
-    shapes = layer_input_shapes(model, x)
+    inputs = layer_inputs(model, x)
+    shapes = {name: inp.shape for name, inp in inputs.items()}
     costs = costs or CostModel()
     trained = low_rank_layers(model)
     default_rank = rank if rank is not None else getattr(config.method, "rank", 0.25)
@@ -101,9 +102,9 @@ def profile(
                 (m, n),
                 shapes[name],
                 r,
-                1e3 * costs.time(dense, shapes[name], None, mode),
-                1e3 * costs.time(dense, shapes[name], r, mode),
-                costs.break_even_rank(dense, shapes[name], mode),
+                1e3 * costs.time(dense, shapes[name], None, mode, **inputs[name].options()),
+                1e3 * costs.time(dense, shapes[name], r, mode, **inputs[name].options()),
+                costs.break_even_rank(dense, shapes[name], mode, **inputs[name].options()),
             )
         )
     if not rows:
