@@ -502,3 +502,52 @@ def test_distill_flag_lowers_the_held_out_distance_and_keeps_the_parameter_count
     assert d["held_out_after"] < d["held_out_before"]
     assert s["params_eval"] == s["params_eval_after"]
     assert evaluate_checkpoint(out)["test_acc"] == pytest.approx(s["test_acc_after"])
+
+
+def test_library_errors_name_arguments_and_the_cli_names_flags(dense_run, capsys, tmp_path):
+    # The library speaks of compress()'s arguments and CompressConfig fields (in backquotes);
+    # `lorank compress` says the same with its flags.
+    from lorank.compress.pipeline import compress as compress_run
+    from lorank.errors import LorankError
+
+    run, base = dense_run
+    model = lorank.load(run / "model")
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    taken = tmp_path / "taken"
+    assert compress([run, "--rule", "rank=4", "--out", taken], capsys)[0] == 0
+    cases = [
+        # (library call, CLI arguments, the argument the library names, the CLI's flag)
+        (
+            lambda: compress_run(
+                run, "rank=4", tmp_path / "o1", calibration_file=tmp_path / "missing.txt"
+            ),
+            [run, "--calibration-file", tmp_path / "missing.txt", "--out", tmp_path / "o1"],
+            "`calibration_file`",
+            "--calibration-file",
+        ),
+        (
+            lambda: compress_run(tmp_path / "weights.pt", "rank=4", tmp_path / "o2"),
+            [tmp_path / "weights.pt", "--rule", "rank=4", "--out", tmp_path / "o2"],
+            "`model_config`",
+            "--model-config",
+        ),
+        (
+            lambda: compress_run(run, "rank=4", taken),
+            [run, "--rule", "rank=4", "--out", taken],
+            "`overwrite`",
+            "--overwrite",
+        ),
+        (
+            lambda: compress_run(run, None, tmp_path / "o3", budget=0.5, loss_tolerance=0.1),
+            [run, "--budget", "0.5", "--loss-tolerance", "0.1", "--out", tmp_path / "o3"],
+            "`ranks.loss_tolerance`",
+            "--loss-tolerance",
+        ),
+    ]
+    for call, args, field, flag in cases:
+        with pytest.raises(LorankError) as raised:
+            call()
+        message = str(raised.value)
+        assert field in message and " --" not in message and not message.startswith("--")
+        code, _, err = compress(args, capsys)
+        assert code == 2 and flag in err and "`" not in err

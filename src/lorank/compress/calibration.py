@@ -44,7 +44,8 @@ a convolution sees its unfolded patches (``F.unfold`` orders them as C_in × kh 
 order as ``weight.flatten(1)``); an embedding sees one-hot rows.
 The hooks are removed afterwards, even on error.
 
-**Calibration files.** :func:`read_calibration_file` reads what ``--calibration-file`` names:
+**Calibration files.** :func:`read_calibration_file` reads a ``calibration_file`` (the CLI's
+``--calibration-file``):
 a tensor of model inputs (``.pt``/``.pth``/``.bin`` via ``torch.load(weights_only=True)``,
 ``.safetensors``, ``.npy``; a mapping or pair holds them under ``inputs``/``input_ids``/``x``
 or first), or any other file as UTF-8 text, which the caller encodes with the model's
@@ -317,17 +318,17 @@ def read_calibration_file(path: str | Path) -> str | Tensor:
     path = Path(path)
     fix = "pass a UTF-8 text file or a .pt/.safetensors/.npy file holding an inputs tensor"
     if not path.is_file():
-        raise LorankError(f"--calibration-file {path} not found; {fix}")
+        raise LorankError(f"`calibration_file` {path} not found; {fix}")
     suffix = path.suffix.lower()
     if suffix not in TENSOR_SUFFIXES:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise LorankError(
-                f"--calibration-file {path} is not readable UTF-8 text ({type(e).__name__}); {fix}"
+                f"`calibration_file` {path} is not readable UTF-8 text ({type(e).__name__}); {fix}"
             ) from None
         if not text:
-            raise LorankError(f"--calibration-file {path} is empty; {fix}")
+            raise LorankError(f"`calibration_file` {path} is empty; {fix}")
         return text
     try:
         if suffix == ".npy":
@@ -343,16 +344,16 @@ def read_calibration_file(path: str | Path) -> str | Tensor:
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise LorankError(
-            f"cannot read --calibration-file {path} ({type(e).__name__}: {first[:200]}); {fix}"
+            f"cannot read `calibration_file` {path} ({type(e).__name__}: {first[:200]}); {fix}"
         ) from None
     tensor = _inputs_of(loaded)
     if tensor is None:
         raise LorankError(
-            f"--calibration-file {path} holds no inputs tensor (a tensor, a pair whose first "
+            f"`calibration_file` {path} holds no inputs tensor (a tensor, a pair whose first "
             f"item is one, or a mapping with a key {'/'.join(INPUT_KEYS)} or one tensor)"
         )
     if tensor.numel() == 0:
-        raise LorankError(f"--calibration-file {path} holds an empty tensor; {fix}")
+        raise LorankError(f"`calibration_file` {path} holds an empty tensor; {fix}")
     return tensor
 
 
