@@ -106,19 +106,28 @@ class SecondMoment:
         self.add_product(gram(x, chunk_rows, self.xtx.device), x.shape[0])
 
     def add_product(self, xtx: Tensor, rows: int) -> None:
-        """Add a precomputed ``XᵀX`` of ``rows`` rows (shared by layers with the same input)."""
+        """Add a precomputed ``XᵀX`` of ``rows`` rows (shared by layers with the same input).
+
+        A float32 product is widened element by element into the float64 sum (no float64
+        copy of it is made: for a 2048-wide layer that copy cost as much as a third of the
+        product itself)."""
         self.xtx += xtx
         self.rows += rows
 
 
 def gram(x: Tensor, chunk_rows: int = 4096, device: Any = None) -> Tensor:
-    """``XᵀX`` in float64: float32 products per chunk of rows (float64 inputs stay float64),
-    summed in float64 across chunks."""
+    """``XᵀX``: float32 products per chunk of rows (float64 inputs stay float64), summed in
+    float64 across chunks. One chunk's product is returned as it is (float32 for float32
+    rows), for :meth:`SecondMoment.add_product` to add into its float64 sum."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=device or x.device)
+    device = device or x.device
+    if x.shape[0] <= chunk_rows:
+        chunk = x.detach().to(device, dtype)
+        return chunk.T @ chunk
+    out = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=device)
     for start in range(0, x.shape[0], chunk_rows):
-        chunk = x[start : start + chunk_rows].detach().to(out.device, dtype)
-        out += (chunk.T @ chunk).double()
+        chunk = x[start : start + chunk_rows].detach().to(device, dtype)
+        out += chunk.T @ chunk
     return out
 
 
@@ -165,7 +174,7 @@ def collect_second_moments(
                 shared[key] = hit
             _, xtx, count = hit
             if name not in stats:
-                stats[name] = SecondMoment(torch.zeros_like(xtx))
+                stats[name] = SecondMoment(torch.zeros_like(xtx, dtype=torch.float64))
             stats[name].add_product(xtx, count)
 
         return hook

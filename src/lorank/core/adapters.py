@@ -51,6 +51,7 @@ from lorank.core.layers import (
     LowRankHFConv1D,
     LowRankLayer,
     LowRankLinear,
+    without_init,
 )
 from lorank.errors import LorankError
 
@@ -379,16 +380,16 @@ def low_rank_from_factors(
     (rank = columns of u) and the layer's bias, same dtype and device.
 
     For callers that already hold the (truncated) SVD they want: no SVD is taken, and the
-    layer is built on the meta device so its random initialisation (two QRs) is skipped too.
+    layer's random initialisation (two QRs) is skipped too.
     """
     adapter = _adapter_or_error(module, "factorize")
     reason = adapter.skip_reason(module)
     if reason:
         raise LorankError(f"{reason}; exclude it from conversion (exclude_modules)")
-    with torch.device("meta"):
+    with without_init():
         layer = adapter.build(module, int(u.shape[1]), core)
     weight = module.weight.detach()
-    layer = layer.to_empty(device=weight.device).to(dtype=weight.dtype)
+    layer.to(device=weight.device, dtype=weight.dtype)
     layer.load_svd_(u, sigma, v)
     bias = getattr(module, "bias", None)
     if bias is not None and layer.bias is not None:
