@@ -8,7 +8,9 @@ randomly initialised: the time does not depend on the weights), compressed in me
 ``CompressConfig(svd="activation", ranks=BudgetRanks(budget=0.5))`` (today's data-aware
 default: calibration statistics, one SVD per layer, greedy allocation, truncation), and again
 with ``error_propagation=True, refit=True``. Prints one JSON line per configuration with the
-stage timings of :class:`lorank.compress.CompressionReport`.
+stage timings of :class:`lorank.compress.CompressionReport`, the process's CPU time and the
+load average (the machine may be shared: a wall time above the target under load is not the
+same miss as one on an idle machine).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 
 import torch
@@ -50,9 +53,11 @@ def main() -> None:
         )
     for name, config in configs.items():
         m = copy.deepcopy(model)
-        start = time.perf_counter()
+        load_before = os.getloadavg()[0]
+        start, cpu_start = time.perf_counter(), time.process_time()
         report = compress_model(m, config, batches, progress=False)
         seconds = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
         print(
             json.dumps(
                 {
@@ -63,6 +68,10 @@ def main() -> None:
                     "block": args.block,
                     "threads": args.threads,
                     "seconds": round(seconds, 2),
+                    # CPU time of this process and the machine's 1-minute load average before
+                    # and after: on a shared machine the wall time says little without them.
+                    "cpu_s": round(cpu, 2),
+                    "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                     "timings": {k: round(v, 2) for k, v in report.timings.items()},
                 }
             ),

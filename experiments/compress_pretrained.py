@@ -180,11 +180,14 @@ def run_minilm(args: argparse.Namespace) -> None:
         [tok.cls_token_id, *ids[i : i + block], tok.sep_token_id]
         for i in range(0, len(ids) - block, block)
     ][: args.calibration]
-    ids_t = torch.tensor(windows)
-    batches = [
-        {"input_ids": ids_t[i : i + 8], "attention_mask": torch.ones_like(ids_t[i : i + 8])}
-        for i in range(0, len(ids_t), 8)
-    ]
+    batches = _window_batches(windows)
+    # Distillation may learn from more of the first 90% than the compression calibrates on
+    # (never from the held-out last 10%).
+    distill_batches = batches
+    if args.distill_windows:
+        distill_batches = _distill_batches(
+            tok, calib_text, args.distill_windows, args.distill_lengths
+        )
     evals = {
         "shakespeare": _sentences_shakespeare(held_text, args.sentences),
         "docstrings": _sentences_docstrings(args.sentences),
@@ -198,23 +201,32 @@ def run_minilm(args: argparse.Namespace) -> None:
             if args.rows and label not in args.rows and label != "+ measured allocation":
                 continue
             t0 = time.perf_counter()
+            cached = _cache_path(args, budget) if label == "+ measured allocation" else None
             if label == "+ distill":
                 assert last is not None
                 model = copy.deepcopy(last)
+                hidden = args.distill_hidden == "all"
                 info = distill(
                     model,
                     base,
-                    batches,
-                    _hf_forward,
+                    distill_batches,
+                    _hf_all_hidden if hidden else _hf_forward,
                     DistillFinetune(
                         steps=args.distill_steps,
                         lr=args.distill_lr,
-                        eval_every=20,
+                        eval_every=args.distill_eval_every,
                         patience=4,
+                        loss="cosine",
                     ),
                     progress=False,
                 )
                 extra = {"distill": {k: v for k, v in info.items() if k != "history"}}
+            elif cached is not None and cached.is_file():
+                # The measured-allocation model of an earlier run (the row is deterministic):
+                # distillation experiments skip the 36 truncation probes.
+                model = torch.load(cached, weights_only=False)
+                extra = {"cached": str(cached)}
+                last = model
             else:
                 model = copy.deepcopy(base)
                 report = compress_model(
@@ -226,6 +238,8 @@ def run_minilm(args: argparse.Namespace) -> None:
                 )
                 extra = {"timings": report.timings}
                 last = model
+                if cached is not None:
+                    torch.save(model, cached)
             seconds = time.perf_counter() - t0
             row = {
                 "budget": budget,
@@ -243,8 +257,58 @@ def run_minilm(args: argparse.Namespace) -> None:
     _write_minilm(args, results, {k: len(v) for k, v in evals.items()}, len(windows))
 
 
+def _window_batches(windows: list[list[int]], size: int = 8) -> list[dict[str, torch.Tensor]]:
+    ids = torch.tensor(windows)
+    return [
+        {"input_ids": ids[i : i + size], "attention_mask": torch.ones_like(ids[i : i + size])}
+        for i in range(0, len(ids), size)
+    ]
+
+
+def _distill_batches(
+    tok: Any, text: str, windows: int, lengths: list[int], tokens_per_batch: int = 1024
+) -> list[dict[str, torch.Tensor]]:
+    """As many tokens as ``windows`` windows of 128 of the first 90% of the text to distil on
+    (never the held-out last 10%), in batches of about ``tokens_per_batch`` tokens. With
+    several ``lengths`` each length gets an equal share of the tokens, cut in windows of that
+    length (one length per batch, so no padding enters the loss): a sentence encoder is used
+    on sentences far shorter than the 128-token calibration windows, and its outputs at short
+    lengths are what the figures measure. The batches take the lengths in turn, so the
+    held-out last batches hold every length."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    share = windows * 128 // len(lengths)
+    groups: list[list[dict[str, torch.Tensor]]] = []
+    start = 0
+    for length in lengths:
+        block, per_length = length - 2, share // length
+        cut = [
+            [tok.cls_token_id, *ids[i : i + block], tok.sep_token_id]
+            for i in range(start, start + per_length * block, block)
+        ]
+        start += per_length * block  # each length reads its own stretch of the text
+        groups.append(_window_batches(cut, max(1, tokens_per_batch // length)))
+    out = []
+    for i in range(max(len(g) for g in groups)):
+        out.extend(g[i] for g in groups if i < len(g))
+    return out
+
+
+def _cache_path(args: argparse.Namespace, budget: float) -> Path | None:
+    if not args.cache_dir:
+        return None
+    Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
+    return Path(args.cache_dir) / f"minilm-measured-{budget}-{args.calibration}.pt"
+
+
 def _hf_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
     return model(**batch)
+
+
+def _hf_all_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Every layer's hidden state, stacked: distillation then matches each layer's output
+    (per-token cosine averaged over layers), not only the last one."""
+    out = model(**batch, output_hidden_states=True)
+    return torch.stack(out.hidden_states[1:])
 
 
 def _write_minilm(
@@ -367,6 +431,30 @@ def main() -> None:
     )
     p.add_argument("--distill-steps", type=int, default=200)
     p.add_argument("--distill-lr", type=float, default=1e-4)
+    p.add_argument("--distill-eval-every", type=int, default=20)
+    p.add_argument(
+        "--distill-windows",
+        type=int,
+        default=None,
+        help="windows of the first 90%% to distil on (default: the calibration windows)",
+    )
+    p.add_argument(
+        "--distill-lengths",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=[128],
+        help="window lengths in tokens (with [CLS]/[SEP]) of the --distill-windows",
+    )
+    p.add_argument(
+        "--distill-hidden",
+        choices=("last", "all"),
+        default="last",
+        help="match the last hidden state, or every layer's (averaged)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="save the measured-allocation model here, and reuse it when present",
+    )
     p.add_argument(
         "--budgets", type=lambda s: [float(x) for x in s.split(",")], default=[0.75, 0.5, 0.25]
     )

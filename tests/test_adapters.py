@@ -10,7 +10,13 @@ from torch import nn
 
 import lorank
 from lorank import LorankError, LowRankConfig
-from lorank.core.adapters import adapter_for, dense_matrix, input_rows, low_rank_from
+from lorank.core.adapters import (
+    adapter_for,
+    dense_matrix,
+    input_rows,
+    low_rank_from,
+    low_rank_from_factors,
+)
 from lorank.core.convert import plan
 from lorank.core.layers import (
     LowRankConv1d,
@@ -276,3 +282,16 @@ def test_a_subclass_of_a_low_rank_layer_uses_its_parents_adapter():
     layer = SymmetricLowRankLinear.from_linear(nn.Linear(6, 6), 2)
     assert adapter_for(layer).name == "linear"
     assert adapter_for(LowRankHFConv1D(4, 3, 2)).name == "hf_conv1d"
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_a_layer_from_given_factors_equals_the_one_from_its_own_svd(case):
+    # low_rank_from_factors skips the SVD and the random init; the layer must be the same.
+    dense, x, _ = _cases()[case]
+    dense = dense.double()
+    x = x.double() if x.is_floating_point() else x
+    u, sigma, vh = torch.linalg.svd(dense_matrix(dense), full_matrices=False)
+    layer = low_rank_from_factors(dense, u[:, :3], sigma[:3], vh[:3].T)
+    reference = low_rank_from(dense, 3)
+    assert type(layer) is type(reference) and layer.U.dtype == torch.float64
+    torch.testing.assert_close(layer(x), reference(x), atol=1e-12, rtol=0)

@@ -9,6 +9,7 @@ from torch import nn
 
 from lorank.compress.allocation import allocate, budget_search, weight_params
 from lorank.compress.calibration import (
+    activation_layer_spectra,
     activation_spectra,
     activation_svd,
     collect_second_moments,
@@ -343,3 +344,41 @@ def test_greedy_prices_a_dense_layers_first_cut_by_its_best_jump(budget):
     used = sum(weight_params(s, ranks[s.name]) for s in spectra)
     assert budget * 3 * 128 * 128 - 256 < used <= budget * 3 * 128 * 128
     assert _relative_error(spectra, ranks) <= _relative_error(spectra, uniform)
+
+
+def _whitened_error(w, w_r, c):
+    e = (w - w_r).double()
+    return float(torch.trace(e @ c @ e.T))
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_float32_svd_of_the_whitened_matrix_matches_float64(shape):
+    # The SVD runs in float32 for a float32 weight (Cholesky and solve stay float64): the
+    # rank-r factors must minimise the activation error as well as the float64 ones do.
+    m, n = shape
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(m, n, generator=g).float()
+    x = _anisotropic_inputs(2000, n, seed=11)
+    c = x.T @ x / len(x)
+    u32, s32, v32 = activation_svd(w, c, svd_dtype=torch.float32)
+    u64, s64, v64 = activation_svd(w.double(), c, svd_dtype=torch.float64)
+    assert u32.dtype == torch.float32
+    torch.testing.assert_close(s32.double(), s64, rtol=1e-5, atol=1e-6 * float(s64[0]))
+    for r in (1, 5, 12):
+        e32 = _whitened_error(w, _truncate(u32, s32, v32, r), c)
+        e64 = _whitened_error(w, _truncate(u64, s64, v64, r), c)
+        assert e32 == pytest.approx(e64, rel=1e-4, abs=1e-9 * float(s64[0]) ** 2)
+
+
+def test_spectra_straight_from_the_layers_equal_those_from_plain_spectra():
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 6))
+    layers = {"0": model[0], "2": model[2]}
+    batches = [(torch.randn(64, 12),) for _ in range(3)]
+    moments = collect_second_moments(model, layers, batches)
+    direct = activation_layer_spectra(layers, moments)
+    via_plain = activation_spectra(layer_spectra(model, layers), moments)
+    for a, b in zip(direct, via_plain, strict=True):
+        assert (a.name, a.max_rank) == (b.name, b.max_rank)
+        torch.testing.assert_close(a.sigma, b.sigma)
+        torch.testing.assert_close(_truncate(a.u, a.sigma, a.v, 4), _truncate(b.u, b.sigma, b.v, 4))

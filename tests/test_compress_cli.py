@@ -528,3 +528,52 @@ def test_objective_latency_flag_reports_measured_times(dense_run, capsys):
         [run, "--objective", "fastest", "--out", base / "bad-objective"], capsys
     )
     assert code == 2 and "--objective" in err
+
+
+def test_library_errors_name_arguments_and_the_cli_names_flags(dense_run, capsys, tmp_path):
+    # The library speaks of compress()'s arguments and CompressConfig fields (in backquotes);
+    # `lorank compress` says the same with its flags.
+    from lorank.compress.pipeline import compress as compress_run
+    from lorank.errors import LorankError
+
+    run, base = dense_run
+    model = lorank.load(run / "model")
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    taken = tmp_path / "taken"
+    assert compress([run, "--rule", "rank=4", "--out", taken], capsys)[0] == 0
+    cases = [
+        # (library call, CLI arguments, the argument the library names, the CLI's flag)
+        (
+            lambda: compress_run(
+                run, "rank=4", tmp_path / "o1", calibration_file=tmp_path / "missing.txt"
+            ),
+            [run, "--calibration-file", tmp_path / "missing.txt", "--out", tmp_path / "o1"],
+            "`calibration_file`",
+            "--calibration-file",
+        ),
+        (
+            lambda: compress_run(tmp_path / "weights.pt", "rank=4", tmp_path / "o2"),
+            [tmp_path / "weights.pt", "--rule", "rank=4", "--out", tmp_path / "o2"],
+            "`model_config`",
+            "--model-config",
+        ),
+        (
+            lambda: compress_run(run, "rank=4", taken),
+            [run, "--rule", "rank=4", "--out", taken],
+            "`overwrite`",
+            "--overwrite",
+        ),
+        (
+            lambda: compress_run(run, None, tmp_path / "o3", budget=0.5, loss_tolerance=0.1),
+            [run, "--budget", "0.5", "--loss-tolerance", "0.1", "--out", tmp_path / "o3"],
+            "`ranks.loss_tolerance`",
+            "--loss-tolerance",
+        ),
+    ]
+    for call, args, field, flag in cases:
+        with pytest.raises(LorankError) as raised:
+            call()
+        message = str(raised.value)
+        assert field in message and " --" not in message and not message.startswith("--")
+        code, _, err = compress(args, capsys)
+        assert code == 2 and flag in err and "`" not in err

@@ -49,7 +49,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from lorank.compress.allocation import allocate, budget_search, measured_allocation, relative_error
-from lorank.compress.calibration import activation_spectra, collect_second_moments
+from lorank.compress.calibration import (
+    activation_layer_spectra,
+    activation_spectra,
+    collect_second_moments,
+)
 from lorank.compress.config import (
     BudgetRanks,
     CompressConfig,
@@ -69,6 +73,7 @@ from lorank.core.convert import LayerSelection, candidate_layers, shared_paramet
 from lorank.core.metrics import parameter_counts, ranks
 from lorank.core.search import (
     LayerSpectrum,
+    default_layers,
     layer_spectra,
     loss_bounded_search,
     mean_loss,
@@ -194,6 +199,13 @@ class CompressionReport:
         return "\n".join(lines)
 
 
+def _tied(model: nn.Module) -> tuple[dict[str, str], list[str]]:
+    """Modules sharing a Parameter with another, and the candidate layers among them."""
+    shared = shared_parameters(model)
+    candidates = candidate_layers(model, LayerSelection(keep_last_dense=False))
+    return shared, [name for name, _ in candidates if name in shared]
+
+
 def drop_tied(
     model: nn.Module, spectra: list[LayerSpectrum]
 ) -> tuple[list[LayerSpectrum], list[str]]:
@@ -203,9 +215,15 @@ def drop_tied(
     Factorizing a tied head saves nothing (the embedding still holds the matrix) and adds
     the factors, so such a layer stays dense.
     """
-    shared = shared_parameters(model)
-    tied = [name for name, _ in candidate_layers(model, LayerSelection(keep_last_dense=False))]
-    return [s for s in spectra if s.name not in shared], [n for n in tied if n in shared]
+    shared, tied = _tied(model)
+    return [s for s in spectra if s.name not in shared], tied
+
+
+def compressible_layers(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
+    """``({name: layer}, tied)``: the layers :func:`~lorank.core.search.layer_spectra` takes,
+    less the tied ones :func:`drop_tied` drops, and the names of those."""
+    shared, tied = _tied(model)
+    return {n: m for n, m in default_layers(model).items() if n not in shared}, tied
 
 
 def compress_model(
@@ -251,8 +269,8 @@ def compress_model(
             "a loss tolerance needs a loss: pass loss_fn and calibration (or loss) batches"
         )
     params_before = parameter_counts(model)
-    spectra, tied = drop_tied(model, layer_spectra(model))
-    if not spectra:
+    layers, tied = compressible_layers(model)
+    if not layers:
         raise LorankError("the model has no Linear/Conv2d or low-rank layer to compress")
     needs_teacher = (
         config.error_propagation
@@ -262,25 +280,31 @@ def compress_model(
     )
     original = frozen_copy(model) if needs_teacher else None
 
-    plain = spectra
+    # Plain spectra: for svd="plain", or to compare plain vs activation-aware factors on the
+    # loss (which needs a loss); an activation-aware compression alone never uses them.
+    plain = None
+    if config.svd == "plain" or loss_fn is not None:
+        start = time.perf_counter()
+        plain = layer_spectra(None, layers)
+        timings["plain_svd_s"] = time.perf_counter() - start
     activation = None
     rows_seen = None
-    # Activation-aware spectra: for svd="activation", or to compare plain vs activation-aware
-    # factors on the loss (which needs a loss); a plain compression does not need them.
+    # Activation-aware spectra: for svd="activation", or for that comparison; a plain
+    # compression does not need them.
     if batches and (config.svd == "activation" or loss_fn is not None):
         start = time.perf_counter()
-        moments = collect_second_moments(
-            model, {s.name: s.module for s in spectra}, batches, forward
-        )
+        moments = collect_second_moments(model, layers, batches, forward)
         timings["calibration_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        activation = activation_spectra(plain, moments, config.damping)
+        if plain is not None:
+            activation = activation_spectra(plain, moments, config.damping)
+        else:
+            activation = activation_layer_spectra(layers, moments, config.damping)
         timings["svd_s"] = time.perf_counter() - start
         rows_seen = {n: m.rows for n, m in moments.items()}
         del moments
-    if config.svd == "activation":
-        assert activation is not None
-        spectra = activation
+    spectra = activation if config.svd == "activation" else plain
+    assert spectra is not None
 
     latency = None
     model_dense_ms = None
@@ -303,7 +327,7 @@ def compress_model(
     timings["allocation_s"] = time.perf_counter() - start
 
     comparison = None
-    if activation is not None and loss_fn is not None and loss_batches:
+    if plain is not None and activation is not None and loss_fn is not None and loss_batches:
         comparison = {}
         for kind, kind_spectra in {"plain": plain, "activation": activation}.items():
             with truncated(kind_spectra, chosen):
@@ -331,11 +355,11 @@ def compress_model(
         by_name = {row["name"]: row for row in done}
         rest = [s for s in spectra if s.name not in by_name]
         by_name |= {row["name"]: row for row in apply_ranks(model, rest, chosen)}
-        layers = [by_name[s.name] for s in spectra]
+        rows = [by_name[s.name] for s in spectra]
     else:
-        layers = apply_ranks(model, spectra, chosen, exact_factors=config.svd == "activation")
+        rows = apply_ranks(model, spectra, chosen, exact_factors=config.svd == "activation")
     timings["truncation_s"] = time.perf_counter() - start
-    for row, spec in zip(layers, spectra, strict=True):
+    for row, spec in zip(rows, spectra, strict=True):
         row["relative_error"] = relative_error(spec, row["rank"])
         row["relative_error_kind"] = config.svd
         row |= latency_rows.get(spec.name, {})
@@ -354,7 +378,7 @@ def compress_model(
 
     report = CompressionReport(
         config=config,
-        layers=layers,
+        layers=rows,
         ranks=ranks(model),
         params_before=params_before,
         params_after=parameter_counts(model),

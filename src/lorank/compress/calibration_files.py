@@ -59,7 +59,7 @@ def _lorank_inputs(model: nn.Module, content: str | Tensor, data: Dataset, path:
             unknown = sorted(set(content) - index.keys())
             if unknown:
                 raise LorankError(
-                    f"--calibration-file {path} has {len(unknown)} character(s) the model's "
+                    f"`calibration_file` {path} has {len(unknown)} character(s) the model's "
                     f"vocabulary lacks (e.g. {unknown[0]!r}); remove them or pass token ids"
                 )
             ids = torch.tensor([index[ch] for ch in content], dtype=torch.long)
@@ -68,7 +68,7 @@ def _lorank_inputs(model: nn.Module, content: str | Tensor, data: Dataset, path:
         return _windows(ids, block, block, path)
     if isinstance(content, str):
         raise LorankError(
-            f"--calibration-file {path} is text, but this {info.name} model takes tensors; "
+            f"`calibration_file` {path} is text, but this {info.name} model takes tensors; "
             "pass a .pt/.safetensors/.npy of inputs shaped "
             f"(N, {', '.join(map(str, info.input_shape))})"
         )
@@ -76,7 +76,7 @@ def _lorank_inputs(model: nn.Module, content: str | Tensor, data: Dataset, path:
     x = content
     if not x.is_floating_point():
         raise LorankError(
-            f"--calibration-file {path} holds {x.dtype} values; pass the float inputs the "
+            f"`calibration_file` {path} holds {x.dtype} values; pass the float inputs the "
             "model sees (normalised as in training)"
         )
     if tuple(x.shape) == shape:
@@ -84,7 +84,7 @@ def _lorank_inputs(model: nn.Module, content: str | Tensor, data: Dataset, path:
     per_sample = torch.Size(shape).numel()
     if x.ndim < 2 or x.shape[1:].numel() != per_sample:
         raise LorankError(
-            f"--calibration-file {path} holds a tensor of shape {tuple(content.shape)}; "
+            f"`calibration_file` {path} holds a tensor of shape {tuple(content.shape)}; "
             f"this model takes inputs shaped (N, {', '.join(map(str, shape))})"
         )
     dtype = next(model.parameters()).dtype
@@ -94,18 +94,18 @@ def _lorank_inputs(model: nn.Module, content: str | Tensor, data: Dataset, path:
 def _token_ids(t: Tensor, vocab_size: int | None, path: Any) -> Tensor:
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise LorankError(
-            f"--calibration-file {path} holds {t.dtype} values; a language model needs "
+            f"`calibration_file` {path} holds {t.dtype} values; a language model needs "
             "integer token ids"
         )
     if t.ndim not in (1, 2):
         raise LorankError(
-            f"--calibration-file {path} holds a tensor of shape {tuple(t.shape)}; pass token "
+            f"`calibration_file` {path} holds a tensor of shape {tuple(t.shape)}; pass token "
             "ids shaped (N, T) or one 1-D stream"
         )
     low, high = int(t.min()), int(t.max())
     if low < 0 or (vocab_size is not None and high >= vocab_size):
         raise LorankError(
-            f"--calibration-file {path} has token ids in [{low}, {high}], outside the model's "
+            f"`calibration_file` {path} has token ids in [{low}, {high}], outside the model's "
             f"vocabulary [0, {vocab_size}); encode it with the model's tokenizer"
         )
     return t.long()
@@ -116,7 +116,7 @@ def _windows(ids: Tensor, block: int, context: int, path: Any) -> Tensor:
     if ids.ndim == 2:
         if ids.shape[1] > context:
             raise LorankError(
-                f"--calibration-file {path} has sequences of {ids.shape[1]} tokens, longer "
+                f"`calibration_file` {path} has sequences of {ids.shape[1]} tokens, longer "
                 f"than the model's context of {context}; cut them or pass a 1-D stream"
             )
         return ids
@@ -140,7 +140,7 @@ def _hf_inputs(model: nn.Module, content: str | Tensor, source: Path, path: Any)
         ids = torch.tensor(_hf_tokenizer(source)(content)["input_ids"], dtype=torch.long)
         if ids.numel() == 0:
             raise LorankError(
-                f"--calibration-file {path} encodes to no tokens with the tokenizer in {source}"
+                f"`calibration_file` {path} encodes to no tokens with the tokenizer in {source}"
             )
         ids = _token_ids(ids, vocab_size, path)
     else:

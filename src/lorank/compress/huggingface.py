@@ -172,13 +172,13 @@ def float_inputs(model: nn.Module, content: str | Tensor, path: Any) -> Tensor:
     expected = f"(N, {channels or 'C'}, {size or 'H'}, {size or 'W'})"
     if isinstance(content, str) or not content.is_floating_point():
         raise LorankError(
-            f"--calibration-file {path}: {type(model).__name__} takes {name}; pass a "
+            f"`calibration_file` {path}: {type(model).__name__} takes {name}; pass a "
             f".pt/.safetensors/.npy float tensor shaped {expected}"
         )
     x = content if content.ndim == 4 else content.unsqueeze(0)
     if x.ndim != 4 or (channels is not None and x.shape[1] != channels):
         raise LorankError(
-            f"--calibration-file {path} holds a tensor of shape {tuple(content.shape)}; "
+            f"`calibration_file` {path} holds a tensor of shape {tuple(content.shape)}; "
             f"{type(model).__name__} takes {name} shaped {expected}"
         )
     dtype = next(model.parameters()).dtype

@@ -118,6 +118,8 @@ __all__ = [
 ]
 
 SVD_KINDS: tuple[str, ...] = ("plain", "activation")
+# How output-directory errors name compress()'s arguments (the CLI turns them into flags).
+OUT_ARGUMENTS = {"option": "`out`", "overwrite_option": "`overwrite`"}
 # Samples a compression may ask to run through the model (samples, calibration).
 MAX_SAMPLES = 2**24
 
@@ -228,7 +230,7 @@ def compress(
     out = Path(out)
     # `out` may never be, hold or sit inside what compress reads (see check_output_dir).
     inputs = [p for p in (source, model_config, calibration_file) if p is not None]
-    check_output_dir(out, overwrite, protect=inputs)
+    check_output_dir(out, overwrite, protect=inputs, **OUT_ARGUMENTS)
     file_content = read_calibration_file(calibration_file) if calibration_file else None
     src = load_source(source, model_config, overrides, data_dir)
     if src.config is not None and src.config.train.threads:
@@ -354,7 +356,7 @@ def compress(
         "calibration_file": str(calibration_file) if calibration_file else None,
         "damping": config.damping,
     }
-    tmp = temp_dir_beside(out)  # same file system as `out`: the final rename is atomic
+    tmp = temp_dir_beside(out, option=OUT_ARGUMENTS["option"])  # same file system: atomic rename
     try:
         if epochs and src.config is not None:
             try:
@@ -363,7 +365,7 @@ def compress(
                 # Keep the diverged fine-tune (its summary and last good checkpoint) at `out`,
                 # and say so: the temporary folder the trainer saw is about to disappear.
                 Run(tmp).write_json(COMPRESS, options_written)
-                replace_dir(tmp, out, overwrite, protect=inputs)
+                replace_dir(tmp, out, overwrite, protect=inputs, **OUT_ARGUMENTS)
                 raise TrainingDiverged(str(e).replace(str(tmp), str(out))) from None
         else:
             _write_untrained(model, src, data, tmp)
@@ -391,7 +393,7 @@ def compress(
         run = Run(tmp)
         run.write_json(COMPRESS, options_written)
         run.write_json(SUMMARY, summary)
-        replace_dir(tmp, out, overwrite, protect=inputs)
+        replace_dir(tmp, out, overwrite, protect=inputs, **OUT_ARGUMENTS)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,5 +1,5 @@
 """Where a model to compress comes from: a lorank run directory or checkpoint, a plain PyTorch
-``state_dict`` file (architecture and data from a ``--model-config`` TOML), or a Hugging Face
+``state_dict`` file (architecture and data from a ``model_config`` TOML), or a Hugging Face
 model directory.
 
 The Hugging Face part (loading, its forward and language-model loss on calibration windows,
@@ -107,7 +107,7 @@ def _load_state_dict(
 
     if model_config is None:
         raise LorankError(
-            f"{path} is a plain state_dict: pass --model-config with a TOML "
+            f"{path} is a plain state_dict: pass `model_config`, a TOML "
             "config whose [model] and [data] sections describe it"
         )
     config = load_config(model_config, overrides)
@@ -174,7 +174,7 @@ def _hf_tokenizer(source: Path) -> Any:
         # AutoTokenizer may otherwise build an empty tokenizer from the model type alone.
         raise LorankError(
             f"{source} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...) to "
-            f"encode a text --calibration-file; {fix}"
+            f"encode a text `calibration_file`; {fix}"
         )
     try:
         with huggingface.quiet_transformers(transformers):
@@ -182,7 +182,7 @@ def _hf_tokenizer(source: Path) -> Any:
     except Exception as e:  # noqa: BLE001 - no/unreadable tokenizer files: one user error
         reason = str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__
         raise LorankError(
-            f"{source} has no usable tokenizer to encode a text --calibration-file ({reason}); "
+            f"{source} has no usable tokenizer to encode a text `calibration_file` ({reason}); "
             f"{fix}"
         ) from None
     # Calibration text is cut into windows afterwards: a long text is not an error.

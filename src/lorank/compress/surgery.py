@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lorank.core.convert import low_rank_from, replace_module
+from lorank.core.adapters import low_rank_from_factors
+from lorank.core.convert import replace_module
 from lorank.core.layers import LowRankLayer
 from lorank.core.search import LayerSpectrum
 
@@ -57,8 +58,7 @@ def install_factors(
         layer.load_svd_(u, sigma, v)
         row["status"] = "truncated"
     else:
-        layer = low_rank_from(module, k, core="diag")
-        layer.load_svd_(u, sigma, v)
+        layer = low_rank_from_factors(module, u, sigma, v, core="diag")
         replace_module(model, spec.name, layer)
         row["status"] = "converted"
     if bias is not None and layer.bias is not None:
@@ -76,10 +76,12 @@ def apply_ranks(
 ) -> list[dict[str, Any]]:
     """Truncate every layer of ``spectra`` to ``chosen[name]`` in place; one report row each.
 
-    Dense layers become diagonal-core low-rank layers (or stay dense at full rank); low-rank
-    layers are truncated to their exact rank-k SVD. With ``exact_factors`` the first k columns
-    of each spectrum's ``(u, sigma, v)`` are used as they are (the activation-aware factors of
-    :mod:`lorank.compress.calibration`, whose v is not orthonormal) instead of a plain SVD.
+    Dense layers become diagonal-core low-rank layers (or stay dense at full rank) made from
+    the first k columns of their spectrum's ``(u, sigma, v)``: the SVD already taken for the
+    rank choice is reused, never taken again. Low-rank layers are truncated to their exact
+    rank-k SVD, or with ``exact_factors`` to the spectrum's factors as they are (the
+    activation-aware factors of :mod:`lorank.compress.calibration`, whose v is not
+    orthonormal).
     """
     rows = []
     for spec in spectra:
@@ -100,12 +102,7 @@ def apply_ranks(
         elif not is_truncated(spec, k):
             row = _row(spec, k)
             row.update(params_after=row["params_before"], status="kept")
-        elif exact_factors:
-            row = install_factors(model, spec, spec.u[:, :k], spec.sigma[:k], spec.v[:, :k])
         else:
-            layer = low_rank_from(module, k, core="diag")
-            row = _row(spec, k)
-            replace_module(model, spec.name, layer)
-            row.update(params_after=layer.params_eval, status="converted")
+            row = install_factors(model, spec, spec.u[:, :k], spec.sigma[:k], spec.v[:, :k])
         rows.append(row)
     return rows

@@ -51,6 +51,7 @@ from lorank.core.layers import (
     LowRankHFConv1D,
     LowRankLayer,
     LowRankLinear,
+    without_init,
 )
 from lorank.errors import LorankError
 
@@ -62,6 +63,7 @@ __all__ = [
     "input_rows",
     "is_convertible",
     "low_rank_from",
+    "low_rank_from_factors",
     "matrix_shape",
     "register_adapter",
     "set_dense_matrix",
@@ -367,6 +369,31 @@ def low_rank_from(
         layer.reset_parameters()
         return layer
     layer.init_from_matrix_(adapter.matrix_view(module, weight), getattr(module, "bias", None))
+    return layer
+
+
+@torch.no_grad()
+def low_rank_from_factors(
+    module: nn.Module, u: Tensor, sigma: Tensor, v: Tensor, core: CoreKind = "diag"
+) -> LowRankLayer:
+    """The low-rank version of one dense layer with the given factors ``u diag(sigma) vᵀ``
+    (rank = columns of u) and the layer's bias, same dtype and device.
+
+    For callers that already hold the (truncated) SVD they want: no SVD is taken, and the
+    layer's random initialisation (two QRs) is skipped too.
+    """
+    adapter = _adapter_or_error(module, "factorize")
+    reason = adapter.skip_reason(module)
+    if reason:
+        raise LorankError(f"{reason}; exclude it from conversion (exclude_modules)")
+    with without_init():
+        layer = adapter.build(module, int(u.shape[1]), core)
+    weight = module.weight.detach()
+    layer.to(device=weight.device, dtype=weight.dtype)
+    layer.load_svd_(u, sigma, v)
+    bias = getattr(module, "bias", None)
+    if bias is not None and layer.bias is not None:
+        layer.bias.copy_(bias)
     return layer
 
 

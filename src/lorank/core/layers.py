@@ -40,6 +40,9 @@ them would scatter one abstraction over several files.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -54,6 +57,21 @@ CORE_KINDS: tuple[str, ...] = ("full", "diag", "none")
 
 # ``spec["type"]`` → low-rank layer class; each class registers itself (``spec_type``).
 LAYER_TYPES: dict[str, type[LowRankLayer]] = {}
+
+
+_INIT = threading.local()
+
+
+@contextmanager
+def without_init() -> Iterator[None]:
+    """Low-rank layers built inside skip their random initialisation (two QRs): for callers
+    that set every factor and the bias right after (e.g. from an SVD they already hold)."""
+    before = getattr(_INIT, "skip", False)
+    _INIT.skip = True
+    try:
+        yield
+    finally:
+        _INIT.skip = before
 
 
 def orthonormal_(n_rows: int, n_cols: int, generator: torch.Generator | None = None) -> Tensor:
@@ -108,7 +126,8 @@ class LowRankLayer(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_dim))
         else:
             self.register_parameter("bias", None)
-        self.reset_parameters()
+        if not getattr(_INIT, "skip", False):
+            self.reset_parameters()
 
     # ------------------------------------------------------------------ initialisation
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -112,17 +112,40 @@ def default_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
+def thin_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(u, sigma, v)`` with ``a = u diag(sigma) vᵀ`` (thin), in ``a``'s dtype.
+
+    A wide matrix is decomposed through its transpose: LAPACK's divide and conquer is several
+    times slower on an m×n matrix with m < n than on its n×m transpose (measured 3-4× for
+    512×2048 on CPU), and the factors are the same up to signs.
+    """
+    if a.shape[0] < a.shape[1]:
+        v, sigma, uh = torch.linalg.svd(a.T, full_matrices=False)
+        return uh.T, sigma, v
+    u, sigma, vh = torch.linalg.svd(a, full_matrices=False)
+    return u, sigma, vh.T
+
+
+def savings_rank(m: int, n: int) -> int:
+    """The largest r with r(m + n) < mn: above it a factorization of an m×n matrix costs more
+    than the matrix."""
+    return (m * n - 1) // (m + n)
+
+
 def layer_spectra(
-    model: nn.Module,
+    model: nn.Module | None,
     layers: dict[str, nn.Module] | None = None,
     skip_if_no_savings: bool = True,
 ) -> list[LayerSpectrum]:
-    """The SVD of each layer (default :func:`default_layers`), in float32/64 of the layer.
+    """The SVD of each layer (default :func:`default_layers` of ``model``), in float32/64 of
+    the layer.
 
     Low-rank layers use their exact factored SVD (never forming W); dense layers the SVD of
-    their weight matrix.
+    their weight matrix (in float64, returned in the weight's dtype).
     """
-    layers = default_layers(model) if layers is None else layers
+    if layers is None:
+        assert model is not None
+        layers = default_layers(model)
     out = []
     for name, module in layers.items():
         if isinstance(module, LowRankLayer):
@@ -130,11 +153,9 @@ def layer_spectra(
             max_rank = module.rank
         else:
             weight = dense_weight_matrix(module)
-            u, sigma, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-            u, sigma, v = u.to(weight), sigma.to(weight), vh.T.to(weight)
+            u, sigma, v = (t.to(weight) for t in thin_svd(weight.double()))
             m, n = weight.shape
-            # Largest r with r(m + n) < mn; above it a factorization costs more than W.
-            max_rank = (m * n - 1) // (m + n) if skip_if_no_savings else sigma.numel()
+            max_rank = savings_rank(m, n) if skip_if_no_savings else sigma.numel()
         out.append(LayerSpectrum(name, module, u, sigma, v, max_rank))
     return out
 

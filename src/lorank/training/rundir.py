@@ -128,12 +128,16 @@ def check_output_dir(
     protect: Sequence[str | Path] = (),
     what: str = "run directory",
     option: str = "--out",
+    overwrite_option: str = "--overwrite",
 ) -> None:
     """Fail, with one line and before anything slow, when ``out`` cannot become a fresh
     run directory: it exists and ``overwrite`` is off; ``overwrite`` is on but ``out`` is
     neither empty nor a lorank run directory; it is, holds or lies inside one of the
     protected inputs (``protect``: the model being compressed, a config, a dataset); it or a
-    parent is a file; its nearest existing parent is read-only."""
+    parent is a file; its nearest existing parent is read-only.
+
+    ``option`` and ``overwrite_option`` are how the messages name ``out`` and ``overwrite``:
+    a command's flags, or (for a library call) its arguments in backquotes."""
     out = Path(out)
     resolved = out.resolve()
     for item in protect:
@@ -163,7 +167,7 @@ def check_output_dir(
             if not overwrite:
                 raise LorankError(
                     f"{what} {out} already exists; choose another {option} or "
-                    "pass --overwrite to replace it"
+                    f"pass {overwrite_option} to replace it"
                 )
             if not is_run_dir(out):
                 foreign = foreign_entries(out)
@@ -173,7 +177,8 @@ def check_output_dir(
                     else ("it has no readable summary.json or config.json")
                 )
                 raise LorankError(
-                    f"--overwrite replaces only an empty directory or a lorank run directory, "
+                    f"{overwrite_option} replaces only an empty directory or a lorank run "
+                    "directory, "
                     f"and {out} is not one ({held}); choose another {option} or empty it yourself"
                 )
         writable = out.parent if not empty else out
@@ -232,7 +237,7 @@ def ensure_dir(out: Path, what: str, option: str = "--out") -> Path:
     return out
 
 
-def temp_dir_beside(out: Path, what: str = "run directory") -> Path:
+def temp_dir_beside(out: Path, what: str = "run directory", option: str = "--out") -> Path:
     """A fresh hidden directory in ``out``'s parent (created if missing), so that the final
     rename into ``out`` never crosses file systems; mode as ``mkdir`` would give it."""
     try:
@@ -242,7 +247,7 @@ def temp_dir_beside(out: Path, what: str = "run directory") -> Path:
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700 folders; runs are meant to be shared
     except OSError as e:
-        raise _os_error(what, out, e) from None
+        raise _os_error(what, out, e, option) from None
     return tmp
 
 
@@ -253,10 +258,19 @@ def replace_dir(
     *,
     protect: Sequence[str | Path] = (),
     what: str = "run directory",
+    option: str = "--out",
+    overwrite_option: str = "--overwrite",
 ) -> None:
     """Move the finished ``tmp`` to ``out``; an existing ``out`` (checked again: it may have
     appeared meanwhile) is first moved aside, so a failure leaves one of the two whole."""
-    check_output_dir(out, overwrite, protect=protect, what=what)
+    check_output_dir(
+        out,
+        overwrite,
+        protect=protect,
+        what=what,
+        option=option,
+        overwrite_option=overwrite_option,
+    )
     old = None
     try:
         if out.exists():
@@ -266,7 +280,7 @@ def replace_dir(
     except OSError as e:
         if old is not None and (old / "run").exists() and not out.exists():
             os.replace(old / "run", out)  # put the previous run back
-        raise _os_error(what, out, e) from None
+        raise _os_error(what, out, e, option) from None
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
