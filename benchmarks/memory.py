@@ -114,9 +114,9 @@ def run(
     rows = []
     for variant in VARIANTS:
         cmd = [sys.executable, "-m", "benchmarks.memory", variant, str(width), str(rank)]
-        cmd += ["--device", str(device)]
         if threads:
-            cmd.append(str(threads))
+            cmd.append(str(threads))  # the optional positional, before any option
+        cmd += ["--device", str(device)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         dense = rows[0]["state_mb"], rows[0]["peak_mb"]

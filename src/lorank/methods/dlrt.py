@@ -428,13 +428,14 @@ class DLRT(Method):
             p.grad = None
         self.clip_gradients(model)  # the K/L gradients alone, as in the two-pass form
         bases = _zero_kl_slots(layers)
+        moments = [_slot_moments(optimizer, layer) for layer in layers]
         optimizer.step()  # only the U and V slots carry gradients: K₁ - K₀, L₁ - L₀
         cores = []
         with torch.no_grad():
-            for layer, (U0, S0, V0) in zip(layers, bases, strict=True):
+            for layer, (U0, S0, V0), m in zip(layers, bases, moments, strict=True):
                 K, L = layer.U.detach(), layer.V.detach()
                 cores.append(
-                    self._augment_and_install(layer, optimizer, U0, S0, V0, K, L, True, False)
+                    self._augment_and_install(layer, optimizer, U0, S0, V0, K, L, True, False, m)
                 )
         if any(new is None for new in cores):
             # Some layer's augmented point is not W₀: take the S-step's own pass instead.
@@ -512,11 +513,14 @@ class DLRT(Method):
         """BUG and KLS from the K/L gradients in the U/V slots: one optimizer step, the
         augmented bases installed, then the Galerkin S-step at the augmented point."""
         self.clip_gradients(model)
+        moments = [_slot_moments(optimizer, layer) for layer in layers]
         optimizer.step()  # only the U and V slots carry gradients
         with torch.no_grad():
-            for layer, (U0, S0, V0) in zip(layers, bases, strict=True):
+            for layer, (U0, S0, V0), m in zip(layers, bases, moments, strict=True):
                 K, L = layer.U.detach(), layer.V.detach()
-                self._augment_and_install(layer, optimizer, U0, S0, V0, K, L, adapt, slots_hold_k1)
+                self._augment_and_install(
+                    layer, optimizer, U0, S0, V0, K, L, adapt, slots_hold_k1, m
+                )
         self._s_step(model, layers, optimizer, batch, loss_fn, adapt)
 
     def _augment_and_install(
@@ -530,6 +534,7 @@ class DLRT(Method):
         L: Tensor,
         adapt: bool,
         absolute: bool,
+        kl_moments: dict[str, tuple[Tensor, Tensor]] | None = None,
     ) -> tuple[Tensor, Tensor] | None:
         """BUG/KLS basis update: install ``Û``, ``S̃₀``, ``V̂`` from the K- and L-steps (``K``,
         ``L``: K₁, L₁ when ``absolute``, else K₁ - K₀, L₁ - L₀). Returns the new directions
@@ -566,6 +571,8 @@ class DLRT(Method):
             A, B = U0.T @ Uh, V0.T @ Vh
             core = A.T @ S0 @ B
         self._install(layer, optimizer, Uh, core, Vh, A, B, rank=None, truncate=False)
+        if new is not None and kl_moments:
+            _cross_block_moments(optimizer, layer, r, *new, kl_moments)
         return new
 
     def _s_step(
@@ -949,6 +956,52 @@ class _Extension(NamedTuple):
 
 def _as_matrix(x: Tensor | _Extension, like: Tensor) -> Tensor:
     return x.matrix(like) if isinstance(x, _Extension) else x
+
+
+def _slot_moments(
+    optimizer: torch.optim.Optimizer, layer: LowRankLayer
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The K- and L-slot moments before the K/L step (copies): the history the S-step's
+    cross blocks inherit, without the current gradient, which the S-step adds itself."""
+    state_u, state_v = optimizer.state.get(layer.U, {}), optimizer.state.get(layer.V, {})
+    out = {}
+    for key in (*_FIRST_MOMENTS, *_SECOND_MOMENTS):
+        m_k, m_l = state_u.get(key), state_v.get(key)
+        if isinstance(m_k, Tensor) and isinstance(m_l, Tensor) and m_k.dim() == 2:
+            out[key] = (m_k.clone(), m_l.clone())
+    return out
+
+
+@torch.no_grad()
+def _cross_block_moments(
+    optimizer: torch.optim.Optimizer,
+    layer: LowRankLayer,
+    r: int,
+    Nu: Tensor,
+    Nv: Tensor,
+    kl_moments: dict[str, tuple[Tensor, Tensor]],
+) -> None:
+    """Moments of the augmented core's cross blocks from those of the K- and L-steps.
+
+    The S-step's gradient blocks Ũᵀ ∇W V₀ = Ũᵀ ∇_K and U₀ᵀ ∇W Ṽ = (Ṽᵀ ∇_L)ᵀ are linear maps
+    of the K and L gradients, so their first moments are Ũᵀ m_K and (Ṽᵀ m_L)ᵀ exactly, with
+    m_K, m_L the slots' moments before this step's K/L update (second moments: the same with
+    Ũ², Ṽ² elementwise, as for every other map here). Starting them at zero instead, as a
+    new direction would, drops the momentum of the whole rotation part of the step (SGD
+    momentum 0.9 or Adam: ~10× smaller steps there), which left BUG and KLS training
+    markedly slower than the parallel integrator, whose K- and L-steps keep it.
+    """
+    state_s = optimizer.state.get(layer.S)
+    if not state_s:
+        return
+    k = Nu.shape[1]
+    for key, (m_k, m_l) in kl_moments.items():
+        moment = state_s.get(key)
+        if not isinstance(moment, Tensor) or moment.shape != (r + k, r + k):
+            continue
+        left, right = (Nu * Nu, Nv * Nv) if key in _SECOND_MOMENTS else (Nu, Nv)
+        moment[r:, :r] = left.T @ m_k
+        moment[:r, r:] = (right.T @ m_l).T
 
 
 def _full_rank(module: nn.Module) -> int:
