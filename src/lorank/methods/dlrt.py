@@ -80,7 +80,10 @@ of the gradient at the new point) for any change of basis within the old span, a
 projection when directions are dropped; newly added directions start from zero. Second
 moments (``exp_avg_sq``, ``max_exp_avg_sq``) are mapped with the elementwise squares of the
 same matrices (the variance of a linear map of independent entries), which keeps them
-non-negative; a newly added direction gets its row's mean second moment instead of zero (a
+non-negative; in bug and kls the augmented core's cross blocks, which are linear maps of
+the K and L gradients, take the K- and L-slots' moments through those maps (Ũᵀ m_K,
+(Ṽᵀ m_L)ᵀ), so the rotation part of the step keeps its momentum; any other newly added
+direction gets its row's mean second moment instead of zero (a
 zero second moment makes Adam's first steps ±3η whatever the gradient, so round-off-sized
 gradients would be amplified into directions above the truncation threshold). Adam's step
 count carries on, so bias correction does not restart. Unknown state keys are dropped
