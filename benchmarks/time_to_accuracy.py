@@ -186,9 +186,9 @@ def markdown(rows: list[dict[str, Any]], data_seconds: float) -> str:
             f"{100 * achieved / max(peaks.values()):.0f}% of the fastest matmul measured in "
             f"this run (square 2048³: {peaks['square_2048']:.1f} GFLOP/s; the MLP's forward "
             f"product 256×784×500 alone: {peaks['mlp_forward']:.1f}; its weight gradient "
-            f"500×256×500: {peaks['mlp_weight_grad']:.1f}). The rest of the gap (not broken down by this "
-            "benchmark) is the work "
-            "that is not matmul (ReLU and its backward, bias and softmax, the "
+            f"500×256×500: {peaks['mlp_weight_grad']:.1f}). The rest of the gap (not broken "
+            "down by this benchmark) is the work that is not matmul (ReLU and its backward, "
+            "bias and softmax, the "
             "optimizer's elementwise update of 1.1M weights) and per-operation overhead."
         )
     return "\n".join(out) + "\n"
