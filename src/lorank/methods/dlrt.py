@@ -424,22 +424,15 @@ class DLRT(Method):
         held = {
             p: p.grad for p in model.parameters() if p.grad is not None and id(p) not in factors
         }
-        grad_s = [layer.S.grad.clone() for layer in layers]
+        grad_s = [layer.S.grad for layer in layers]
+        # copies: clipping below scales the K/L gradients in place, the S-step's are unclipped
         grad_k = [layer.U.grad.clone() for layer in layers]
         grad_l = [layer.V.grad.clone() for layer in layers]
         for p in (*held, *(layer.S for layer in layers)):
             p.grad = None
         self.clip_gradients(model)  # the K/L gradients alone, as in the two-pass form
-        bases = _zero_kl_slots(layers)
-        moments = [_slot_moments(optimizer, layer) for layer in layers]
-        optimizer.step()  # only the U and V slots carry gradients: K₁ - K₀, L₁ - L₀
-        cores = []
-        with torch.no_grad():
-            for layer, (U0, S0, V0), m in zip(layers, bases, moments, strict=True):
-                K, L = layer.U.detach(), layer.V.detach()
-                cores.append(
-                    self._augment_and_install(layer, optimizer, U0, S0, V0, K, L, True, False, m)
-                )
+        bases = _zero_kl_slots(layers)  # the slots then carry K₁ - K₀, L₁ - L₀
+        cores = self._k_and_l_steps(layers, optimizer, bases, adapt=True, slots_hold_k1=False)
         if any(new is None for new in cores):
             # Some layer's augmented point is not W₀: take the S-step's own pass instead.
             self._s_step(model, layers, optimizer, batch, loss_fn, True)
@@ -516,15 +509,38 @@ class DLRT(Method):
         """BUG and KLS from the K/L gradients in the U/V slots: one optimizer step, the
         augmented bases installed, then the Galerkin S-step at the augmented point."""
         self.clip_gradients(model)
-        moments = [_slot_moments(optimizer, layer) for layer in layers]
-        optimizer.step()  # only the U and V slots carry gradients
-        with torch.no_grad():
-            for layer, (U0, S0, V0), m in zip(layers, bases, moments, strict=True):
-                K, L = layer.U.detach(), layer.V.detach()
-                self._augment_and_install(
-                    layer, optimizer, U0, S0, V0, K, L, adapt, slots_hold_k1, m
-                )
+        self._k_and_l_steps(layers, optimizer, bases, adapt, slots_hold_k1)
         self._s_step(model, layers, optimizer, batch, loss_fn, adapt)
+
+    def _k_and_l_steps(
+        self,
+        layers: list[LowRankLayer],
+        optimizer: torch.optim.Optimizer,
+        bases: list[tuple[Tensor, Tensor, Tensor]],
+        adapt: bool,
+        slots_hold_k1: bool,
+    ) -> list[tuple[Tensor, Tensor] | None]:
+        """One optimizer step on the U and V slots (the only ones with gradients), then each
+        layer's augmented bases installed; the new directions per layer (see
+        :meth:`_augment_and_install`)."""
+        moments = [_slot_moments(optimizer, layer) for layer in layers]
+        optimizer.step()
+        with torch.no_grad():
+            return [
+                self._augment_and_install(
+                    layer,
+                    optimizer,
+                    U0,
+                    S0,
+                    V0,
+                    layer.U.detach(),
+                    layer.V.detach(),
+                    adapt,
+                    slots_hold_k1,
+                    m,
+                )
+                for layer, (U0, S0, V0), m in zip(layers, bases, moments, strict=True)
+            ]
 
     def _augment_and_install(
         self,
