@@ -322,27 +322,6 @@ def layer_input_shapes(
     example: object,
     forward: Callable[[nn.Module, object], object] | None = None,
 ) -> dict[str, tuple[int, ...]]:
-    """``{layer name: input shape}`` of every Linear/Conv2d/low-rank layer, from one forward
-    of ``example`` (a tensor or a tuple of model arguments; or whatever ``forward(model,
-    example)`` takes)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear | nn.Conv2d | LowRankLinear | LowRankConv2d):
-
-            def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
-                shapes.setdefault(name, tuple(args[0].shape))
-
-            hooks.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            if forward is not None:
-                forward(model, example)
-            elif isinstance(example, tuple):
-                model(*example)
-            else:
-                model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return shapes
+    """``{layer name: input shape}`` of every Linear/Conv2d/low-rank layer (the shapes of
+    :func:`layer_inputs`)."""
+    return {name: i.shape for name, i in layer_inputs(model, example, forward).items()}
