@@ -357,7 +357,7 @@ class DLRT(Method):
         U1, Au, Xu = _lean_basis(U0, dK, cu, Ru, Pu, su[2], exact)
         V1, Bv, Xv = _lean_basis(V0, dL, cv, Rv, Pv, sv[2], exact)
         core = (Xu * sigma[:r1]) @ Xv.T
-        self._put(layer, optimizer, U1, core, V1, Au, Bv)
+        self._put(layer, optimizer, U1, core, V1, Au, Bv, owned=True)
         return True
 
     def _bug_step(
@@ -668,13 +668,19 @@ class DLRT(Method):
         Vh: Tensor,
         A: Tensor,
         B: Tensor,
+        owned: bool = False,
     ) -> None:
-        """Install the factors and map the optimizer state by ``A = U_oldᵀ Uh``, ``B``."""
+        """Install the factors and map the optimizer state by ``A = U_oldᵀ Uh``, ``B``.
+        ``owned``: the factors are fresh contiguous tensors nothing else holds, which the
+        parameters may take over instead of copying them."""
         if Uh.shape == layer.U.shape and Vh.shape == layer.V.shape:
             # Same shapes: update the parameters in place (no new Parameters, so a DDP
             # wrapper need not be rebuilt); their state is moved by the identity mapping.
             for name, value in (("U", Uh), ("S", core), ("V", Vh)):
-                getattr(layer, name).copy_(value)
+                if owned:
+                    getattr(layer, name).data = value
+                else:
+                    getattr(layer, name).copy_(value)
             mapping = {p: p for p in (layer.U, layer.S, layer.V)}
         else:
             mapping = layer.set_factors(Uh, core, Vh)
@@ -1037,17 +1043,14 @@ def _gram_residual(basis: Tensor, step: Tensor) -> tuple[Tensor, Tensor, Tensor]
         return None
     c = basis.T @ step
     gram = step.T @ step
-    residual_gram = gram - c.T @ c
-    chol, info = torch.linalg.cholesky_ex(0.5 * (residual_gram + residual_gram.T))
-    if int(info) != 0:
-        return None
-    R = chol.T
-    diag = torch.diagonal(R)
+    # Cholesky reads only the lower triangle, so the Gram difference needs no symmetrizing.
+    chol, info = torch.linalg.cholesky_ex(torch.addmm(gram, c.T, c, alpha=-1))
     # The Gram difference has absolute error ~eps·‖step‖²: demand every residual direction
     # be at least 1/10 of the step's largest column, so its relative error stays ~100·eps.
-    if bool(diag.min() ** 2 < 1e-2 * torch.diagonal(gram).max()):
+    # Both checks in one host synchronisation.
+    if bool((info != 0) | (chol.diagonal().min().square() < 1e-2 * gram.diagonal().max())):
         return None
-    return c, R, gram
+    return c, chol.T, gram
 
 
 def _lean_basis(
@@ -1064,19 +1067,22 @@ def _lean_basis(
     ``basis`` itself (two more GEMMs)."""
     r = basis.shape[1]
     Y = torch.linalg.solve_triangular(R, P[r:], upper=True)  # R⁻¹ P₂
-    X0 = P[:r] - c @ Y
-    if exact:
-        Q, X = _qr(torch.addmm(basis @ X0, step, Y))
-    else:
-        cross = X0.T @ c @ Y
-        small_gram = X0.T @ X0 + cross + cross.T + Y.T @ gram @ Y
-        chol, info = torch.linalg.cholesky_ex(0.5 * (small_gram + small_gram.T))
-        if int(info) != 0:
-            Q, X = _qr(torch.addmm(basis @ X0, step, Y))
-        else:
+    X0 = torch.addmm(P[:r], c, Y, alpha=-1)  # P₁ - c Y
+    if not exact:
+        # Q₀ = basis X₀ + step Y = basis (X₀ + c Y) + Ũ (R Y), and Ũ ⟂ basis: its Gram is
+        # TᵀT + (RY)ᵀ(RY), with T = X₀ + c Y as rounded (≈ P₁) and R Y ≈ P₂.
+        T, RY = torch.addmm(X0, c, Y), R @ Y
+        chol, info = torch.linalg.cholesky_ex(torch.addmm(T.T @ T, RY.T, RY))
+        if int(info) == 0:
             X = chol.T
-            X_inv = torch.linalg.solve_triangular(X, _eye(X.shape[0], X.shape[0], X), upper=True)
-            Q = torch.addmm(basis @ (X0 @ X_inv), step, Y @ X_inv)
+            solve = torch.linalg.solve_triangular
+            Q = torch.addmm(
+                basis @ solve(X, X0, upper=True, left=False),
+                step,
+                solve(X, Y, upper=True, left=False),
+            )
+            return Q, solve(X, P[:r], upper=True, left=False), X
+    Q, X = _qr(torch.addmm(basis @ X0, step, Y))
     # basisᵀ Q = (X₀ + c Y) X⁻¹ = P₁ X⁻¹ (basis orthonormal up to its drift)
     A = torch.linalg.solve_triangular(X, P[:r], upper=True, left=False)
     return Q, A, X
@@ -1102,9 +1108,10 @@ def _zero_kl_slots(layers: list[LowRankLayer]) -> list[tuple[Tensor, Tensor, Ten
     through K and L besides S."""
     bases = []
     for layer in layers:
-        bases.append((layer.U.detach().clone(), layer.S.detach().clone(), layer.V.detach().clone()))
-        layer.U.zero_()
-        layer.V.zero_()
+        # The old factors keep their storage; the slots get fresh zeros (no m×r copies).
+        U0, V0 = layer.U.data, layer.V.data
+        bases.append((U0, layer.S.detach().clone(), V0))
+        layer.U.data, layer.V.data = torch.zeros_like(U0), torch.zeros_like(V0)
     return bases
 
 
