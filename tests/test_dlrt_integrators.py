@@ -185,6 +185,53 @@ def test_one_pass_bug_equals_the_two_pass_form(make):
         assert torch.allclose(layer.weight_matrix(), other.weight_matrix(), atol=1e-9), name
 
 
+# ---------------------------------------------------------------------- batching
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def test_parallel_step_batched_over_equal_layers_equals_one_layer_at_a_time(adaptive, monkeypatch):
+    """The parallel step's small linear algebra and optimizer-state maps run once per group
+    of equal-shape layers (issue 21): the same 20 Adam steps taken one layer at a time give
+    the same weights and ranks (float64, to round-off), and the batched run really grouped
+    the three 32×32 layers."""
+    from lorank.methods.dlrt import DLRT as Integrators
+
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(6))
+    lean, group = Integrators._parallel_lean, Integrators._parallel_lean_group
+
+    def train(batched: bool) -> tuple[nn.Module, list[int]]:
+        sizes: list[int] = []
+
+        def spy(self, items, optimizer, adapt):  # noqa: ANN001, ANN202
+            sizes.append(len(items))
+            return group(self, items, optimizer, adapt)
+
+        def one_at_a_time(self, steps, optimizer, adapt):  # noqa: ANN001, ANN202
+            return [left for item in steps for left in lean(self, [item], optimizer, adapt)]
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Integrators, "_parallel_lean_group", spy)
+            if not batched:
+                patch.setattr(Integrators, "_parallel_lean", one_at_a_time)
+            model = make_mlp(24, 32, 32, 32, 32, 4).double()
+            method = build("parallel", model, adaptive=adaptive, tolerance=0.3, init_rank=6)
+            optimizer = torch.optim.Adam(method.parameters(model), lr=2e-2)
+            for _ in range(20):
+                method.train_step(
+                    model, optimizer, (x, y), lambda m, b: F.cross_entropy(m(b[0]), b[1])
+                )
+        return model, sizes
+
+    (batched, sizes), (single, single_sizes) = train(True), train(False)
+    assert max(sizes) == 3 and max(single_sizes) == 1, (sizes, single_sizes)
+    ranks = {name: layer.rank for name, layer in low_rank_layers(batched).items()}
+    assert ranks == {name: layer.rank for name, layer in low_rank_layers(single).items()}
+    if adaptive:
+        assert min(ranks.values()) < 6, ranks  # ranks changed, so groups split by rank
+    for name, layer in low_rank_layers(batched).items():
+        other = low_rank_layers(single)[name].weight_matrix()
+        assert torch.allclose(layer.weight_matrix(), other, atol=1e-10), name
+
+
 # ---------------------------------------------------------------------- first order
 @pytest.mark.parametrize("mode", ["fixed", "adaptive-to-r", "adaptive-growing"])
 def test_integrators_agree_to_first_order(mode):
