@@ -196,7 +196,7 @@ def test_parallel_step_batched_over_equal_layers_equals_one_layer_at_a_time(adap
 
     x = torch.randn(64, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     y = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(6))
-    lean, group = Integrators._parallel_lean, Integrators._parallel_lean_group
+    group = Integrators._parallel_lean_group
 
     def train(batched: bool) -> tuple[nn.Module, list[int]]:
         sizes: list[int] = []
@@ -205,15 +205,11 @@ def test_parallel_step_batched_over_equal_layers_equals_one_layer_at_a_time(adap
             sizes.append(len(items))
             return group(self, items, optimizer, adapt)
 
-        def one_at_a_time(self, steps, optimizer, adapt):  # noqa: ANN001, ANN202
-            return [left for item in steps for left in lean(self, [item], optimizer, adapt)]
-
         with monkeypatch.context() as patch:
             patch.setattr(Integrators, "_parallel_lean_group", spy)
-            if not batched:
-                patch.setattr(Integrators, "_parallel_lean", one_at_a_time)
             model = make_mlp(24, 32, 32, 32, 32, 4).double()
             method = build("parallel", model, adaptive=adaptive, tolerance=0.3, init_rank=6)
+            method.batch_layers = batched
             optimizer = torch.optim.Adam(method.parameters(model), lr=2e-2)
             for _ in range(20):
                 method.train_step(

@@ -198,6 +198,9 @@ class DLRT(Method):
         self.one_pass_bug = True
         """Adaptive BUG: take the S-step's gradient from the first backward (exact; False
         runs the second forward/backward, the reference form the tests compare with)."""
+        self.batch_layers = True
+        """Parallel step: batch the small linear algebra of equal-shape layers (False: one
+        layer at a time, the reference the tests and benchmarks compare with)."""
 
     # ------------------------------------------------------------------ setup
     def prepare(self, model: nn.Module) -> ConversionReport:
@@ -334,7 +337,7 @@ class DLRT(Method):
                 left.append(item)
                 continue
             key = (item.U0.shape, item.V0.shape, item.U0.dtype, item.U0.device)
-            groups.setdefault(key, []).append(item)
+            groups.setdefault(key if self.batch_layers else id(item), []).append(item)
         for group in groups.values():
             left += self._parallel_lean_group(group, optimizer, adapt)
         return left
