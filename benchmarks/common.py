@@ -59,7 +59,7 @@ def method_config(variant: str, rank: int | float, last_dense: bool) -> dict[str
             **convert,
         }
     if variant.startswith("dlrt-"):
-        _, integrator, mode = variant.split("-")
+        _, integrator, mode = variant.removesuffix("-per-layer").split("-")
         return {
             "name": "dlrt",
             "integrator": integrator,
@@ -79,6 +79,8 @@ def prepare(model: nn.Module, variant: str, rank: int | float, last_dense: bool)
     """Build ``variant``'s method and make ``model`` ready for it (OIALR: switched, at rank)."""
     method = methods.build(method_config(variant, rank, last_dense))
     method.prepare(model)
+    if variant.endswith("-per-layer"):  # DLRT without batching equal-shape layers
+        method.batch_layers = False  # type: ignore[attr-defined]
     if variant == "oialr":
         for layer in lorank.low_rank_layers(model).values():
             r = rank if isinstance(rank, int) else max(1, round(rank * layer.full_rank))

@@ -52,11 +52,38 @@ def test_the_cache_file_survives_a_new_cost_model(tmp_path):
 
 
 def test_break_even_rank_is_the_largest_faster_rank():
-    # Dense costs 100; rank r costs 3r: faster up to r = 33.
-    costs = FakeCosts(lambda key: 100.0 if key.rank is None else 3.0 * key.rank)
-    assert costs.break_even_rank(nn.Linear(64, 64), (8, 64)) == 33
+    # Dense costs 100; rank r costs 3r: faster up to r = 33, and 5% faster up to r = 31.
+    formula = lambda key: 100.0 if key.rank is None else 3.0 * key.rank  # noqa: E731
+    assert FakeCosts(formula, margin=0).break_even_rank(nn.Linear(64, 64), (8, 64)) == 33
+    assert FakeCosts(formula).break_even_rank(nn.Linear(64, 64), (8, 64)) == 31
     never = FakeCosts(lambda key: 1.0 if key.rank is None else 2.0)
     assert never.break_even_rank(nn.Linear(64, 64), (8, 64)) is None
+    with pytest.raises(LorankError, match="margin"):
+        CostModel(margin=1.0)
+
+
+def test_a_layer_measured_within_the_margin_stays_dense():
+    """Timings of one call vary by a few percent, so a layer 2% faster low-rank is left
+    dense by default (5% margin) and converted only with latency_margin = 0; the same rule
+    decides the export's dense-or-factorized choice."""
+
+    def formula(key):
+        dense = float(key.out_features * key.in_features)
+        return dense if key.rank is None else 0.98 * dense
+
+    x = torch.randn(8, 64)
+    for margin, status in ((0.05, "skipped"), (0.0, "converted")):
+        config = lorank.LowRankConfig(rank=8, objective="latency", latency_margin=margin)
+        costs = FakeCosts(formula, margin=margin)
+        report = lorank.convert(net(), config, example_input=x, cost_model=costs)
+        timed = [e for e in report.layers if e.status != "kept"]  # the classifier stays dense
+        assert len(timed) == 2 and {e.status for e in timed} == {status}, report.layers
+    skipped = lorank.convert(
+        net(), lorank.LowRankConfig(rank=8, objective="latency"), example_input=x
+    )  # the default cost model takes config.latency_margin
+    assert all(e.dense_ms is not None for e in skipped.layers if e.status != "kept")
+    with pytest.raises(ValueError, match="latency_margin"):
+        lorank.LowRankConfig(latency_margin=-0.1)
 
 
 def test_ranks_are_rounded_only_when_the_measurement_says_it_helps():

@@ -345,3 +345,30 @@ def test_mnist_mlp_reaches_accuracy_at_high_compression(tmp_path, data_root):
     # 90.6% fewer parameters after 2 of its 10 epochs (98.1% at 94.3% fewer after 10).
     assert summary["test_acc"] >= 0.95
     assert summary["compression"] >= 0.88
+
+
+def test_core_svd_retries_in_float64_when_lapack_returns_nan_vectors(monkeypatch):
+    """MKL's float32 SVD can hand back NaN singular vectors without an error (cores with
+    singular values near 1e-8): the core SVD must notice and redo it in float64; a core
+    that itself holds NaN is a diverged run (FloatingPointError)."""
+    import lorank.methods.dlrt as dlrt
+
+    core = torch.diag(torch.tensor([2.0, 1.0, 1e-8]))
+    real_svd = torch.linalg.svd
+    calls = []
+
+    def flaky_svd(a, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(a.dtype)
+        P, sigma, Qt = real_svd(a, *args, **kwargs)
+        if a.dtype == torch.float32:
+            P = P.clone()
+            P[:, -1] = float("nan")
+        return P, sigma, Qt
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky_svd)
+    P, sigma, Qt = dlrt._svd(core)
+    assert calls == [torch.float32, torch.float64]
+    assert P.dtype == torch.float32 and torch.isfinite(P).all() and torch.isfinite(Qt).all()
+    assert torch.allclose((P * sigma) @ Qt, core, atol=1e-6)
+    with pytest.raises(FloatingPointError, match="NaN"):
+        dlrt._svd(torch.full((3, 3), float("nan")))

@@ -185,6 +185,100 @@ def test_one_pass_bug_equals_the_two_pass_form(make):
         assert torch.allclose(layer.weight_matrix(), other.weight_matrix(), atol=1e-9), name
 
 
+# ---------------------------------------------------------------------- batching
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def test_parallel_step_batched_over_equal_layers_equals_one_layer_at_a_time(adaptive, monkeypatch):
+    """The parallel step's small linear algebra and optimizer-state maps run once per group
+    of equal-shape layers (issue 21): the same 20 Adam steps taken one layer at a time give
+    the same weights and ranks (float64, to round-off), and the batched run really grouped
+    the three 32×32 layers."""
+    from lorank.methods.dlrt import DLRT as Integrators
+
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(6))
+    group = Integrators._parallel_lean_group
+
+    def train(batched: bool) -> tuple[nn.Module, list[int]]:
+        sizes: list[int] = []
+
+        def spy(self, items, optimizer, adapt):  # noqa: ANN001, ANN202
+            sizes.append(len(items))
+            return group(self, items, optimizer, adapt)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Integrators, "_parallel_lean_group", spy)
+            model = make_mlp(24, 32, 32, 32, 32, 4).double()
+            method = build("parallel", model, adaptive=adaptive, tolerance=0.3, init_rank=6)
+            method.batch_layers = batched
+            optimizer = torch.optim.Adam(method.parameters(model), lr=2e-2)
+            for _ in range(20):
+                method.train_step(
+                    model, optimizer, (x, y), lambda m, b: F.cross_entropy(m(b[0]), b[1])
+                )
+        return model, sizes
+
+    (batched, sizes), (single, single_sizes) = train(True), train(False)
+    assert max(sizes) == 3 and max(single_sizes) == 1, (sizes, single_sizes)
+    ranks = {name: layer.rank for name, layer in low_rank_layers(batched).items()}
+    assert ranks == {name: layer.rank for name, layer in low_rank_layers(single).items()}
+    if adaptive:
+        assert min(ranks.values()) < 6, ranks  # ranks changed, so groups split by rank
+    for name, layer in low_rank_layers(batched).items():
+        other = low_rank_layers(single)[name].weight_matrix()
+        assert torch.allclose(layer.weight_matrix(), other, atol=1e-10), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lean_parallel_step_equals_the_explicit_one_for_poorly_separated_steps(dtype, monkeypatch):
+    """The parallel step's Gram-only path (lean) takes steps whose new directions are weak
+    next to the step (squared size 1e-3 of its largest column, inside LEAN_SEPARATION) and
+    gives the W of the explicit path (projections and Cholesky QR of the residual): to
+    round-off in float64, 1e-5 in float32."""
+    import lorank.methods.dlrt as dlrt
+
+    m, n, r = 40, 30, 6
+    g = torch.Generator().manual_seed(3)
+    U0 = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))[0]
+    basis_v = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))[0]
+    outside = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))[0]
+    outside = torch.linalg.qr(outside - U0 @ (U0.T @ outside))[0]
+    # ∇W V₀ leaves span(U₀) with column sizes 1 … 10^-1.5 (squared ratio 1e-3)
+    G = outside @ torch.diag(torch.logspace(0, -1.5, r, dtype=torch.float64)) @ basis_v.T
+    G = G + 0.1 * U0 @ torch.randn(r, n, generator=g, dtype=torch.float64)
+    took = []
+    lean = dlrt.DLRT._parallel_lean
+
+    def step(separation: float) -> torch.Tensor:
+        monkeypatch.setattr(dlrt, "LEAN_SEPARATION", separation)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(n, m, bias=False)).to(dtype)
+        method = build("parallel", model, adaptive=False, init_rank=r, dense_layers=[])
+        layer = model[0]
+        with torch.no_grad():
+            layer.U.copy_(U0)
+            layer.V.copy_(basis_v)
+            layer.S.copy_(torch.diag(torch.linspace(3, 1, r, dtype=torch.float64)))
+        method.step = 1  # not a step of the periodic explicit re-orthonormalisation
+
+        def spy(self, steps, optimizer, adapt):  # noqa: ANN001, ANN202
+            left = lean(self, steps, optimizer, adapt)
+            took.append(len(left) == 0)
+            return left
+
+        monkeypatch.setattr(dlrt.DLRT, "_parallel_lean", spy)
+        optimizer = torch.optim.SGD(method.parameters(model), lr=0.1)
+        eye = torch.eye(n, dtype=dtype)  # model(I) = Wᵀ: the loss is ⟨G, W⟩
+        method.train_step(
+            model, optimizer, (eye, G.T.to(dtype)), lambda m, b: (m(b[0]) * b[1]).sum()
+        )
+        return layer.weight_matrix().detach().double()
+
+    lean_w, explicit_w = step(dlrt.LEAN_SEPARATION), step(10.0)
+    assert took == [True, False]  # the lean path took it; 10.0 forces the explicit one
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.linalg.norm(lean_w - explicit_w) <= tolerance * torch.linalg.norm(explicit_w)
+
+
 # ---------------------------------------------------------------------- first order
 @pytest.mark.parametrize("mode", ["fixed", "adaptive-to-r", "adaptive-growing"])
 def test_integrators_agree_to_first_order(mode):

@@ -114,3 +114,37 @@ def test_checkpoints_keep_the_last_k(tmp_path):
     assert main(["train", config, "--out", str(run), "--quiet"] + sets(overrides)) == 0
     assert [p.name for p in complete_checkpoints(run)] == ["epoch-0002", "epoch-0004", "epoch-0005"]
     assert not list((run / "checkpoints").glob(".tmp*"))
+
+
+def test_a_hand_edited_flop_count_in_a_checkpoint(tmp_path, capsys):
+    """The FLOP counter's state in state.json: a malformed structure cache only means the step
+    is counted again (the run resumes); a count that is not a number is a one-line error
+    that leaves the run directory as it was."""
+    run = tmp_path / "run"
+    config = str(ROOT / "tests/bad_inputs/ok.toml")
+    overrides = ["train.epochs=2", "train.checkpoint_every=1"]
+    assert main(["train", config, "--out", str(run), "--quiet"] + sets(overrides)) == 0
+    state_file = complete_checkpoints(run)[-1] / "state.json"
+    original = state_file.read_text()
+
+    def edit(key, value):
+        state = json.loads(original)
+        top = dict(state["__dict__"])
+        flops = dict(top["flops"]["__dict__"])
+        flops[key] = value
+        top["flops"] = {"__dict__": [[k, v] for k, v in flops.items()]}
+        state["__dict__"] = [[k, v] for k, v in top.items()]
+        state_file.write_text(json.dumps(state))
+
+    edit("counted", {"__tuple__": [{"__tuple__": ["layers.0.weight", {"__tuple__": [8]}]}]})
+    assert main(["train", "--resume", str(run), "--quiet", "--set", "train.epochs=3"]) == 0
+    capsys.readouterr()
+    state_file = complete_checkpoints(run)[-1] / "state.json"
+    original = state_file.read_text()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    edit("step_flops", "many")
+    assert main(["train", "--resume", str(run), "--quiet", "--set", "train.epochs=4"]) == 2
+    err = capsys.readouterr().err
+    assert "unreadable FLOP count" in err and "step_flops" in err and len(err.splitlines()) == 1
+    before[state_file] = state_file.read_bytes()
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -289,6 +289,13 @@ def _parser() -> argparse.ArgumentParser:
         default="forward",
         help="--objective latency: time the forward pass (default) or forward+backward",
     )
+    p.add_argument(
+        "--latency-margin",
+        type=float,
+        default=0.05,
+        help="--objective latency: a layer counts as faster low-rank only when it measures at "
+        "least this fraction below dense (default 0.05: timings vary by a few percent)",
+    )
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--data-dir", help="dataset root")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -590,6 +597,7 @@ COMPRESS_FLAGS = {
     "model_config": "--model-config",
     "objective": "--objective",
     "latency_mode": "--latency-mode",
+    "latency_margin": "--latency-margin",
 }
 
 
@@ -627,6 +635,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
             distill=distill,
             objective=args.objective,
             latency_mode=args.latency_mode,
+            latency_margin=args.latency_margin,
         )
         path = compress(
             args.path,

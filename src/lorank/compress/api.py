@@ -70,6 +70,7 @@ from lorank.compress.propagation import propagate
 from lorank.compress.rules import CompressionRule
 from lorank.compress.surgery import apply_ranks, is_truncated
 from lorank.core.convert import LayerSelection, candidate_layers, shared_parameters
+from lorank.core.cost import CostModel
 from lorank.core.metrics import parameter_counts, ranks
 from lorank.core.search import (
     LayerSpectrum,
@@ -245,7 +246,8 @@ def compress_model(
     calibration batches, first ``config.samples`` samples) are those ``loss_fn`` is measured
     on. ``evaluate(model)`` adds figures (e.g. a test loss) to the plain-vs-activation
     comparison. ``cost_model`` (``objective="latency"``): the
-    :class:`~lorank.core.cost.CostModel` to time layers with (default: a new one).
+    :class:`~lorank.core.cost.CostModel` to time layers with (default: a new one with
+    ``config.latency_margin``; a given one decides "faster" by its own ``margin``).
     """
     config = compress_config(config)
     forward = forward or default_forward
@@ -316,7 +318,8 @@ def compress_model(
                 "calibration (or loss) batches"
             )
         start = time.perf_counter()
-        latency = LatencyPlanner(model, spectra, example, forward, config.latency_mode, cost_model)
+        costs = cost_model or CostModel(core="diag", margin=config.latency_margin)
+        latency = LatencyPlanner(model, spectra, example, forward, config.latency_mode, costs)
         model_dense_ms = latency.model_ms(model)
         timings["latency_s"] = time.perf_counter() - start
 

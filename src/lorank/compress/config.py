@@ -134,6 +134,9 @@ class CompressConfig(_Strict):
     rounded to faster sizes when measured faster (:mod:`lorank.compress.latency`)."""
     latency_mode: Literal["forward", "train"] = "forward"
     """``objective = "latency"``: time inference (forward) or forward+backward."""
+    latency_margin: float = Field(0.05, ge=0, lt=1)
+    """``objective = "latency"``: a layer counts as faster low-rank only when it measures at
+    least this fraction below its dense time (timings vary by a few percent)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> CompressConfig:

@@ -90,7 +90,7 @@ class LatencyPlanner:
         return 1e3 * self.costs.time(spec.module, self.shapes[name], rank, self.mode, **how)
 
     def faster(self, name: str, rank: int) -> bool:
-        return self.ms(name, rank) < self.ms(name, None)
+        return self.costs.faster(self.ms(name, rank), self.ms(name, None))
 
     def factorized(self, spec: LayerSpectrum, rank: int) -> bool:
         """Whether ``rank`` turns ``spec``'s dense layer into a low-rank one."""

@@ -141,6 +141,7 @@ def options_config(
     distill: DistillFinetune | dict[str, Any] | None = None,
     objective: str = "params",
     latency_mode: str = "forward",
+    latency_margin: float = 0.05,
 ) -> CompressConfig:
     """The :class:`CompressConfig` of flat options (those of ``lorank compress``): a budget or
     a loss tolerance overrides the rule; one-line errors name the config fields."""
@@ -191,6 +192,7 @@ def options_config(
             "finetune": finetune,
             "objective": objective,
             "latency_mode": latency_mode,
+            "latency_margin": latency_margin,
         }
     )
 

@@ -150,6 +150,13 @@ class LowRankConfig(ConversionFields):
     latency_mode: Literal["forward", "train"] = Field(
         "forward", description="latency objective: time inference (forward) or forward+backward"
     )
+    latency_margin: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="latency objective: convert a layer only where its low-rank form measures "
+        "at least this fraction faster than dense (timings vary by a few percent)",
+    )
     filter_fn: Callable[[nn.Module, str], bool] | None = Field(
         None,
         exclude=True,
@@ -445,7 +452,8 @@ def convert(
 
         # After plan(): it re-expresses targeted attention as Linear projections, which are
         # then timed like any Linear.
-        latency = (cost_model or CostModel(core=core), layer_inputs(model, example_input))
+        costs = cost_model or CostModel(core=core, margin=config.latency_margin)
+        latency = (costs, layer_inputs(model, example_input))
     if config.target_modules is not None and not planned:
         raise LorankError(
             f"target_modules {config.target_modules!r} matched no layer lorank can convert; "
@@ -488,11 +496,11 @@ def convert(
                 rank = fastest
             entry.dense_ms = 1e3 * costs.time(module, shape, None, mode, **how)
             entry.low_rank_ms = 1e3 * costs.time(module, shape, rank, mode, **how)
-            if entry.low_rank_ms >= entry.dense_ms:
+            if not costs.faster(entry.low_rank_ms, entry.dense_ms):
                 entry.rank, entry.status = rank, "skipped"
                 entry.reason = (
                     f"rank {rank} is not faster here ({entry.low_rank_ms:.3g} ms vs dense "
-                    f"{entry.dense_ms:.3g} ms)"
+                    f"{entry.dense_ms:.3g} ms; needs {costs.margin:.0%} less)"
                 )
                 continue
         layer = low_rank_from(module, rank, core, config.init)

@@ -17,8 +17,12 @@ model *faster* is taken from measurements, not from the FLOP count:
   which form is faster, e.g. for a first convolution with few channels). Results are
   cached by a :class:`CostKey` covering device, dtype, layer kind, shape, input shape, rank and
   mode, in memory and optionally in a JSON file, so a profile is measured once per device.
-* :meth:`CostModel.break_even_rank` is the largest rank whose low-rank time is below the
-  dense time (binary search: time grows with the rank); ``None`` when no rank is faster.
+* :meth:`CostModel.faster` is the one test of "faster" every decision uses: the low-rank time
+  below the dense time by more than ``margin`` (default 5%). Repeated timings of the same
+  call differ by a few percent, so a layer measured 1–2% faster is as likely to be slower
+  inside the model; converting it would make "never slower than dense" a coin toss.
+* :meth:`CostModel.break_even_rank` is the largest rank whose low-rank time is faster in
+  that sense (binary search: time grows with the rank); ``None`` when no rank is.
 * :meth:`CostModel.fastest_rank_near` looks at ``r`` and at ``r`` rounded up to the
   multiples of 8, 16 and 64 that devices often run faster (never down, so never at a cost in
   accuracy), and keeps the fastest — it rounds only when the measurement says so.
@@ -108,6 +112,10 @@ def _dims(module: nn.Module) -> tuple[int, int]:
     return module.out_dim, module.in_dim  # type: ignore[return-value]
 
 
+#: a low-rank layer counts as faster only below (1 - margin) × its dense time
+DEFAULT_MARGIN = 0.05
+
+
 class CostModel:
     """Measured dense and low-rank times of layers on one device (see module doc)."""
 
@@ -116,8 +124,12 @@ class CostModel:
         timer: Timer | None = None,
         cache_file: str | Path | None = None,
         core: Literal["full", "diag", "none"] = "none",
+        margin: float = DEFAULT_MARGIN,
     ) -> None:
+        if not 0 <= margin < 1:
+            raise LorankError(f"latency margin {margin} must be in [0, 1) (0.05: 5% faster)")
         self.timer = timer or wall_timer()
+        self.margin = margin
         self.core = core
         self.cache_file = Path(cache_file) if cache_file else None
         self.cache: dict[str, float] = {}
@@ -165,6 +177,10 @@ class CostModel:
         """Seconds per call of ``run`` (what ``key`` describes); tests override this."""
         return self.timer(run)
 
+    def faster(self, low_rank: float, dense: float) -> bool:
+        """Whether a low-rank time beats the dense one by more than ``margin`` (any unit)."""
+        return low_rank < (1 - self.margin) * dense
+
     def break_even_rank(
         self,
         module: nn.Module,
@@ -173,12 +189,15 @@ class CostModel:
         input_grad: bool = True,
         channels_last: bool = False,
     ) -> int | None:
-        """The largest rank whose low-rank layer is faster than the dense one, or None."""
+        """The largest rank whose low-rank layer is :meth:`faster` than the dense one, or
+        None."""
         dense = self.time(module, input_shape, None, mode, input_grad, channels_last)
         lo, hi = 0, min(_dims(module))
         while lo < hi:  # invariant: ranks ≤ lo are faster (0 trivially), ranks > hi are not
             mid = (lo + hi + 1) // 2
-            if self.time(module, input_shape, mid, mode, input_grad, channels_last) < dense:
+            if self.faster(
+                self.time(module, input_shape, mid, mode, input_grad, channels_last), dense
+            ):
                 lo = mid
             else:
                 hi = mid - 1

@@ -127,6 +127,18 @@ def swap_parameters(
     Non-tensor state and scalar tensors (Adam's ``step``) are kept as they are when a
     transform keeps the state, so bias correction continues instead of restarting.
     """
+    if all(new is old and old.requires_grad for old, new in mapping.items()):
+        # Parameters updated in place (a DLRT step at unchanged rank, every layer every
+        # step): only their state moves, without walking every group's parameter list.
+        for p in mapping:
+            state = optimizer.state.get(p)
+            if state:
+                moved = _transform_state(state, p, p, transform) if transform else None
+                if moved is None:
+                    del optimizer.state[p]
+                else:
+                    optimizer.state[p] = moved
+        return
     for group in optimizer.param_groups:
         kept: list[nn.Parameter] = []
         for p in group["params"]:

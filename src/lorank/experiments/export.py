@@ -61,7 +61,7 @@ def export(
         dense = layer.to_dense()
         dense_ms = 1e3 * costs.time(dense, shapes[name], None, "forward")
         low_ms = 1e3 * costs.time(dense, shapes[name], layer.rank, "forward")
-        keep = low_ms < dense_ms
+        keep = costs.faster(low_ms, dense_ms)
         if not keep:
             if layer.bias is not None:
                 dense.bias = layer.bias

@@ -132,6 +132,13 @@ PASSES: dict[str, int] = {"parallel": 1, "bug": 2, "kls": 3, "retraction": 1}
 # How often the parallel step's fast path re-orthonormalises its bases by an explicit
 # Cholesky-QR pass (between passes, only GEMM rounding accumulates: ~1e-7 per step in float32).
 REORTHONORMALIZE_EVERY = 16
+#: The Gram-only (lean) parallel step needs every new direction's squared size ≥ this × the
+#: step's largest squared column, else the explicit path runs. The Gram difference then has
+#: relative error ≤ eps/LEAN_SEPARATION in the weakest new direction (1e-3 in float32), which
+#: the kept core barely sees: on a 12-layer MLP at ratios down to 2e-4 the lean and explicit
+#: steps gave the same W to 1e-6 (float32) and 3e-15 (float64). At 1e-2 deep networks took
+#: the explicit path for most layers (2-3× the basis work).
+LEAN_SEPARATION = 1e-4
 
 
 class DLRTConfig(MethodConfig):
@@ -198,6 +205,9 @@ class DLRT(Method):
         self.one_pass_bug = True
         """Adaptive BUG: take the S-step's gradient from the first backward (exact; False
         runs the second forward/backward, the reference form the tests compare with)."""
+        self.batch_layers = True
+        """Parallel step: batch the small linear algebra of equal-shape layers (False: one
+        layer at a time, the reference the tests and benchmarks compare with)."""
 
     # ------------------------------------------------------------------ setup
     def prepare(self, model: nn.Module) -> ConversionReport:
@@ -286,10 +296,11 @@ class DLRT(Method):
         bases = _zero_kl_slots(layers)
         optimizer.step()  # S̄₁ in the S slot, K₁ - K₀ and L₁ - L₀ in the U and V slots
         with torch.no_grad():
-            for layer, (U0, _, V0) in zip(layers, bases, strict=True):
-                dK, dL, S1 = layer.U.detach(), layer.V.detach(), layer.S.detach()
-                if self._parallel_lean(layer, optimizer, U0, V0, S1, dK, dL, adapt):
-                    continue
+            steps = [
+                _LayerStep(layer, U0, V0, layer.S.detach(), layer.U.detach(), layer.V.detach())
+                for layer, (U0, _, V0) in zip(layers, bases, strict=True)
+            ]
+            for layer, U0, V0, S1, dK, dL in self._parallel_lean(steps, optimizer, adapt):
                 (Nu, Ru), (Nv, Rv) = _new_directions(U0, dK), _new_directions(V0, dL)
                 r = S1.shape[0]
                 ku, kv = Nu.shape[1], Nv.shape[1]
@@ -313,52 +324,84 @@ class DLRT(Method):
         return loss
 
     def _parallel_lean(
-        self,
-        layer: LowRankLayer,
-        optimizer: torch.optim.Optimizer,
-        U0: Tensor,
-        V0: Tensor,
-        S1: Tensor,
-        dK: Tensor,
-        dL: Tensor,
-        adapt: bool,
-    ) -> bool:
-        """The parallel step's basis work from small matrices: six m×r×r GEMMs per basis
-        instead of the explicit construction's fourteen. False (nothing changed) when the
-        new directions are not well separated from the old span or the layer is near full
-        rank; the caller then takes the explicit path.
+        self, steps: list[_LayerStep], optimizer: torch.optim.Optimizer, adapt: bool
+    ) -> list[_LayerStep]:
+        """The parallel step's basis work from small matrices, batched over the layers of
+        equal shape: one call per group for each product, Cholesky factorization and core
+        SVD, and one host synchronisation per group for each decision, instead of one per
+        layer. Returns the layers it did not take (new directions not well separated from
+        the old span, or a layer near full rank); the caller takes the explicit path.
 
         With ``c = U₀ᵀ dK``, the residual ``dK - U₀ c = Ũ R`` has Gram ``dKᵀdK - cᵀc``, so
         ``R`` (the core block Ũᵀ K₁) comes from a Cholesky factor, and the kept basis
         ``Û P = U₀ P₁ + Ũ P₂ = U₀ (P₁ - c R⁻¹ P₂) + dK (R⁻¹ P₂)`` needs two GEMMs; Ũ is never
-        formed. One Cholesky-QR pass on the result makes it orthonormal to working
-        precision (and fixes any drift of U₀)."""
-        r = S1.shape[0]
-        su, sv = _gram_residual(U0, dK), _gram_residual(V0, dL)
-        if su is None or sv is None:
-            return False
-        (cu, Ru, _), (cv, Rv, _) = su, sv
-        core = S1.new_zeros(2 * r, 2 * r)
-        core[:r, :r] = S1
-        core[:r, r:] = Rv.T
-        core[r:, :r] = Ru
+        formed (see :func:`_lean_basis`)."""
+        groups: dict[tuple[Any, ...], list[_LayerStep]] = {}
+        left = []
+        for item in steps:
+            rows, r = min(item.U0.shape[0], item.V0.shape[0]), item.U0.shape[1]
+            if 2 * r > rows:  # no room for r new directions
+                left.append(item)
+                continue
+            key = (item.U0.shape, item.V0.shape, item.U0.dtype, item.U0.device)
+            groups.setdefault(key if self.batch_layers else id(item), []).append(item)
+        for group in groups.values():
+            left += self._parallel_lean_group(group, optimizer, adapt)
+        return left
+
+    def _parallel_lean_group(
+        self, group: list[_LayerStep], optimizer: torch.optim.Optimizer, adapt: bool
+    ) -> list[_LayerStep]:
+        U0, V0, S1, dK, dL = (
+            _stack([getattr(g, f) for g in group]) for f in _LayerStep._fields[1:]
+        )
+        (cu, Ru, gu, ok_u), (cv, Rv, gv, ok_v) = _gram_residual(U0, dK), _gram_residual(V0, dL)
+        ok = (ok_u & ok_v).tolist()
+        left = [g for g, good in zip(group, ok, strict=True) if not good]
+        if left:
+            if len(left) == len(group):
+                return left
+            keep = torch.tensor([i for i, good in enumerate(ok) if good], device=U0.device)
+            group = [g for g, good in zip(group, ok, strict=True) if good]
+            U0, V0, S1, dK, dL, cu, Ru, gu, cv, Rv, gv = (
+                t[keep] for t in (U0, V0, S1, dK, dL, cu, Ru, gu, cv, Rv, gv)
+            )
+        n, r = S1.shape[0], S1.shape[-1]
+        core = S1.new_zeros(n, 2 * r, 2 * r)
+        core[:, :r, :r] = S1
+        core[:, :r, r:] = Rv.mT
+        core[:, r:, :r] = Ru
         P, sigma, Qt = _svd(core)
-        r1 = r
+        ranks = [r] * n
         if adapt:
-            lo, hi = self.rank_bounds(layer.full_rank)
-            r1 = self.rule.select(sigma, lo, hi, full_rank=layer.full_rank)
-            self.last_spectra[self._names.get(id(layer), str(id(layer)))] = (sigma, r1)
-        r1 = min(r1, sigma.numel())
-        Pu, Pv = P[:, :r1], Qt[:r1].T
+            spectra = sigma.cpu()  # one transfer for the group's rank decisions
+            for i, item in enumerate(group):
+                full_rank = item.layer.full_rank
+                lo, hi = self.rank_bounds(full_rank)
+                ranks[i] = min(self.rule.select(spectra[i], lo, hi, full_rank=full_rank), 2 * r)
+                name = self._names.get(id(item.layer), str(id(item.layer)))
+                self.last_spectra[name] = (sigma[i], ranks[i])
         # The kept bases are orthonormal by construction; their rounding error is reset by
         # an explicit Cholesky-QR pass every REORTHONORMALIZE_EVERY steps (two more m×r×r
         # GEMMs per basis), and between those passes grows only by the GEMMs' rounding.
         exact = self.step % REORTHONORMALIZE_EVERY == 0
-        U1, Au, Xu = _lean_basis(U0, dK, cu, Ru, Pu, su[2], exact)
-        V1, Bv, Xv = _lean_basis(V0, dL, cv, Rv, Pv, sv[2], exact)
-        core = (Xu * sigma[:r1]) @ Xv.T
-        self._put(layer, optimizer, U1, core, V1, Au, Bv)
-        return True
+        for r1 in sorted(set(ranks)):
+            members = [i for i, k in enumerate(ranks) if k == r1]
+            pick: Any = (
+                slice(None) if len(members) == n else torch.tensor(members, device=U0.device)
+            )
+            U1, Au, Xu = _lean_basis(
+                U0[pick], dK[pick], cu[pick], Ru[pick], P[pick][..., :r1], gu[pick], exact
+            )
+            V1, Bv, Xv = _lean_basis(
+                V0[pick], dL[pick], cv[pick], Rv[pick], Qt[pick][..., :r1, :].mT, gv[pick], exact
+            )
+            cores = (Xu * sigma[pick][:, None, :r1]) @ Xv.mT
+            layers = [group[i].layer for i in members]
+            moved = _moved_states(optimizer, layers, Au, Bv)
+            for j, layer in enumerate(layers):
+                self._put(layer, optimizer, U1[j], cores[j], V1[j], Au[j], Bv[j], True, moved)
+        return left
 
     def _bug_step(
         self,
@@ -668,18 +711,34 @@ class DLRT(Method):
         Vh: Tensor,
         A: Tensor,
         B: Tensor,
+        owned: bool = False,
+        moved: dict[tuple[nn.Parameter, str], Tensor] | None = None,
     ) -> None:
-        """Install the factors and map the optimizer state by ``A = U_oldᵀ Uh``, ``B``."""
+        """Install the factors and map the optimizer state by ``A = U_oldᵀ Uh``, ``B``.
+        ``owned``: the factors are fresh contiguous tensors nothing else holds, which the
+        parameters may take over instead of copying them. ``moved``: states already mapped
+        (by :func:`_moved_states`, for a group of layers at once)."""
         if Uh.shape == layer.U.shape and Vh.shape == layer.V.shape:
             # Same shapes: update the parameters in place (no new Parameters, so a DDP
             # wrapper need not be rebuilt); their state is moved by the identity mapping.
             for name, value in (("U", Uh), ("S", core), ("V", Vh)):
-                getattr(layer, name).copy_(value)
+                if owned:
+                    getattr(layer, name).data = value
+                else:
+                    getattr(layer, name).copy_(value)
             mapping = {p: p for p in (layer.U, layer.S, layer.V)}
         else:
             mapping = layer.set_factors(Uh, core, Vh)
         maps = {"U": B, "V": A, "S": (A if isinstance(A, _Extension) else A.T, B)}
-        swap_parameters(optimizer, mapping, _state_map(layer, mapping, maps))
+        transform = _state_map(layer, mapping, maps)
+        if moved:
+            computed, fallback = moved, transform
+
+            def transform(key: str, value: Tensor, old: nn.Parameter, new: nn.Parameter) -> Any:
+                hit = computed.get((old, key))
+                return hit if hit is not None else fallback(key, value, old, new)
+
+        swap_parameters(optimizer, mapping, transform)
 
     def _retraction_step(
         self,
@@ -813,17 +872,22 @@ class DLRT(Method):
 
 
 def _svd(core: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of the small core; LAPACK's divide-and-conquer can fail to converge on cores
-    with clustered singular values in float32, so retry in float64 before giving up."""
+    """Thin SVD of the small core(s). LAPACK's divide-and-conquer can fail to converge on
+    cores with clustered singular values in float32 (an error), and MKL's can return NaN
+    singular vectors for cores with singular values near 1e-8 without one (seen on a batch
+    of 64×64 cores: "SLASCL parameter 4"); either way, retry in float64 before giving up."""
     try:
-        return torch.linalg.svd(core, full_matrices=False)
+        P, sigma, Qt = torch.linalg.svd(core, full_matrices=False)
+        if bool(torch.isfinite(P).all() & torch.isfinite(sigma).all() & torch.isfinite(Qt).all()):
+            return P, sigma, Qt
     except torch.linalg.LinAlgError:
-        if not torch.isfinite(core).all():
-            # Not bad input: the run diverged. The trainer turns this into its one
-            # divergence path (summary marked diverged, exit 1).
-            raise FloatingPointError("a DLRT core holds NaN or inf") from None
-        P, sigma, Qt = torch.linalg.svd(core.double(), full_matrices=False)
-        return P.to(core.dtype), sigma.to(core.dtype), Qt.to(core.dtype)
+        pass
+    if not torch.isfinite(core).all():
+        # Not bad input: the run diverged. The trainer turns this into its one
+        # divergence path (summary marked diverged, exit 1).
+        raise FloatingPointError("a DLRT core holds NaN or inf")
+    P, sigma, Qt = torch.linalg.svd(core.double(), full_matrices=False)
+    return P.to(core.dtype), sigma.to(core.dtype), Qt.to(core.dtype)
 
 
 def _cholesky_qr(
@@ -928,28 +992,29 @@ def _state_map(
 
 
 def _apply_map(maps: dict[str, Any], slot: str, value: Tensor, square: bool) -> Tensor:
+    """One state tensor (or a stack of them, one per layer) moved by its slot's map."""
     if slot == "S":
         left, right = maps["S"]
         if isinstance(left, _Extension) and isinstance(right, _Extension):
             # [I 0]ᵀ m [I 0]: the old block in place; new entries 0 (first moments) or the
             # mean (second moments, as below).
-            out = value.new_zeros(left.old + left.new, right.old + right.new)
+            out = value.new_zeros(*value.shape[:-2], left.old + left.new, right.old + right.new)
             if square:
-                out += value.mean()
-            out[: left.old, : right.old] = value
+                out += value.mean((-2, -1), keepdim=True)
+            out[..., : left.old, : right.old] = value
             return out
-        left = left.matrix(value).T if isinstance(left, _Extension) else left
+        left = left.matrix(value).mT if isinstance(left, _Extension) else left
         right = right.matrix(value) if isinstance(right, _Extension) else right
         if not square:
             return left @ value @ right
         left, right = left * left, right * right
         moved = left @ value @ right
-        cover = left.sum(1).clamp(max=1)[:, None] * right.sum(0).clamp(max=1)[None, :]
-        return moved + (1 - cover) * value.mean()
+        cover = left.sum(-1).clamp(max=1)[..., :, None] * right.sum(-2).clamp(max=1)[..., None, :]
+        return moved + (1 - cover) * value.mean((-2, -1), keepdim=True)
     m = maps[slot]
     if isinstance(m, _Extension):  # value @ [I 0]: no product, the new columns appended
-        fill = value.mean(1, keepdim=True) if square else value.new_zeros(value.shape[0], 1)
-        return torch.cat([value, fill.expand(-1, m.new)], 1)
+        fill = value.mean(-1, keepdim=True) if square else value.new_zeros(*value.shape[:-1], 1)
+        return torch.cat([value, fill.expand(*value.shape[:-1], m.new)], -1)
     if not square:
         return value @ m
     m = m * m
@@ -958,8 +1023,28 @@ def _apply_map(maps: dict[str, Any], slot: str, value: Tensor, square: bool) -> 
     # truncation threshold; a new direction instead inherits its row's mean second moment,
     # so its steps are scaled by the typical gradient size. ``cover`` is 1 for a direction
     # in the old span and 0 for a new one.
-    cover = m.sum(0).clamp(max=1)[None, :]
-    return value @ m + (1 - cover) * value.mean(1, keepdim=True)
+    cover = m.sum(-2).clamp(max=1)[..., None, :]
+    return value @ m + (1 - cover) * value.mean(-1, keepdim=True)
+
+
+def _moved_states(
+    optimizer: torch.optim.Optimizer, layers: list[LowRankLayer], A: Tensor, B: Tensor
+) -> dict[tuple[nn.Parameter, str], Tensor]:
+    """The moments of a group of equal-shape layers moved by their stacked maps ``A``, ``B``
+    (as :meth:`DLRT._put` would move them one layer at a time), keyed by (parameter, key);
+    states that are missing or of another shape are left to the per-layer transform."""
+    maps = {"U": B, "V": A, "S": (A.mT, B)}
+    out = {}
+    for slot in ("U", "S", "V"):
+        params = [getattr(layer, slot) for layer in layers]
+        states = [optimizer.state.get(p) or {} for p in params]
+        for key in (*_FIRST_MOMENTS, *_SECOND_MOMENTS):
+            values = [state.get(key) for state in states]
+            pairs = zip(values, params, strict=True)
+            if all(isinstance(v, Tensor) and v.shape == p.shape for v, p in pairs):
+                moved = _apply_map(maps, slot, _stack(values), key in _SECOND_MOMENTS)
+                out.update({(p, key): v for p, v in zip(params, moved, strict=True)})
+    return out
 
 
 class _Extension(NamedTuple):
@@ -1027,59 +1112,73 @@ def _full_rank(module: nn.Module) -> int:
     return min(matrix_shape(module))
 
 
-def _gram_residual(basis: Tensor, step: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+def _gram_residual(basis: Tensor, step: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``c = basisᵀ step``, the R factor of ``step - basis c`` and ``stepᵀ step``, from Gram
-    matrices alone,
-    or ``None`` when that is not accurate (the residual is small or ill-conditioned next to
-    the step: the Gram difference would cancel) or there is no room for r new directions."""
-    rows, r = basis.shape
-    if 2 * r > rows:
-        return None
-    c = basis.T @ step
-    gram = step.T @ step
-    residual_gram = gram - c.T @ c
-    chol, info = torch.linalg.cholesky_ex(0.5 * (residual_gram + residual_gram.T))
-    if int(info) != 0:
-        return None
-    R = chol.T
-    diag = torch.diagonal(R)
+    matrices alone (any leading batch dimensions), and whether that is accurate: ``ok`` is
+    false where the residual is small or ill-conditioned next to the step (the Gram
+    difference would cancel). The caller makes sure there is room for r new directions."""
+    c = basis.mT @ step
+    gram = step.mT @ step
+    # Cholesky reads only the lower triangle, so the Gram difference needs no symmetrizing.
+    chol, info = torch.linalg.cholesky_ex(gram - c.mT @ c)
     # The Gram difference has absolute error ~eps·‖step‖²: demand every residual direction
     # be at least 1/10 of the step's largest column, so its relative error stays ~100·eps.
-    if bool(diag.min() ** 2 < 1e-2 * torch.diagonal(gram).max()):
-        return None
-    return c, R, gram
+    smallest = chol.diagonal(dim1=-2, dim2=-1).amin(-1).square()
+    ok = (info == 0) & (smallest >= LEAN_SEPARATION * gram.diagonal(dim1=-2, dim2=-1).amax(-1))
+    return c, chol.mT, gram, ok
 
 
 def _lean_basis(
     basis: Tensor, step: Tensor, c: Tensor, R: Tensor, P: Tensor, gram: Tensor, exact: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``Q``, ``A = basisᵀ Q`` and ``X`` with ``Q X = [basis | Ũ] P`` orthonormal, where
-    ``Ũ R = step - basis c`` (see :meth:`DLRT._parallel_lean`).
+    ``Ũ R = step - basis c`` (see :meth:`DLRT._parallel_lean`); a batch of layers (3-D).
 
     ``Q₀ = basis X₀ + step Y`` equals ``[basis | Ũ] P`` in exact arithmetic. Its Gram matrix
-    follows from r×r matrices (``basisᵀ basis = I``, ``basisᵀ step = c``, ``stepᵀ step =
-    gram``), so the Cholesky factor ``X`` of that Gram is folded into ``X₀``, ``Y`` before the
-    one tall product: this corrects the rounding of the small factors at no m×r×r cost. With
-    ``exact``, one Cholesky-QR pass on the tall result instead also removes the drift of
-    ``basis`` itself (two more GEMMs)."""
-    r = basis.shape[1]
-    Y = torch.linalg.solve_triangular(R, P[r:], upper=True)  # R⁻¹ P₂
-    X0 = P[:r] - c @ Y
-    if exact:
-        Q, X = _qr(torch.addmm(basis @ X0, step, Y))
-    else:
-        cross = X0.T @ c @ Y
-        small_gram = X0.T @ X0 + cross + cross.T + Y.T @ gram @ Y
-        chol, info = torch.linalg.cholesky_ex(0.5 * (small_gram + small_gram.T))
-        if int(info) != 0:
-            Q, X = _qr(torch.addmm(basis @ X0, step, Y))
-        else:
-            X = chol.T
-            X_inv = torch.linalg.solve_triangular(X, _eye(X.shape[0], X.shape[0], X), upper=True)
-            Q = torch.addmm(basis @ (X0 @ X_inv), step, Y @ X_inv)
+    follows from r×r matrices (``basisᵀ basis = I``, ``basisᵀ step = c``, the residual's
+    Gram ``RᵀR``), so the Cholesky factor ``X`` of that Gram is folded into ``X₀``, ``Y``
+    before the one tall product: this corrects the rounding of the small factors at no
+    m×r×r cost. With ``exact``, one Cholesky-QR pass on the tall result instead also removes
+    the drift of ``basis`` itself (two more GEMMs)."""
+    r = basis.shape[-1]
+    solve = torch.linalg.solve_triangular
+    P1 = P[..., :r, :]
+    Y = solve(R, P[..., r:, :], upper=True)  # R⁻¹ P₂
+    X0 = P1 - c @ Y
+    if not exact:
+        # Q₀ = basis (X₀ + c Y) + Ũ (R Y) with Ũ ⟂ basis: Gram TᵀT + (RY)ᵀ(RY), T = X₀ + c Y
+        # as rounded (≈ P₁), R Y ≈ P₂.
+        T, RY = X0 + c @ Y, R @ Y
+        chol, info = torch.linalg.cholesky_ex(T.mT @ T + RY.mT @ RY)
+        if not bool(info.any()):
+            X = chol.mT
+            Q = torch.baddbmm(
+                basis @ solve(X, X0, upper=True, left=False),
+                step,
+                solve(X, Y, upper=True, left=False),
+            )
+            return Q, solve(X, P1, upper=True, left=False), X
+    pairs = [_qr(x) for x in torch.baddbmm(basis @ X0, step, Y)]
+    Q, X = torch.stack([q for q, _ in pairs]), torch.stack([x for _, x in pairs])
     # basisᵀ Q = (X₀ + c Y) X⁻¹ = P₁ X⁻¹ (basis orthonormal up to its drift)
-    A = torch.linalg.solve_triangular(X, P[:r], upper=True, left=False)
-    return Q, A, X
+    return Q, solve(X, P1, upper=True, left=False), X
+
+
+class _LayerStep(NamedTuple):
+    """One layer's parallel step: old bases, stepped core, and the K/L steps ``K₁ - K₀``,
+    ``L₁ - L₀``."""
+
+    layer: LowRankLayer
+    U0: Tensor
+    V0: Tensor
+    S1: Tensor
+    dK: Tensor
+    dL: Tensor
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """A batch of equal-shape tensors (a view, no copy, for one)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
 @contextmanager
@@ -1102,9 +1201,10 @@ def _zero_kl_slots(layers: list[LowRankLayer]) -> list[tuple[Tensor, Tensor, Ten
     through K and L besides S."""
     bases = []
     for layer in layers:
-        bases.append((layer.U.detach().clone(), layer.S.detach().clone(), layer.V.detach().clone()))
-        layer.U.zero_()
-        layer.V.zero_()
+        # The old factors keep their storage; the slots get fresh zeros (no m×r copies).
+        U0, V0 = layer.U.data, layer.V.data
+        bases.append((U0, layer.S.detach().clone(), V0))
+        layer.U.data, layer.V.data = torch.zeros_like(U0), torch.zeros_like(V0)
     return bases
 
 
@@ -1143,9 +1243,8 @@ def _new_directions(basis: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
     if k == step.shape[1]:
         # Well separated from the old span (checked on the Gram matrices): one projection
         # suffices, and N = (step - basis c) R⁻¹ costs four m×r×r products instead of eight.
-        lean = _gram_residual(basis, step)
-        if lean is not None:
-            c, R, _ = lean
+        c, R, _, ok = _gram_residual(basis, step)
+        if bool(ok):
             R_inv = torch.linalg.solve_triangular(R, _eye(k, k, R), upper=True)
             return torch.addmm(step @ R_inv, basis, c @ R_inv, alpha=-1), R
     residual = step - basis @ (basis.T @ step)

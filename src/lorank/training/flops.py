@@ -206,16 +206,29 @@ class FlopMeter:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         def as_structure(value: Any) -> tuple | None:
-            # JSON turned the tuples into lists.
-            return None if value is None else tuple((n, tuple(s), g) for n, s, g in value)
+            # JSON turned the tuples into lists. A malformed one (a hand-edited file) only
+            # means the step is counted again.
+            try:
+                return tuple((str(n), tuple(int(d) for d in s), bool(g)) for n, s, g in value)
+            except (TypeError, ValueError):
+                return None
 
         self.total = float(state.get("total", self.total))
         self.seconds = float(state.get("seconds", 0.0))
         self.counts = int(state.get("counts", 0))
         self._gap = int(state.get("gap", FIRST_CHECK))
-        self.step_flops, self.step_estimated = state.get("step_flops"), state.get("step_estimated")
+
+        def number(key: str) -> float | None:
+            value = state.get(key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+            ):
+                raise ValueError(f"{key} = {value!r} is not a number")
+            return value
+
+        self.step_flops, self.step_estimated = number("step_flops"), number("step_estimated")
         self._counted = as_structure(state.get("counted"))
-        self.inference = state.get("inference")
+        self.inference = number("inference")
         self._inference_counted = as_structure(state.get("inference_counted"))
 
     def counted(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -178,6 +178,15 @@ def train(
     else:
         assert state is not None
         apply_training_state(checkpoint, state, optimizer, scheduler, method, model, data_gen)
+        # Before anything in the run directory is rewritten: a bad state changes nothing.
+        flop_state = state.get("flops") or {}
+        try:
+            flops.load_state_dict(flop_state)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise LorankError(
+                f"checkpoint {checkpoint} has an unreadable FLOP count ({type(e).__name__}: "
+                f"{e}); resume from an earlier checkpoint or delete this one"
+            ) from None
         run = Run(run_path) if main else SilentRun(run_path)
         if main:
             remove_temp_files(run_path)  # left by the killed run's unfinished writes
@@ -187,8 +196,8 @@ def train(
         run.write_json(SUMMARY, {"status": "running"})
         first_epoch, train_time = state["epoch"] + 1, state["train_time"]
         last = run.records[-1] if run.records else {}
-        flops.total = float(last.get("train_flops") or 0)  # a checkpoint from before FLOPs
-        flops.load_state_dict(state.get("flops") or {})
+        if "total" not in flop_state:  # a checkpoint from before FLOPs were counted
+            flops.total = float(last.get("train_flops") or 0)
         joules = float(last.get("energy_j") or 0)
 
     energy = EnergyMeter(tc.measure_energy, device, joules=joules)
