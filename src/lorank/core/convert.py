@@ -53,7 +53,7 @@ from lorank.core.adapters import (
     unsupported_reason,
 )
 from lorank.core.attention import LowRankMultiheadAttention, expand_attention
-from lorank.core.layers import CoreKind, LowRankLayer
+from lorank.core.layers import CoreKind, LowRankLayer, factor_params
 from lorank.core.rank import RankSpec, resolve_rank
 from lorank.core.reference import document_fields
 from lorank.errors import LorankError, LowRankWarning, logger
@@ -473,8 +473,11 @@ def convert(
                 entry.status = "kept"
             continue
         rank = resolve_rank(_rank_for(name, config), min(m, n))
-        cost = rank * (m + n) + (rank * rank if core == "full" else 0)
-        if config.skip_if_no_savings and cost >= m * n:
+
+        def saves(r: int, m: int = m, n: int = n) -> bool:
+            return not config.skip_if_no_savings or factor_params(m, n, r, core) < m * n
+
+        if not saves(rank):
             entry.rank = rank
             entry.reason = f"rank {rank} saves no parameters"
             continue
@@ -491,8 +494,7 @@ def convert(
             costs, layer_input = latency[0], latency[1][name]
             shape, mode, how = layer_input.shape, config.latency_mode, layer_input.options()
             fastest = costs.fastest_rank_near(module, shape, rank, mode, **how)
-            fast_cost = fastest * (m + n) + (fastest * fastest if core == "full" else 0)
-            if not (config.skip_if_no_savings and fast_cost >= m * n):
+            if saves(fastest):  # rounded up only while it still saves parameters
                 rank = fastest
             entry.dense_ms = 1e3 * costs.time(module, shape, None, mode, **how)
             entry.low_rank_ms = 1e3 * costs.time(module, shape, rank, mode, **how)

@@ -74,6 +74,11 @@ def without_init() -> Iterator[None]:
         _INIT.skip = before
 
 
+def factor_params(m: int, n: int, rank: int, core: str) -> int:
+    """Weights of an m×n matrix as rank-``rank`` factors: r(m + n), plus r² for a full core."""
+    return rank * (m + n) + (rank * rank if core == "full" else 0)
+
+
 def orthonormal_(n_rows: int, n_cols: int, generator: torch.Generator | None = None) -> Tensor:
     """An n_rows×n_cols matrix with orthonormal columns (QR of a Gaussian matrix)."""
     g = torch.randn(n_rows, n_cols, generator=generator, dtype=torch.float64)
@@ -251,8 +256,7 @@ class LowRankLayer(nn.Module):
     @property
     def params_eval(self) -> int:
         """What inference needs: r(m+n) (+r² for a full core) + bias."""
-        r = self.rank
-        n = r * (self.out_dim + self.in_dim) + (r * r if self.core == "full" else 0)
+        n = factor_params(self.out_dim, self.in_dim, self.rank, self.core)
         return n + (self.out_dim if self.bias is not None else 0)
 
     @property

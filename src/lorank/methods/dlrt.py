@@ -566,7 +566,9 @@ class DLRT(Method):
         """One optimizer step on the U and V slots (the only ones with gradients), then each
         layer's augmented bases installed; the new directions per layer (see
         :meth:`_augment_and_install`)."""
-        moments = [_slot_moments(optimizer, layer) for layer in layers]
+        # Only an augmented core has cross blocks to take the K/L moments (copies: the step
+        # below updates them in place).
+        moments = [_slot_moments(optimizer, layer) if adapt else None for layer in layers]
         optimizer.step()
         with torch.no_grad():
             return [
