@@ -880,10 +880,11 @@ def _svd(core: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     of 64×64 cores: "SLASCL parameter 4"); either way, retry in float64 before giving up."""
     try:
         P, sigma, Qt = torch.linalg.svd(core, full_matrices=False)
-        if bool(torch.isfinite(P).all() & torch.isfinite(sigma).all() & torch.isfinite(Qt).all()):
-            return P, sigma, Qt
+        finite = torch.isfinite(P).all() & torch.isfinite(sigma).all() & torch.isfinite(Qt).all()
     except torch.linalg.LinAlgError:
-        pass
+        finite = False
+    if finite:
+        return P, sigma, Qt
     if not torch.isfinite(core).all():
         # Not bad input: the run diverged. The trainer turns this into its one
         # divergence path (summary marked diverged, exit 1).
